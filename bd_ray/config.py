@@ -55,7 +55,7 @@ class SparsePolicyConfig(StrictModel):
     name: PolicyName = "chunk_topk"
     chunk_size: int = Field(8, ge=1, le=1024, description="tokens per chunk (chunk_topk)")
     sink: int = Field(4, ge=0, le=4096, description="first positions always kept (streaming, snapkv)")
-    recent: int = Field(64, ge=0, le=65536, description="most recent prefix positions always kept (chunk_topk)")
+    recent: int = Field(32, ge=0, le=65536, description="most recent prefix positions always kept (chunk_topk)")
     query_proxy: Literal["last_key", "last_query"] = "last_key"
     window: int = Field(32, ge=1, le=4096, description="observation window of last queries (snapkv)")
     pool_kernel: int = Field(7, ge=1, le=255, description="max-pool width over scores (snapkv), odd")

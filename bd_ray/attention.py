@@ -1,0 +1,148 @@
+"""The ``bd_ray_sparse`` attention implementation for transformers 5.x models.
+
+Importing this module registers, under the name :data:`ATTN_IMPLEMENTATION` (``"bd_ray_sparse"``):
+
+* an attention function (``transformers.AttentionInterface``) that computes attention through
+  :func:`bd_ray_kernels.sparse_attention` -- the Triton kernel on CUDA, the torch reference on CPU;
+* a matching mask function (``transformers.AttentionMaskInterface``) that builds no mask: causality
+  is handled by the kernel with the compact-cache convention "the last ``q_len`` entries of the
+  key/value tensors are the new tokens, query ``i`` sees kv entries ``[0, kv_len - q_len + i]``".
+
+That convention is exactly the HF causal mask in *cache index space*, so it is right both for a
+dense ``DynamicCache`` and for a compact cache holding only kept prefix positions (keys keep their
+original RoPE rotation; the new tokens get their true ``position_ids``), which is how the sparse
+drafter of BudgetDraft runs (DESIGN.md section 2). The model code stays oblivious.
+
+Use::
+
+    import bd_ray.attention  # registers "bd_ray_sparse"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="bd_ray_sparse")
+
+Not supported (clear ``NotImplementedError``): padding masks (an ``attention_mask`` with zeros),
+custom 4D masks, non-causal / packed-sequence / sliding-window / chunked masks, static caches whose
+key/value tensors are longer than the filled part, attention dropout, logit soft-capping. Ragged
+batches can pass per-row valid lengths as the forward kwarg ``bd_ray_kv_lens`` (``[batch]`` int
+tensor, same convention as :func:`bd_ray_kernels.sparse_attention`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import causal_mask_function
+
+from bd_ray_kernels import backend_name, sparse_attention
+
+__all__ = ["ATTN_IMPLEMENTATION", "register", "bd_ray_sparse_attention_forward", "bd_ray_sparse_mask"]
+
+ATTN_IMPLEMENTATION = "bd_ray_sparse"
+
+
+def bd_ray_sparse_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> None:
+    """Mask interface for ``bd_ray_sparse``: checks that a plain causal mask is wanted, returns None.
+
+    Args follow ``transformers.masking_utils.sdpa_mask`` (5.x): ``attention_mask`` is the optional
+    2D ``[batch, seen + q_length]`` padding mask (bool after HF pre-processing).
+
+    Raises:
+        NotImplementedError: the requested mask is not the plain causal one the kernel implements
+            (padding zeros, packed sequences, or/and mask overlays, sliding windows, a static cache
+            whose kv tensors hold unused slots).
+    """
+    if mask_function is not causal_mask_function:
+        raise NotImplementedError(
+            f"attn_implementation='{ATTN_IMPLEMENTATION}' implements only the plain causal mask (new tokens "
+            f"are the last q_len kv entries); got mask function {getattr(mask_function, '__name__', mask_function)!r} "
+            "(packed sequences, sliding/chunked windows or mask overlays are not supported)"
+        )
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise NotImplementedError(
+            f"attn_implementation='{ATTN_IMPLEMENTATION}' does not support padding: the attention_mask has zeros. "
+            "Run rows of different lengths unpadded, or pass bd_ray_kv_lens for right-padded compact caches."
+        )
+    if isinstance(q_offset, torch.Tensor) or kv_offset != 0 or kv_length != q_offset + q_length:
+        raise NotImplementedError(
+            f"attn_implementation='{ATTN_IMPLEMENTATION}' needs a cache whose key/value tensors end with the new "
+            f"tokens (DynamicCache); got kv_length={kv_length}, q_offset={q_offset}, kv_offset={kv_offset}, "
+            f"q_length={q_length} (static/sliding caches are not supported)"
+        )
+    return None
+
+
+def bd_ray_sparse_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention function for ``bd_ray_sparse`` (signature of transformers' ``sdpa_attention_forward``).
+
+    Args:
+        module: the calling attention module (read for ``is_causal``).
+        query: ``[batch, q_heads, q_len, head_dim]`` post-RoPE queries.
+        key, value: ``[batch, kv_heads, kv_len, head_dim]`` after the cache update; the last
+            ``q_len`` entries are the new tokens (GQA: ``q_heads % kv_heads == 0``).
+        attention_mask: must be None (the mask interface returns None); a tensor is rejected.
+        dropout: must be 0. scaling: softmax scale (default ``1/sqrt(head_dim)``).
+        kwargs: ``bd_ray_kv_lens`` (optional ``[batch]`` int tensor of valid kv lengths); the rest is
+            ignored, as in transformers' own implementations.
+
+    Returns:
+        ``(attn_output [batch, q_len, q_heads, head_dim], None)`` in the query dtype.
+
+    Raises:
+        NotImplementedError for masks, dropout, soft-capping, sliding windows or non-causal modules.
+    """
+    if attention_mask is not None:
+        raise NotImplementedError(
+            f"attn_implementation='{ATTN_IMPLEMENTATION}' got an explicit attention mask of shape "
+            f"{tuple(attention_mask.shape)}; only the implicit causal compact-cache mask is supported"
+        )
+    if dropout:
+        raise NotImplementedError(f"attn_implementation='{ATTN_IMPLEMENTATION}' does not support attention dropout")
+    if softcap is not None:
+        raise NotImplementedError(f"attn_implementation='{ATTN_IMPLEMENTATION}' does not support softcap")
+    if sliding_window is not None:
+        raise NotImplementedError(f"attn_implementation='{ATTN_IMPLEMENTATION}' does not support sliding windows")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal:
+        raise NotImplementedError(f"attn_implementation='{ATTN_IMPLEMENTATION}' supports causal attention only")
+    b, qh, q_len, d = query.shape
+    if value.dtype != query.dtype or key.dtype != query.dtype:
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    out = torch.empty(b, q_len, qh, d, dtype=query.dtype, device=query.device)
+    sparse_attention(query, key, value, scale=scaling, kv_lens=kwargs.get("bd_ray_kv_lens"), out=out.transpose(1, 2))
+    return out, None
+
+
+def register() -> str:
+    """Register ``bd_ray_sparse`` with transformers (idempotent); returns the name."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, bd_ray_sparse_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, bd_ray_sparse_mask)
+    return ATTN_IMPLEMENTATION
+
+
+def attention_backend(device: torch.device | str) -> str:
+    """Kernel backend ``bd_ray_sparse`` uses on ``device`` (``triton``, ``triton-interpret``, ``torch``)."""
+    return backend_name(device)
+
+
+register()
