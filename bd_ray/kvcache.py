@@ -16,10 +16,14 @@ The result is exactly full attention restricted to the kept positions (tested ag
 explicit 4-D mask on the full cache, eager and sdpa). ``position_ids`` are not used for masking
 when a cache is passed (packed-sequence detection only runs without a cache).
 
-Growth: ``DynamicLayer.update`` concatenates (``torch.cat``), producing new tensors, so caches may
-share tensors (shallow clones, several sparse views of one prefill) without ever mutating each
-other. Rollback of rejected drafts (:func:`crop_cache`) slices the tail off; the kept prefix
-entries are never touched.
+Growth: layers are :class:`BufferedLayer` s. At inference an append writes into preallocated
+capacity in place (as gpt-fast's static KV buffers: no ``torch.cat`` of the whole cache per decode
+step) and rollback of rejected drafts (:func:`crop_cache`) only moves the length, so rejected
+entries are simply overwritten next cycle; the kept prefix entries are never touched. Buffers
+can be shared (shallow clones, several sparse views of one prefill): a layer writes in place only
+into storage it owns and copies shared storage once before its first write (copy-on-write), so
+caches never mutate each other. With autograd recording (training continuations) an append
+concatenates like ``DynamicLayer``, so no in-place write can invalidate a saved tensor.
 
 Batch rows with different prompt lengths: prompts are left-aligned, padding at the right. Causal
 attention means valid tokens never see the right padding during prefill; afterwards the cache
@@ -55,6 +59,84 @@ __all__ = [
 ]
 
 
+class BufferedLayer(DynamicLayer):
+    """A full-attention cache layer with preallocated capacity and copy-on-write sharing.
+
+    ``keys``/``values`` read as ``[b, kv_heads, length, head_dim]`` views of the storage. Assigning
+    them adopts the tensors as *shared* storage (never written in place). Source: gpt-fast's
+    static ``KVCache`` (index writes, rollback by length), adapted to transformers' layer API.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+
+    # storage: self._k/self._v [b, kvh, capacity, d]; self._len valid entries; self._owned writable
+    @property
+    def keys(self):
+        k = self.__dict__.get("_k")
+        return k if k is None or k.shape[-2] == self._len else k[..., : self._len, :]
+
+    @keys.setter
+    def keys(self, t) -> None:
+        self._k = t
+        self._owned = False
+        self._len = t.shape[-2] if t is not None and t.dim() == 4 else 0
+
+    @property
+    def values(self):
+        v = self.__dict__.get("_v")
+        return v if v is None or v.shape[-2] == self._len else v[..., : self._len, :]
+
+    @values.setter
+    def values(self, t) -> None:
+        self._v = t
+        self._owned = False
+
+    def share(self) -> "BufferedLayer":
+        """A new layer viewing the same entries; both copy before their next in-place write."""
+        other = BufferedLayer()
+        other.lazy_initialization(self.keys, self.values)
+        other.keys, other.values = self.keys, self.values
+        self._owned = False
+        return other
+
+    def _reserve(self, need: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        """Make the storage owned and able to hold ``need`` entries (grows by 25 %, at least 64)."""
+        cap = self._k.shape[-2] if self._k is not None and self._k.dim() == 4 else 0
+        if self._owned and need <= cap:
+            return
+        n, new_cap = self._len, max(need + 64, int(need * 1.25))
+        b, h, _, dk = like_k.shape
+        k = like_k.new_empty(b, h, new_cap, dk)
+        v = like_v.new_empty(b, h, new_cap, like_v.shape[-1])
+        if n:
+            k[..., :n, :].copy_(self.keys)
+            v[..., :n, :].copy_(self.values)
+        self._k, self._v, self._owned = k, v, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            keys = torch.cat([self.keys, key_states], dim=-2)
+            values = torch.cat([self.values, value_states], dim=-2)
+            self.keys, self.values = keys, values
+            return keys, values
+        n, start = key_states.shape[-2], self._len
+        self._reserve(start + n, key_states, value_states)
+        self._k[..., start:start + n, :].copy_(key_states)
+        self._v[..., start:start + n, :].copy_(value_states)
+        self._len = start + n
+        return self.keys, self.values
+
+    def crop_to(self, new_len: int) -> None:
+        """Keep the first ``new_len`` entries (rollback); storage is kept for the next writes."""
+        self._len = new_len
+
+    def get_seq_length(self) -> int:
+        return self._len if self.is_initialized else 0
+
+
 class KVCache(DynamicCache):
     """A ``DynamicCache`` (plain full-attention ``DynamicLayer`` s) with sparse-view bookkeeping.
 
@@ -73,6 +155,7 @@ class KVCache(DynamicCache):
 
     def __init__(self) -> None:
         super().__init__()
+        self.layer_class_to_replicate = BufferedLayer
         self.kept_positions: list[torch.Tensor] | None = None
         self.kept_len: int = 0
         self.prefix_len: torch.Tensor | None = None
@@ -85,9 +168,9 @@ class KVCache(DynamicCache):
         """A cache whose layer ``l`` holds ``kv[l] = (keys, values)`` ``[b, kvh, n, d]`` (not copied)."""
         cache = cls()
         for k, v in kv:
-            layer = DynamicLayer()
+            layer = BufferedLayer()
             layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v  # share; update() concatenates into new tensors
+            layer.keys, layer.values = k, v  # shared storage: copied before the first in-place write
             cache.layers.append(layer)
         return cache
 
@@ -241,10 +324,12 @@ def next_position(cache: KVCache) -> torch.Tensor:
 def clone_cache(cache) -> KVCache:
     """Shallow copy: a new :class:`KVCache` sharing the tensors (and bookkeeping) of ``cache``.
 
-    Safe because ``DynamicLayer.update`` concatenates into new tensors and :func:`crop_cache`
-    slices, so growing or cropping the clone never changes ``cache``.
+    Safe because shared storage is copied before either cache writes into it (copy-on-write,
+    :class:`BufferedLayer`), so growing or cropping the clone never changes ``cache``.
     """
-    out = KVCache.from_tensors([(layer.keys, layer.values) for layer in cache.layers])
+    out = KVCache()
+    out.layers = [layer.share() if isinstance(layer, BufferedLayer) else _shared_layer(layer)
+                  for layer in cache.layers]
     if isinstance(cache, KVCache):
         out._copy_meta(cache)
     else:
@@ -269,9 +354,18 @@ def crop_cache(cache, new_len: int) -> None:
     if new_len == n:
         return
     for layer in cache.layers:
-        # Slicing (not in-place writes): tensors shared with clones/other views stay intact.
-        layer.keys = layer.keys[..., :new_len, :]
-        layer.values = layer.values[..., :new_len, :]
+        if isinstance(layer, BufferedLayer):
+            layer.crop_to(new_len)      # later appends overwrite the rejected entries in place
+        else:
+            layer.keys = layer.keys[..., :new_len, :]
+            layer.values = layer.values[..., :new_len, :]
+
+
+def _shared_layer(layer) -> BufferedLayer:
+    out = BufferedLayer()
+    out.lazy_initialization(layer.keys, layer.values)
+    out.keys, out.values = layer.keys, layer.values
+    return out
 
 
 def _as_row_tensor(x, b: int, device) -> torch.Tensor:

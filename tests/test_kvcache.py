@@ -294,3 +294,34 @@ def test_ragged_batch_rows_equal_single_rows(model, name, budget, attn):
             assert torch.equal(view.kept_positions[1][row, :, :K1], v1.kept_positions[1][0])
             single = forward_with_cache(model, v1, cont[row:row + 1], L)
             assert torch.allclose(batched[row], single[0], atol=1e-5), (row, (batched[row] - single[0]).abs().max())
+
+
+def test_buffered_layers_write_in_place_and_copy_shared_storage(model, ids):
+    """Static-buffer growth (gpt-fast style) with copy-on-write: clones never corrupt each other.
+
+    Two clones of one prefill grow with different tokens, one is rolled back and overwritten;
+    each ends equal to a cache built fresh from its own tokens, and the source is untouched.
+    """
+    from bd_ray.kvcache import BufferedLayer
+
+    with torch.no_grad():
+        src = prefill(model, ids[:, :PREFIX]).cache
+        before = _snapshot(src)
+        a, b = clone_cache(src), clone_cache(src)
+        forward_with_cache(model, a, ids[:, PREFIX:PREFIX + 4], PREFIX)
+        storage = a.layers[0]._k.data_ptr()
+        crop_cache(a, PREFIX + 1)                           # rollback: only the length moves
+        other = torch.tensor([[5, 6, 7]])
+        forward_with_cache(model, a, other, PREFIX + 1)     # overwrites the rejected entries
+        assert a.layers[0]._k.data_ptr() == storage         # no reallocation, no per-step copy
+        forward_with_cache(model, b, ids[:, PREFIX:PREFIX + 2], PREFIX)
+        fresh_a = prefill(model, torch.cat([ids[:, :PREFIX + 1], other], 1)).cache
+        fresh_b = prefill(model, ids[:, :PREFIX + 2]).cache
+    assert isinstance(a.layers[0], BufferedLayer)
+    for got, want in ((a, fresh_a), (b, fresh_b)):
+        assert cache_len(got) == cache_len(want)
+        for x, y in zip(got.layers, want.layers):
+            torch.testing.assert_close(x.keys, y.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(x.values, y.values, atol=1e-5, rtol=1e-5)
+    for layer, (k, v) in zip(src.layers, before):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)

