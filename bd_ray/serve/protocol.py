@@ -1,0 +1,208 @@
+"""OpenAI-compatible request/response models of the bd-ray server (OpenAI API, vLLM conventions).
+
+Requests follow the OpenAI Completions and Chat Completions APIs (``prompt``/``messages``,
+``max_tokens``, ``temperature``, ``top_p``, ``stop`` (a string or a list), ``seed``, ``stream``,
+``stream_options``, ``n`` = 1 only), vLLM's ``top_k`` and ``ignore_eos``, and the bd-ray extensions (sent by the
+``openai`` client through ``extra_body``):
+
+* ``speculative`` (bool): speculative decoding on/off for this request (default: serve config);
+* ``gamma`` (int >= 1): tokens drafted per cycle;
+* ``kv_budget`` (int >= 1 or ``"full"``): the drafter's KV budget in tokens (``"full"`` = no
+  sparsity);
+* ``sparse_policy`` (``"chunk_topk" | "streaming" | "snapkv"`` or a full
+  :class:`bd_ray.config.SparsePolicyConfig` object).
+
+Unknown fields are rejected (400 naming the field) rather than silently ignored, and OpenAI fields
+bd-ray does not implement (``logprobs``, penalties, ``logit_bias``, ``echo``, ``suffix``, tools...)
+are accepted only at their "off" value. Every error is OpenAI's JSON shape
+``{"error": {"message", "type", "param", "code"}}`` (:func:`error_body`).
+
+Responses are ``text_completion`` / ``chat.completion`` objects (and ``*.chunk`` objects when
+streaming, sent as server-sent events ending with ``data: [DONE]``) carrying ``usage`` and a
+bd-ray ``spec_metrics`` object: ``drafted``, ``accepted``, ``alpha`` (acceptance rate),
+``tau`` (mean accepted length = tokens per verifier forward), ``per_position`` acceptance, and
+whether the request ran ``speculative``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bd_ray.config import SparsePolicyConfig
+
+__all__ = [
+    "ChatMessage",
+    "CompletionRequest",
+    "ChatCompletionRequest",
+    "error_body",
+    "validation_error_body",
+    "UNSUPPORTED_FIELDS",
+]
+
+# OpenAI fields that are accepted only at their "off" value: name -> allowed values.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Base):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Base):
+    """Fields shared by both routes (OpenAI + vLLM ``top_k`` + bd-ray extensions)."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extension; 0 or -1 = off")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1)
+    user: str | None = None
+    # accepted only at their "off" value (see UNSUPPORTED_FIELDS)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS (benchmarks)")
+    # bd-ray extensions
+    speculative: bool | None = None
+    gamma: int | None = Field(None, ge=1, le=128)
+    kv_budget: int | Literal["full"] | None = None
+    sparse_policy: Literal["chunk_topk", "streaming", "snapkv"] | SparsePolicyConfig | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("kv_budget")
+    @classmethod
+    def _budget_positive(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("kv_budget must be >= 1 or 'full'")
+        return v
+
+    def stop_list(self) -> list[str]:
+        """``stop`` as a list (OpenAI accepts a string or a list); empty strings dropped."""
+        if self.stop is None:
+            return []
+        items = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return [s for s in items if s]
+
+    def unsupported(self) -> str | None:
+        """Name of the first OpenAI field set to a value bd-ray does not implement, else ``None``."""
+        for name, allowed in UNSUPPORTED_FIELDS.items():
+            if getattr(self, name) not in allowed:
+                return name
+        return None
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions`` (OpenAI legacy completions): one prompt, a string or token ids."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _single_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            if len(v) != 1:
+                raise ValueError("batched prompts are not supported; send one prompt per request")
+            v = v[0]
+        if isinstance(v, (str, list)) and len(v) == 0:
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class ContentPart(_Base):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Base):
+    """One chat message; ``content`` is a string or a list of ``{"type": "text"}`` parts."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``: rendered with the verifier tokenizer's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    parallel_tool_calls: Any = None
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict:
+    """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def validation_error_body(err: ValidationError) -> dict:
+    """OpenAI error JSON for a pydantic request validation error; ``param`` names the first field.
+
+    The message lists every problem as ``field: reason (got value)``.
+    """
+    problems = []
+    first = None
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if _is_field(p)) or "body"
+        first = first or loc
+        msg = "unknown field (not an OpenAI or bd-ray request field)" if e["type"] == "extra_forbidden" else e["msg"]
+        got = e.get("input")
+        got_s = repr(got)
+        if len(got_s) > 80:
+            got_s = got_s[:77] + "..."
+        problems.append(f"{loc}: {msg} (got {got_s})" if e["type"] != "missing" else f"{loc}: field required")
+    return error_body("invalid request: " + "; ".join(problems), param=first, code="invalid_value")
+
+
+# pydantic puts union member tags into error locations (e.g. "str", "list[int]"); drop them.
+_TYPE_TAGS = {"str", "int", "float", "bool", "SparsePolicyConfig", "ContentPart", "StreamOptions"}
+
+
+def _is_field(p: Any) -> bool:
+    return isinstance(p, int) or (isinstance(p, str) and p.isidentifier() and p not in _TYPE_TAGS)

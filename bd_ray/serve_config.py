@@ -1,0 +1,190 @@
+"""Typed configuration of the OpenAI-compatible Serve application (``bd_ray.serve.app:build_app``).
+
+YAML in (the ``args:`` block of a Serve config file, see ``serve_configs/default.yaml``), validated
+pydantic out. Every section forbids unknown keys, so a typo fails at deploy time naming the dotted
+field (``engine.autoscaling.max_replicas``), as everywhere else in bd-ray (:mod:`bd_ray.config`).
+
+Sections:
+
+* ``model``: what is served: the verifier, the drafter, dtype/device, the served model id and the
+  context limit.
+* ``spec``: speculative defaults a request inherits unless it overrides them (``speculative``,
+  ``gamma``, ``kv_budget``, ``sparse_policy``).
+* ``defaults``: OpenAI sampling defaults (``max_tokens``, ``temperature``, ``top_p``, ``top_k``).
+* ``engine``: the engine deployment (the autoscaled verifier replicas, each with its paired
+  drafter): resources, ``max_ongoing_requests`` / ``max_queued_requests``, ``autoscaling``
+  (the fields of Ray Serve's ``AutoscalingConfig`` that matter here).
+* ``ingress``: the FastAPI ingress deployment: resources, concurrency, ``Retry-After``, timeouts.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal, Mapping
+
+from pydantic import Field, ValidationError, model_validator
+
+from bd_ray.config import ConfigError, SparsePolicyConfig, StrictModel, _format_validation_error, apply_overrides
+
+__all__ = [
+    "ModelSection",
+    "SpecDefaults",
+    "RequestDefaults",
+    "AutoscalingSection",
+    "EngineSection",
+    "IngressSection",
+    "ServeAppConfig",
+    "parse_app_args",
+]
+
+
+class ModelSection(StrictModel):
+    """What one application serves.
+
+    ``verifier`` / ``drafter`` accept what :func:`bd_ray.models.load_verifier` /
+    :func:`bd_ray.models.load_drafter` accept: an embedded name (``smollm2-135m``), a local HF
+    checkpoint directory, or for the drafter ``from-verifier:N`` (the verifier's first N layers).
+    ``drafter: null`` serves plain decoding only (requests asking for ``speculative: true`` then get
+    400). ``max_model_len`` (tokens, prompt + completion) defaults to the verifier's
+    ``max_position_embeddings``; a smaller value caps it (vLLM's ``--max-model-len``).
+    ``drafter_attn: auto`` selects the Triton sparse attention (``bd_ray_sparse``) on CUDA and
+    transformers' ``sdpa`` on CPU.
+    """
+
+    name: str = Field("smollm2-135m", min_length=1, description="served model id (the OpenAI `model` field)")
+    aliases: list[str] = Field(default_factory=list, description="other ids accepted in requests")
+    verifier: str = "smollm2-135m"
+    drafter: str | None = "from-verifier:4"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    drafter_attn: Literal["auto", "sdpa", "eager", "bd_ray_sparse"] = "auto"
+    max_model_len: int | None = Field(None, ge=2, description="context limit in tokens (prompt + max_tokens)")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads per engine replica")
+
+
+class SpecDefaults(StrictModel):
+    """Speculative decoding defaults; each request may override them (bd-ray request extensions)."""
+
+    speculative: bool = True
+    gamma: int = Field(4, ge=1, le=128, description="tokens drafted per cycle")
+    max_gamma: int = Field(16, ge=1, le=128, description="largest gamma a request may ask for")
+    kv_budget: int | None = Field(256, ge=1, description="drafter KV budget in tokens; null = full cache")
+    sparse_policy: SparsePolicyConfig = Field(default_factory=SparsePolicyConfig)
+    prefill_chunk: int = Field(512, ge=1, le=1 << 20, description="tokens per prefill forward")
+
+    @model_validator(mode="after")
+    def _gamma_within_max(self) -> "SpecDefaults":
+        if self.gamma > self.max_gamma:
+            raise ValueError(f"gamma ({self.gamma}) must be <= max_gamma ({self.max_gamma})")
+        return self
+
+
+class RequestDefaults(StrictModel):
+    """OpenAI sampling defaults for fields a request leaves out (OpenAI's own defaults for temperature/top_p)."""
+
+    max_tokens: int = Field(128, ge=1, description="completion tokens when the request sets none "
+                                                   "(capped to what the context limit leaves)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k filter (vLLM extension)")
+
+
+class AutoscalingSection(StrictModel):
+    """Ray Serve ``autoscaling_config`` of the engine deployment (same names and meaning as Serve's)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="ongoing requests per replica Serve aims for")
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+    metrics_interval_s: float | None = Field(None, gt=0, description="deprecated in Serve; set only when "
+                                             "look_back_period_s < 10 s (Serve warns otherwise)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingSection":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) must lie in "
+                             f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        """The dict Ray Serve's ``autoscaling_config`` option takes."""
+        out = self.model_dump()
+        for key in ("initial_replicas", "metrics_interval_s"):
+            if out[key] is None:
+                out.pop(key)
+        return out
+
+
+class EngineSection(StrictModel):
+    """The engine deployment: verifier replicas (full KV caches) each paired with an in-process drafter.
+
+    ``max_ongoing_requests`` requests decode concurrently per replica (interleaved one speculation
+    cycle at a time on one model thread); up to ``max_queued_requests`` more wait in the ingress's
+    handle queue; beyond that the ingress answers 503 with ``Retry-After`` (``-1`` = unbounded,
+    Serve's convention).
+    """
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(4, ge=1)
+    max_queued_requests: int = Field(16, ge=-1)
+    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+    health_check_period_s: float = Field(10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+
+
+class IngressSection(StrictModel):
+    """The FastAPI ingress deployment (OpenAI routes): cheap, CPU only, many concurrent connections."""
+
+    num_cpus: float = Field(0.25, ge=0)
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(256, ge=1)
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with 503 on overload (s)")
+    first_chunk_timeout_s: float = Field(300.0, gt=0, description="queue wait + prefill limit before 503 (s)")
+    max_stop_strings: int = Field(8, ge=0)
+
+
+class ServeAppConfig(StrictModel):
+    """Everything ``build_app`` needs; ``serve_configs/*.yaml`` put it under ``applications[].args``."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    spec: SpecDefaults = Field(default_factory=SpecDefaults)
+    defaults: RequestDefaults = Field(default_factory=RequestDefaults)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    ingress: IngressSection = Field(default_factory=IngressSection)
+
+
+def parse_app_args(args: Mapping[str, Any] | None) -> ServeAppConfig:
+    """Validate the ``args`` of a Serve application into a :class:`ServeAppConfig`.
+
+    ``args`` is the config tree itself, optionally with ``overrides: ["spec.gamma=6", ...]``
+    (``--set`` syntax of :func:`bd_ray.config.apply_overrides`, value parsed as YAML), so
+    ``serve run serve_configs/default.yaml`` and ``serve run bd_ray.serve.app:build_app
+    spec.gamma=6``-style CLI args both work (CLI ``key=value`` args arrive as dotted top-level keys
+    and are applied as overrides too).
+
+    Raises:
+        ConfigError: unknown keys, wrong types or out-of-range values, each named by dotted path.
+    """
+    tree: dict[str, Any] = {}
+    overrides: list[str] = []
+    for key, value in copy.deepcopy(dict(args or {})).items():
+        if key == "overrides":
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError("args.overrides must be a list of 'section.key=value' strings")
+            overrides.extend(str(v) for v in value)
+        elif "." in key:  # `serve run ... spec.gamma=6` passes {"spec.gamma": "6"}
+            overrides.append(f"{key}={value}")
+        else:
+            tree[key] = value
+    apply_overrides(tree, overrides)
+    try:
+        return ServeAppConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, "serve app args")) from None
