@@ -1,0 +1,333 @@
+"""The evaluation matrix job (bd_ray.evaluate, jobs/evaluate.py) on tiny random models.
+
+* the job on a tiny verifier/drafter pair (Ray, one worker) completes and writes results.json,
+  results.md and the PNG plots; results.json is checked key by key and type by type;
+* a fixture that corrupts the verifier's greedy verification in the SD path of one cell makes the
+  job fail loudly (exit 3, the cell and prompts named), while the other cells stay lossless;
+* prompts come only from the held-out split (tiny parquet corpus with train and test works), and a
+  work present in both splits is refused;
+* config errors name the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _tiny import TINY_TEXT, tiny_llama, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _job():
+    """jobs/evaluate.py as a module (loaded by path: the name ``evaluate`` is taken on PyPI)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bd_ray_jobs_evaluate", REPO / "jobs" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+CONTEXT = 192
+TRAIN_MARK = "Zebra quokka xylophone. "  # only in training works
+
+
+def _corpus_rows() -> list[dict]:
+    rows = []
+    for i in range(3):  # test works, several documents each
+        for e in range(2):
+            start = (i * 300 + e * 97) % 900
+            rows.append({"doc_id": f"test-{i}-{e}", "work_id": f"test/work{i}", "split": "test",
+                         "text": TINY_TEXT[start:start + 1200]})
+    for i in range(2):  # training works, recognisable text
+        rows.append({"doc_id": f"train-{i}", "work_id": f"train/work{i}", "split": "train",
+                     "text": TRAIN_MARK * 200})
+    rows.append({"doc_id": "test-short", "work_id": "test/short", "split": "test", "text": "Too short."})
+    for r in rows:
+        r.update({"title": r["doc_id"], "author": "x", "source": "test", "license": "public-domain"})
+    return rows
+
+
+def _write_parquet(rows: list[dict], path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory) -> dict:
+    """A saved tiny verifier (2 layers) and drafter (1 layer) with the tiny tokenizer, and a corpus."""
+    root = tmp_path_factory.mktemp("eval_assets")
+    tok = tiny_tokenizer()
+    paths = {}
+    for name, model in (("verifier", tiny_llama(layers=2, seed=0)), ("drafter", tiny_llama(layers=1, seed=1))):
+        d = root / name
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        paths[name] = str(d)
+    paths["corpus"] = str(_write_parquet(_corpus_rows(), root / "corpus.parquet"))
+    return paths
+
+
+def _config(assets: dict, out: Path, **run) -> dict:
+    return {
+        "models": {"verifier": assets["verifier"],
+                   "drafters": {"tiny": assets["drafter"], "init1": "from-verifier:1"}},
+        "data": {"corpus": assets["corpus"], "prompts_per_context": 2, "seed": 3},
+        "matrix": {"contexts": [CONTEXT],
+                   "policies": {"chunk": {"name": "chunk_topk", "chunk_size": 4, "recent": 4},
+                                "stream": {"name": "streaming", "sink": 4}},
+                   "budgets": [16, "full"], "gammas": [2, 3],
+                   "modes": [{"name": "greedy"}, {"name": "t08", "temperature": 0.8, "top_p": 0.9, "seed": 1}],
+                   "max_new_tokens": 8, "prefill_chunk": 64},
+        "needle": {"enabled": True, "depth": 0.3, "max_new_tokens": 6},
+        "run": {"output_dir": str(out), "torch_threads": 1, **run},
+    }
+
+
+def _write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+# ---- results.json schema -----------------------------------------------------------------------
+
+NUM = (int, float)
+OPT_NUM = (int, float, type(None))
+SCHEMA = {
+    "top": {"schema_version": int, "created": str, "command": str, "config": dict, "machine": dict,
+            "isolation": str, "prompts": list, "cells": list, "best_gamma": list, "needle": (list, type(None)),
+            "lossless": dict, "errors": list, "runs": list, "wall_s": NUM, "plots": list},
+    "cell": {"cell_id": str, "context": int, "policy": str, "budget": str, "gamma": int, "drafter": str,
+             "mode": str, "greedy": bool, "n_prompts": int, "prompt_ids": list, "alpha": NUM, "tau": NUM,
+             "per_position_acceptance": list, "cycles": int, "drafted": int, "accepted": int,
+             "sd_tokens_per_s": NUM, "ar_tokens_per_s": NUM, "speedup": NUM, "speedup_mean": NUM,
+             "draft_step_s": NUM, "verify_step_s": NUM, "ar_step_s": NUM, "drafter_cache": int,
+             "fallbacks": int, "lossless": str},
+    "best": {"context": int, "policy": str, "budget": str, "drafter": str, "mode": str, "gamma": int,
+             "sd_tokens_per_s": NUM, "ar_tokens_per_s": NUM, "speedup": NUM, "alpha": NUM, "tau": NUM,
+             "cell_id": str, "gammas_tried": list},
+    "run_ar": {"kind": str, "prompt_id": str, "context": int, "mode": str, "greedy": bool,
+               "verifier_prefill_s": NUM, "token_ids": list, "text": str, "n_tokens": int, "tokens_per_s": NUM,
+               "decode_s": NUM, "verify_s": NUM, "verify_step_s": NUM, "finish_reason": str, "host": str},
+    "run_sd": {"cell_id": str, "drafter": str, "policy": str, "budget": str, "gamma": int, "cycles": int,
+               "drafted": int, "accepted": int, "acceptance_rate": NUM, "mean_accepted_length": NUM,
+               "per_position_acceptance": list, "draft_step_s": OPT_NUM, "verify_step_s": OPT_NUM,
+               "peak_drafter_cache": int, "tokens_per_s": NUM, "decode_s": NUM, "drafter_prefill_s": NUM,
+               "compact_s": NUM, "fallback_reason": (str, type(None)), "token_ids": list},
+    "prompt": {"prompt_id": str, "context": int, "doc_id": str, "work_id": str, "split": str,
+               "start_token": int, "n_tokens": int},
+    "needle": {"context": int, "drafter": str, "policy": str, "budget": str, "gamma": int, "passkey": str,
+               "ar_retrieved": bool, "sd_retrieved": bool, "alpha_needle": NUM, "alpha_ordinary": OPT_NUM,
+               "needle_kept_fraction": NUM},
+    "worker": {"host": str, "cpu_count": int, "torch_threads": int, "torch": str, "device": str,
+               "model_load_s": NUM},
+    "driver": {"host": str, "cpu_count": int, "torch": str, "python": str, "platform": str},
+}
+
+
+def _check(obj: dict, kind: str, where: str) -> None:
+    for key, typ in SCHEMA[kind].items():
+        assert key in obj, f"{where}: missing key {key!r}"
+        assert isinstance(obj[key], typ) and not (typ is int and isinstance(obj[key], bool)), \
+            f"{where}.{key}: {type(obj[key]).__name__} is not {typ}"
+
+
+def check_results_schema(res: dict) -> None:
+    _check(res, "top", "results")
+    _check(res["machine"]["driver"], "driver", "machine.driver")
+    assert res["machine"]["workers"], "no worker info"
+    for i, w in enumerate(res["machine"]["workers"]):
+        _check(w, "worker", f"machine.workers[{i}]")
+    for i, c in enumerate(res["cells"]):
+        _check(c, "cell", f"cells[{i}]")
+        assert len(c["per_position_acceptance"]) == c["gamma"]
+        assert 0.0 <= c["alpha"] <= 1.0 and 1.0 <= c["tau"] <= c["gamma"] + 1
+    for i, b in enumerate(res["best_gamma"]):
+        _check(b, "best", f"best_gamma[{i}]")
+    for i, p in enumerate(res["prompts"]):
+        _check(p, "prompt", f"prompts[{i}]")
+    for i, r in enumerate(res["runs"]):
+        _check(r, "run_ar" if r["kind"] in ("ar", "needle_ar") else "run_sd", f"runs[{i}]")
+    for i, n in enumerate(res["needle"] or []):
+        _check(n, "needle", f"needle[{i}]")
+    assert isinstance(res["lossless"]["checked"], int) and isinstance(res["lossless"]["failures"], list)
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_eval_job_tiny_ray_writes_all_outputs(tiny_assets, tmp_path, ray_cluster, capsys):
+    job = _job()
+
+    out = tmp_path / "out"
+    cfg_path = _write_config(_config(tiny_assets, out), tmp_path / "eval.yaml")
+    rc = job.main(["--config", str(cfg_path), "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    for name in ("results.json", "results.md", "acceptance_vs_budget_greedy.png", "speedup_vs_gamma_greedy.png",
+                 "acceptance_vs_budget_t08.png", "speedup_vs_gamma_t08.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    check_results_schema(res)
+
+    # 2 drafters x 2 modes x (2 policies x budget 16 + full once) x 2 gammas
+    assert len(res["cells"]) == 2 * 2 * 3 * 2
+    assert all(c["n_prompts"] == 2 for c in res["cells"])
+    assert {c["budget"] for c in res["cells"]} == {"16", "full"}
+    assert {c["policy"] for c in res["cells"] if c["budget"] == "full"} == {"none"}
+    # greedy cells checked token for token against AR; sampled ones are not comparable
+    assert {c["lossless"] for c in res["cells"] if c["greedy"]} == {"ok"}
+    assert {c["lossless"] for c in res["cells"] if not c["greedy"]} == {"n/a"}
+    assert res["lossless"]["failures"] == [] and res["lossless"]["checked"] > 0
+    # AR ran once per prompt and mode, and its prefill was shared by the SD cells of the prompt
+    ar = [r for r in res["runs"] if r["kind"] == "ar"]
+    assert len(ar) == 2 * 2
+    # every request decoded exactly max_new_tokens (EOS ignored: equal work per cell)
+    assert {r["n_tokens"] for r in res["runs"] if r["kind"] in ("ar", "sd")} == {8}
+    # the drafter cache respects the budget: compact prefix (16) + at most max_new_tokens + gamma
+    for c in res["cells"]:
+        if c["budget"] == "16":
+            assert c["drafter_cache"] <= 16 + 8 + c["gamma"]
+        else:
+            assert c["drafter_cache"] >= CONTEXT
+    # best gamma = highest measured SD tokens/s among the gammas of the group
+    for b in res["best_gamma"]:
+        group = [c for c in res["cells"] if (c["context"], c["policy"], c["budget"], c["drafter"], c["mode"])
+                 == (b["context"], b["policy"], b["budget"], b["drafter"], b["mode"])]
+        assert b["sd_tokens_per_s"] == max(c["sd_tokens_per_s"] for c in group)
+    # prompts: exactly CONTEXT tokens, held-out works only
+    assert {p["n_tokens"] for p in res["prompts"]} == {CONTEXT}
+    assert all(p["split"] == "test" and p["work_id"].startswith("test/") for p in res["prompts"])
+    # needle: one per (drafter, policy/budget); the planted span is inside the prompt
+    assert len(res["needle"]) == 2 * 3
+    needle_prompt = [p for p in res["prompts"] if p["needle"]][0]
+    assert 0 < needle_prompt["needle"]["start"] < needle_prompt["needle"]["end"] < CONTEXT
+    assert all(n["needle_kept_fraction"] == 1.0 for n in res["needle"] if n["budget"] == "full")
+    # progress and the final table were printed
+    assert "ETA" in printed and f"cell {CONTEXT}|chunk|16|g2|tiny|greedy done" in printed
+    assert "## Best gamma" in printed and "results.json" in printed
+    md = (out / "results.md").read_text()
+    assert "| context | mode | drafter |" in md and "Lossless check" in md
+
+
+@pytest.fixture
+def corrupt_one_cell(monkeypatch):
+    """Test-only corruption of the SD verifier path for ONE cell (gamma 3, budget 16, drafter 'tiny'):
+    greedy verification accepts every draft, so SD emits the drafter's tokens instead of the
+    verifier's. AR and all other cells are untouched."""
+    from bd_ray.spec import engine
+
+    state = {"on": False}
+    real_verify, real_generate = engine.verify_greedy, engine.SpeculativeGenerator.generate
+
+    def verify(drafts, logits):
+        v = real_verify(drafts, logits)
+        if state["on"]:
+            return type(v)(len(drafts), int(logits[len(drafts)].argmax()))
+        return v
+
+    def generate(self, prompt_ids, sampling, gamma=None, budget="default", prefilled=None):
+        state["on"] = gamma == 3 and budget == 16
+        try:
+            return real_generate(self, prompt_ids, sampling, gamma=gamma, budget=budget, prefilled=prefilled)
+        finally:
+            state["on"] = False
+
+    monkeypatch.setattr(engine, "verify_greedy", verify)
+    monkeypatch.setattr(engine.SpeculativeGenerator, "generate", generate)
+    return state
+
+
+@pytest.mark.timeout(120)
+def test_lossless_check_fails_the_job_loudly(tiny_assets, tmp_path, corrupt_one_cell, capsys):
+    job = _job()
+
+    out = tmp_path / "out"
+    cfg = _config(tiny_assets, out, executor="local")
+    cfg["models"]["drafters"] = {"tiny": tiny_assets["drafter"]}
+    cfg["matrix"]["policies"] = {"chunk": cfg["matrix"]["policies"]["chunk"]}
+    cfg["matrix"]["modes"] = [{"name": "greedy"}]
+    cfg["needle"]["enabled"] = False
+    rc = job.main(["--config", str(_write_config(cfg, tmp_path / "eval.yaml"))])
+    cap = capsys.readouterr()
+    assert rc == 3, cap.out + cap.err
+    bad = f"{CONTEXT}|chunk|16|g3|tiny|greedy"
+    assert "LOSSLESS CHECK FAILED" in cap.err and f"cell {bad} prompt c{CONTEXT}-p0" in cap.err \
+        and f"cell {bad} prompt c{CONTEXT}-p1" in cap.err
+    assert "!!! LOSSLESS FAILURE" in cap.out
+    res = json.loads((out / "results.json").read_text())  # outputs are still written
+    assert {f["cell_id"] for f in res["lossless"]["failures"]} == {bad}
+    assert {c["cell_id"]: c["lossless"] for c in res["cells"]}[bad] == "FAIL"
+    assert {c["lossless"] for c in res["cells"] if c["cell_id"] != bad} == {"ok"}
+
+
+def test_prompts_come_only_from_held_out_split(tmp_path):
+    import pyarrow as pa
+
+    from bd_ray.evaluate import HeldOutError, select_prompts
+
+    tok = tiny_tokenizer()
+    rows = _corpus_rows()
+    table = pa.Table.from_pylist(rows)
+    got = select_prompts(table, tok, [64, CONTEXT], n=5, seed=11)
+    test_docs = {r["doc_id"]: r for r in rows if r["split"] == "test"}
+    mark = tok(TRAIN_MARK, add_special_tokens=False)["input_ids"]
+    for ctx, prompts in got.items():
+        assert len(prompts) == 5
+        assert len({p.work_id for p in prompts}) == 3          # spread over the eligible test works
+        for p in prompts:
+            assert p.split == "test" and p.doc_id in test_docs and p.work_id.startswith("test/")
+            assert len(p.token_ids) == ctx
+            full = tok(test_docs[p.doc_id]["text"], add_special_tokens=False)["input_ids"]
+            assert full[p.start_token:p.start_token + ctx] == p.token_ids
+            assert "Zebra" not in tok.decode(p.token_ids) and p.token_ids[:len(mark)] != mark
+    # deterministic for a seed, different for another
+    again = select_prompts(table, tok, [64], n=5, seed=11)[64]
+    assert [(p.doc_id, p.start_token) for p in again] == [(p.doc_id, p.start_token) for p in got[64]]
+    other = select_prompts(table, tok, [64], n=5, seed=12)[64]
+    assert [(p.doc_id, p.start_token) for p in other] != [(p.doc_id, p.start_token) for p in got[64]]
+    # a work present in both splits would leak a training book: refused
+    leak = rows + [{**rows[0], "doc_id": "leak", "split": "train"}]
+    with pytest.raises(HeldOutError, match="both the train and the test split"):
+        select_prompts(pa.Table.from_pylist(leak), tok, [64], n=1, seed=0)
+    # no test split at all
+    with pytest.raises(HeldOutError, match="split == 'test'"):
+        select_prompts(pa.Table.from_pylist([r for r in rows if r["split"] == "train"]), tok, [64], n=1, seed=0)
+    # a context longer than every held-out book: a clear error naming it
+    with pytest.raises(ValueError, match="no held-out document has 100000 tokens"):
+        select_prompts(table, tok, [100000], n=1, seed=0)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    from bd_ray.eval_config import ConfigError, load_eval_config
+
+    with pytest.raises(ConfigError, match=r"matrix.budgets: budget 16 is below the minimum 72"):
+        load_eval_config(REPO / "jobs/configs/eval_smoke.yaml", ["matrix.budgets=[16,full]"])
+    with pytest.raises(ConfigError, match=r"matrix.gamas: unknown key"):
+        load_eval_config(None, ["matrix.gamas=[2]"])
+    with pytest.raises(ConfigError, match=r"report.alpha_gamma=3 is not one of matrix.gammas"):
+        load_eval_config(None, ["report.alpha_gamma=3"])
+    with pytest.raises(ConfigError, match=r"matrix.budgets"):
+        load_eval_config(None, ["matrix.budgets=[0]"])
+    for name in ("eval_smoke.yaml", "eval_reference.yaml"):
+        cfg = load_eval_config(REPO / "jobs/configs" / name)
+        assert cfg.matrix.contexts and cfg.matrix.budgets[-1] == "full"
+    ref = load_eval_config(REPO / "jobs/configs/eval_reference.yaml")
+    assert ref.matrix.contexts == [2048, 4096] and ref.matrix.budgets == [128, 256, 512, "full"]
+    assert ref.matrix.gammas == [2, 4, 6, 8] and ref.data.prompts_per_context >= 5 and ref.matrix.max_new_tokens == 128
