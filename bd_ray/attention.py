@@ -128,6 +128,12 @@ def bd_ray_sparse_attention_forward(
     b, qh, q_len, d = query.shape
     if value.dtype != query.dtype or key.dtype != query.dtype:
         key, value = key.to(query.dtype), value.to(query.dtype)
+    if q_len == 1 and query.device.type != "cuda" and kwargs.get("bd_ray_kv_lens") is None:
+        # One decode token sees every cached entry: no mask, so torch's fused CPU kernel (GQA
+        # without copying K/V) is the fastest choice; blocks of γ+1 take the grouped-matmul path
+        # below, which avoids the K/V head repeat that transformers' masked sdpa path pays.
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2), None
     out = torch.empty(b, q_len, qh, d, dtype=query.dtype, device=query.device)
     sparse_attention(query, key, value, scale=scaling, kv_lens=kwargs.get("bd_ray_kv_lens"), out=out.transpose(1, 2))
     return out, None

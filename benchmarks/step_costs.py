@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from transformers import DynamicCache
 
+    import bd_ray.attention  # noqa: F401  registers "bd_ray_sparse"
     from bd_ray import kvcache, models
     from bd_ray.config import SparsePolicyConfig
 
@@ -67,7 +68,9 @@ def main(argv=None) -> int:
                 dcaches[(n, "full")] = kvcache.clone_cache(dpre.cache)
                 dcaches[(n, args.budget)] = kvcache.compact_cache(dpre.cache, args.budget, policy)
 
-        def step(model, cache, n_tokens):
+        def step(model, cache, n_tokens, attn="sdpa"):
+            if model.config._attn_implementation != attn:
+                model.set_attn_implementation(attn)
             base = kvcache.cache_len(cache) if hasattr(cache, "kept_len") else cache.get_seq_length()
             kvcache.forward_with_cache(model, cache, block[:, :n_tokens], start_position=ctx)
             if hasattr(cache, "kept_len"):
@@ -78,11 +81,14 @@ def main(argv=None) -> int:
         cases = {
             "T_v(1) buffered": lambda: step(verifier, buffered, 1),
             f"T_v({args.gamma + 1}) buffered": lambda: step(verifier, buffered, args.gamma + 1),
+            "T_v(1) bd_ray_sparse": lambda: step(verifier, buffered, 1, "bd_ray_sparse"),
+            f"T_v({args.gamma + 1}) bd_ray_sparse": lambda: step(verifier, buffered, args.gamma + 1, "bd_ray_sparse"),
             "T_v(1) concat": lambda: step(verifier, concat, 1),
             f"T_v({args.gamma + 1}) concat": lambda: step(verifier, concat, args.gamma + 1),
         }
         for (n, b), c in dcaches.items():
             cases[f"T_d {n}L B={b}"] = (lambda d=drafters[n], c=c: step(d, c, 1))
+            cases[f"T_d {n}L B={b} bd_ray_sparse"] = (lambda d=drafters[n], c=c: step(d, c, 1, "bd_ray_sparse"))
         times: dict[str, list[float]] = {k: [] for k in cases}
         with torch.inference_mode():
             for f in cases.values():
@@ -98,6 +104,9 @@ def main(argv=None) -> int:
         print(f"{'step':<24}{'median ms':>10}{'/ T_v(1)':>10}")
         for k, v in med.items():
             print(f"{k:<24}{v * 1e3:>10.1f}{v / tv1:>10.3f}")
+        sp = med["T_v(1) bd_ray_sparse"]
+        print(f"bd_ray_sparse attention: T_v(1) {sp / tv1:.2f}x of sdpa, T_v({args.gamma + 1})/T_v(1) "
+              f"{med[f'T_v({args.gamma + 1}) bd_ray_sparse'] / sp:.2f}")
         print(f"verify ratio T_v({args.gamma + 1})/T_v(1): buffered "
               f"{med[f'T_v({args.gamma + 1}) buffered'] / tv1:.2f}, concat "
               f"{med[f'T_v({args.gamma + 1}) concat'] / med['T_v(1) concat']:.2f}; "

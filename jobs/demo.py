@@ -1,67 +1,63 @@
-"""The README demo (``make demo``): the main job on the embedded default, step by step.
+"""The README demo (``make demo``): the main job on the embedded default, end to end.
 
-Steps (each prints progress; the whole run fits a 2-core machine):
+Steps, each a job of its own (the same commands a cluster user submits with ``ray job submit``):
+
 1. assets: the SmolLM2 verifier and the pg-mini books (``jobs/prepare_data.py``, cached);
-2. speculative vs plain decoding on a held-out book prompt with the untrained drafter (the
-   verifier's first 4 layers), greedy, at a few KV budgets: α, τ, tokens/s, lossless check.
+2. offline teacher targets for a few 1K windows (``jobs/teacher_targets.py``, Ray Data);
+3. a brief BudgetDraft run and a brief naive (L_A only) run from those targets
+   (``jobs/train_drafter.py``, Ray Train + DeepSpeed);
+4. evaluation of both plus the untrained init on held-out books at budgets {128, full}
+   (``jobs/evaluate.py``): α, τ, speedup, a lossless check; table and plots under results/demo.
 
-Usage: ``python jobs/demo.py [--context 2048] [--new-tokens 64]``
+Finished steps are skipped on a rerun (delete ``runs/demo`` to start over). Brief means brief:
+a few dozen optimizer steps on a 2-core CPU; the reference run (results/reference_2k) and the
+paper train far longer.
+
+Usage: ``python jobs/demo.py``
 """
 
 from __future__ import annotations
 
-import argparse
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = ROOT / "jobs" / "configs" / "demo"
+STEPS = [
+    ("embedded assets (verifier + books)", ["jobs/prepare_data.py"], None),
+    ("offline teacher targets", ["jobs/teacher_targets.py", "--config", str(CFG / "targets.yaml")],
+     ROOT / "runs" / "demo" / "targets"),
+    ("train BudgetDraft drafter", ["jobs/train_drafter.py", "--config", str(CFG / "budgetdraft.yaml")],
+     ROOT / "runs" / "demo" / "budgetdraft" / "final"),
+    ("train naive drafter (L_A only)", ["jobs/train_drafter.py", "--config", str(CFG / "naive.yaml")],
+     ROOT / "runs" / "demo" / "naive" / "final"),
+    ("evaluate: BudgetDraft vs naive vs untrained",
+     ["jobs/evaluate.py", "--config", str(CFG / "eval.yaml"), "--output", "results/demo"], None),
+]
 
 
-def _held_out_prompt(tok, context: int) -> list[int]:
-    from bd_ray import assets
-
-    rows = assets.load_corpus_table(assets.ensure_corpus("pg-mini")).to_pylist()
-    doc = max((r for r in rows if r["split"] == "test"), key=lambda r: len(r["text"]))
-    text = doc["text"]
-    ids = tok(text[len(text) // 2: len(text) // 2 + 6 * context], add_special_tokens=False)["input_ids"]
-    print(f"  prompt: {context} tokens from held-out work {doc['title']!r} ({doc['author']})")
-    return ids[:context]
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--new-tokens", type=int, default=64)
-    args = p.parse_args(argv)
-
-    from bd_ray import models
-    from bd_ray.config import SamplingConfig, SpecConfig
-    from bd_ray.spec.engine import ARGenerator, SpeculativeGenerator
-
+def main() -> int:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
-    print("[1/2] embedded assets")
-    verifier, tok = models.load_verifier("smollm2-135m")
-    drafter = models.init_drafter_from_verifier(verifier, 4)
-    prompt = _held_out_prompt(tok, args.context)
-
-    print("[2/2] speculative vs plain decoding (greedy, untrained 4-layer drafter)")
-    sampling = SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens)
-    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(gamma=4))
-    pre = sd.prefill(prompt)
-    ar = ARGenerator(verifier, tok).generate(prompt, sampling, prefilled=pre.verifier)
-    print(f"  AR: {ar.tokens_per_s:.1f} tok/s")
-    print(f"  {'budget':>8} {'gamma':>5} {'alpha':>6} {'tau':>5} {'tok/s':>7} {'speedup':>7} lossless")
-    ok = True
-    for budget in (128, 256, None):
-        res = sd.generate(prompt, sampling, budget=budget, prefilled=pre)
-        same = res.token_ids == ar.token_ids
-        ok &= same
-        print(f"  {str(budget or 'full'):>8} {4:>5} {res.metrics.acceptance_rate:>6.3f} "
-              f"{res.metrics.mean_accepted_length:>5.2f} {res.tokens_per_s:>7.1f} "
-              f"{res.tokens_per_s / ar.tokens_per_s:>6.2f}x {'yes' if same else 'NO'}")
-    print(f"  text: {ar.text[:200]!r}")
-    print(f"done in {time.time() - t0:.0f} s")
-    if not ok:
-        print("ERROR: speculative output differs from plain greedy decoding", file=sys.stderr)
-        return 1
+    for i, (title, cmd, done_marker) in enumerate(STEPS, 1):
+        print(f"\n=== [{i}/{len(STEPS)}] {title}  (elapsed {time.time() - t0:.0f} s)", flush=True)
+        if done_marker is not None and done_marker.exists():
+            print(f"    already done: {done_marker.relative_to(ROOT)}")
+            continue
+        print(f"    $ python {' '.join(cmd)}", flush=True)
+        rc = subprocess.call([sys.executable, *cmd], cwd=ROOT, env=env)
+        if rc != 0:
+            print(f"demo: step {i} ({title}) failed with exit code {rc}", file=sys.stderr)
+            return rc
+    out = ROOT / "results" / "demo"
+    print(f"\n=== demo finished in {time.time() - t0:.0f} s")
+    print(f"table: {out / 'results.md'}")
+    for png in sorted(out.glob("*.png")):
+        print(f"plot:  {png}")
     return 0
 
 
