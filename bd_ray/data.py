@@ -276,7 +276,7 @@ class TokenizeWindows:
         stats: a :class:`DataStats` actor handle (or None) that receives each document's outcome.
 
     Output batch: ``input_ids`` int32 ``[n, window]``, ``doc_id`` object ``[n]``, ``start`` int64
-    ``[n]`` (token offset of the window in its document).
+    ``[n]`` (token offset of the window in its document), ``split`` object ``[n]``.
     """
 
     def __init__(self, tokenizer_path: str, window: int, stride: int | None = None,
@@ -290,7 +290,7 @@ class TokenizeWindows:
         self.stats = stats
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids_out, doc_out, start_out, records = [], [], [], []
+        ids_out, doc_out, start_out, split_out, records = [], [], [], [], []
         for text, doc_id, split, bad in zip(batch["text"], batch["doc_id"], batch["split"], batch["malformed"]):
             doc_id, split = str(doc_id), str(split)
             if bad:
@@ -305,6 +305,7 @@ class TokenizeWindows:
                 ids_out.append(w)
                 doc_out.append(doc_id)
                 start_out.append(start)
+                split_out.append(split)
         if self.stats is not None and records:
             if hasattr(self.stats, "record") and hasattr(self.stats.record, "remote"):
                 self.stats.record.remote(records)
@@ -314,6 +315,7 @@ class TokenizeWindows:
             "input_ids": np.stack(ids_out) if ids_out else np.zeros((0, self.window), np.int32),
             "doc_id": np.array(doc_out, dtype=object),
             "start": np.array(start_out, dtype=np.int64),
+            "split": np.array(split_out, dtype=object),
         }
 
 
@@ -323,14 +325,15 @@ def _stats_actor():
     return ray.remote(num_cpus=0)(DataStats).remote()
 
 
-def build_window_dataset(cfg: DataConfig, tokenizer_path: str, split: str | None = None, stats=None,
+def build_window_dataset(cfg: DataConfig, tokenizer_path: str, split: str | list[str] | None = None, stats=None,
                          shuffle: bool = True, max_windows_per_doc: int | None = None):
     """Lazy Ray Dataset of windows of one split (default ``cfg.train_split``).
 
     Args:
         cfg: data config (source, window lengths, actor pool, shuffle seed).
         tokenizer_path: the verifier's tokenizer directory.
-        split: which split to keep (documents of other splits never enter).
+        split: which split to keep (documents of other splits never enter); a list keeps several
+            (rows carry their ``split``).
         stats: :class:`DataStats` actor handle receiving per-document outcomes (None = a new one;
             read it back with ``ray.get(stats.summary.remote())`` after consuming the dataset).
         shuffle: seeded ``random_shuffle`` of the windows (``cfg.shuffle_seed``).
@@ -340,10 +343,10 @@ def build_window_dataset(cfg: DataConfig, tokenizer_path: str, split: str | None
     """
     import ray.data
 
-    split = split or cfg.train_split
+    keep = set([split] if isinstance(split, str) else (split or [cfg.train_split]))
     stats = stats if stats is not None else _stats_actor()
     docs = read_documents(cfg)
-    docs = docs.filter(lambda r: r["split"] == split or (r["malformed"] != "" and r["split"] == "?"),
+    docs = docs.filter(lambda r: r["split"] in keep or (r["malformed"] != "" and r["split"] == "?"),
                        num_cpus=0.25)
     wins = docs.map_batches(
         TokenizeWindows,
@@ -404,8 +407,9 @@ def iter_rows(shard, skip: int = 0, epochs: int | None = None) -> Iterator[dict]
 
 
 def offline_window_dataset(path: str, shuffle_seed: int | None = 42):
-    """Windows with precomputed teacher targets (``jobs/teacher_targets.py`` parquet): rows
-    ``{input_ids, argmax, topk_ids, topk_logprobs, doc_id, start}``."""
+    """Windows with precomputed teacher targets (the ``train/`` shards of a ``jobs/teacher_targets.py``
+    output, bd_ray/teacher_targets.py): rows ``{input_ids, argmax, [topk_ids, topk_logprobs,] doc_id,
+    start}``, shuffled with ``shuffle_seed`` (None = file order)."""
     import ray.data
 
     ds = ray.data.read_parquet(path, file_extensions=["parquet"])

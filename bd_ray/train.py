@@ -353,6 +353,8 @@ class LoopContext:
         eval_windows: held-out windows (the same on every rank).
         report: ``(metrics, checkpoint_dir | None) -> None``; called by every rank at the same steps.
         restore_dir: a checkpoint directory to resume from, or None.
+        eval_targets: precomputed teacher argmax ``int[T]`` per held-out window (offline mode);
+            None = computed here with the teacher.
         out_dir: where rank 0 writes metrics.json, the plot and the final export.
         tokenizer_path: copied next to exported weights (None = skip).
     """
@@ -367,6 +369,7 @@ class LoopContext:
     tokenizer_path: str | None = None
     log: Callable[[str], None] = print
     extra: dict = field(default_factory=dict)
+    eval_targets: list | None = None
 
 
 def _all_true(flag: bool, world: int) -> bool:
@@ -434,7 +437,14 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
 
     # Teacher targets of the held-out windows: computed once (collective when the teacher is sharded).
     eval_targets = []
-    if ctx.eval_windows:
+    if ctx.eval_windows and ctx.eval_targets is not None:
+        if len(ctx.eval_targets) != len(ctx.eval_windows):
+            raise ValueError(f"{len(ctx.eval_targets)} held-out targets for {len(ctx.eval_windows)} windows")
+        eval_targets = [TeacherTargets(argmax=torch.tensor(np.array(a, dtype=np.int64)).view(-1))
+                        for a in ctx.eval_targets]
+    elif ctx.eval_windows:
+        if teacher is None:
+            raise ValueError("held-out windows without teacher targets and no teacher to compute them")
         for w in ctx.eval_windows:
             eval_targets.append(compute_teacher_targets(teacher, torch.tensor(np.array(w)), P, 0, L.prefill_chunk,
                                                         cfg.teacher.continuation_chunk))
@@ -482,7 +492,16 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
                                      f"continuation_len = {P + T}")
                 t0 = time.time()
                 targets = _row_targets(row)
+                if targets is not None and targets.length != T:
+                    raise ValueError(f"offline targets hold {targets.length} positions, config says "
+                                     f"continuation_len = {T}")
+                if targets is not None and need_topk and targets.topk_ids is None:
+                    raise ValueError(f"loss.target={L.target} needs top-k teacher log-probs; the offline "
+                                     "targets hold argmax only (rerun jobs/teacher_targets.py with top_k > 0)")
                 if targets is None:
+                    if teacher is None:
+                        raise ValueError("window row without teacher targets (no 'argmax' column) and no "
+                                         "teacher: teacher.mode=offline needs jobs/teacher_targets.py output")
                     targets = compute_teacher_targets(
                         teacher, ids, P, need_topk, L.prefill_chunk, cfg.teacher.continuation_chunk,
                         sparse_budgets=budgets if L.lb_weight > 0 else (), policy=L.policy)
@@ -644,9 +663,16 @@ def train_loop_per_worker(config: dict) -> None:
         deepspeed.init_distributed("gloo")
     teacher_model, drafter = load_models(cfg, config["verifier_path"])
     engine = build_drafter_engine(cfg, drafter, distributed)
-    teacher, _teacher_engine = build_teacher(cfg, teacher_model, distributed)
-    extra: dict[str, Any] = {"world_size": world, "data_stats": config.get("data_stats")}
-    if cfg.run.check_teacher_dense:
+    eval_targets = config.get("eval_targets")
+    offline = cfg.teacher.mode == "offline" and (eval_targets is not None or not config["eval_windows"])
+    if offline:  # every target is precomputed: no teacher in the workers (memory, no ZeRO-3 collectives)
+        teacher, _teacher_engine = None, None
+        del teacher_model
+    else:
+        teacher, _teacher_engine = build_teacher(cfg, teacher_model, distributed)
+    extra: dict[str, Any] = {"world_size": world, "data_stats": config.get("data_stats"),
+                             "teacher_mode": cfg.teacher.mode}
+    if cfg.run.check_teacher_dense and teacher is not None:
         w = config["eval_windows"][0] if config["eval_windows"] else np.arange(cfg.data.window_len) % 7
         extra["teacher_dense_max_abs_diff"] = _teacher_dense_check(teacher, config["verifier_path"], w,
                                                                    cfg.data.prefix_len)
@@ -665,7 +691,8 @@ def train_loop_per_worker(config: dict) -> None:
     def run(restore_dir):
         ctx = LoopContext(rank=rank, world=world, windows=lambda skip: iter_rows(shard, skip=skip),
                           eval_windows=list(config["eval_windows"]), report=report, restore_dir=restore_dir,
-                          out_dir=config["out_dir"], tokenizer_path=config["verifier_path"], extra=extra)
+                          out_dir=config["out_dir"], tokenizer_path=config["verifier_path"], extra=extra,
+                          eval_targets=eval_targets)
         return train_loop(cfg, ctx, teacher, engine)
 
     if ckpt is not None:
@@ -716,7 +743,7 @@ def _latest_local_checkpoint(root: str) -> str | None:
 def run_local(cfg: TrainJobConfig, windows: Iterable[dict] | Callable[[int], Iterator[dict]],
               teacher: torch.nn.Module, drafter: torch.nn.Module, eval_windows: list[np.ndarray] | None = None,
               out_dir: str | None = None, tokenizer_path: str | None = None, resume: bool | None = None,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, eval_targets: list | None = None) -> dict:
     """Single process, no Ray, no DeepSpeed: the same :func:`train_loop` with :class:`LocalEngine`.
 
     Checkpoints go to ``out_dir/checkpoints/step_XXXXXXX`` (the newest ``run.keep_checkpoints``);
@@ -727,7 +754,8 @@ def run_local(cfg: TrainJobConfig, windows: Iterable[dict] | Callable[[int], Ite
     ck_root = os.path.join(out_dir, "checkpoints")
     resume = cfg.run.resume if resume is None else resume
     engine = build_drafter_engine(cfg, drafter, distributed=False)
-    teacher, _ = build_teacher(cfg, teacher, distributed=False)
+    if teacher is not None:  # None: offline rows (with an ``argmax`` column) and eval_targets
+        teacher, _ = build_teacher(cfg, teacher, distributed=False)
 
     if callable(windows):
         make = windows
@@ -757,7 +785,7 @@ def run_local(cfg: TrainJobConfig, windows: Iterable[dict] | Callable[[int], Ite
 
     ctx = LoopContext(rank=0, world=1, windows=make, eval_windows=list(eval_windows or []), report=report,
                       restore_dir=_latest_local_checkpoint(ck_root) if resume else None, out_dir=out_dir,
-                      tokenizer_path=tokenizer_path, log=log)
+                      tokenizer_path=tokenizer_path, log=log, eval_targets=eval_targets)
     summary = train_loop(cfg, ctx, teacher, engine)
     summary["engine"] = engine
     return summary
@@ -769,6 +797,9 @@ def _ensure_ray(cfg: TrainJobConfig):
     if ray.is_initialized():
         return
     env = {"env_vars": {"OMP_NUM_THREADS": str(cfg.run.threads_per_worker), "TOKENIZERS_PARALLELISM": "false"}}
+    if cfg.run.ray_address == "local":  # always a new private cluster (never join another job's)
+        ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, runtime_env=env)
+        return
     if cfg.run.ray_address:
         ray.init(address=cfg.run.ray_address, runtime_env=env)
         return
@@ -805,12 +836,25 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
     os.makedirs(out_dir, exist_ok=True)
     verifier_path = str(models.resolve_model_path(cfg.models.verifier))
     t0 = time.time()
+    eval_targets = None
     if cfg.teacher.mode == "offline":
-        train_ds, stats = offline_window_dataset(cfg.teacher.targets_path, shuffle_seed=cfg.data.shuffle_seed), None
+        from bd_ray.teacher_targets import read_manifest, read_target_rows
+
+        man = read_manifest(cfg.teacher.targets_path)
+        if (man["prefix_len"], man["continuation_len"]) != (cfg.data.prefix_len, cfg.data.continuation_len):
+            raise ValueError(f"offline targets at {cfg.teacher.targets_path} are for windows of "
+                             f"{man['prefix_len']} + {man['continuation_len']} tokens, config says "
+                             f"{cfg.data.prefix_len} + {cfg.data.continuation_len}")
+        train_ds, stats = offline_window_dataset(os.path.join(cfg.teacher.targets_path, "train"),
+                                                 shuffle_seed=cfg.data.shuffle_seed), None
     else:
         train_ds, stats = build_window_dataset(cfg.data, verifier_path)
     if eval_windows_override is not None:
         evals = [np.asarray(w, dtype=np.int64) for w in eval_windows_override]
+    elif cfg.teacher.mode == "offline" and man.get("eval_windows"):
+        rows = read_target_rows(cfg.teacher.targets_path, "eval", limit=cfg.data.eval_windows)
+        evals = [r["input_ids"].astype(np.int64) for r in rows]
+        eval_targets = [r["argmax"].astype(np.int64) for r in rows]
     else:
         evals = eval_windows(cfg.data, verifier_path, stats=stats) if cfg.data.eval_windows else []
     log(f"[bd-ray] {len(evals)} held-out windows ({time.time() - t0:.1f}s); workers: {cfg.run.num_workers}")
@@ -818,7 +862,7 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json", by_alias=True), "verifier_path": verifier_path,
-                           "eval_windows": evals, "out_dir": out_dir},
+                           "eval_windows": evals, "eval_targets": eval_targets, "out_dir": out_dir},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                                resources_per_worker={"CPU": cfg.run.cpus_per_worker}),

@@ -190,7 +190,8 @@ class RunConfig(StrictModel):
 
     name: str = "budgetdraft"
     output_dir: str = "runs"
-    ray_address: str | None = Field(None, description="null = connect to a running cluster if any, else start one")
+    ray_address: str | None = Field(None, description="null = connect to a running cluster if any, else start "
+                                    "one; 'local' = always start a private one (ray_num_cpus logical CPUs)")
     ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs when starting a local cluster")
     num_workers: int = Field(1, ge=1, le=4096)
     use_gpu: bool = False
@@ -222,8 +223,9 @@ class TrainJobConfig(StrictModel):
     def _consistent(self) -> "TrainJobConfig":
         if self.loss.fixed_budget is not None and self.loss.full_cache_only:
             raise ValueError("loss.fixed_budget and loss.full_cache_only are exclusive ablations")
-        if self.loss.target != "hard" and self.teacher.mode == "offline" and self.loss.top_k < 1:
-            raise ValueError("loss.top_k must be >= 1 for soft targets")
+        if self.teacher.mode == "offline" and self.loss.lb_weight > 0:
+            raise ValueError("loss.lb_weight > 0 (L_B) needs the teacher's sparse-cache top-k at the sampled "
+                             "budget, which offline targets do not hold: use teacher.mode=online")
         return self
 
 
@@ -234,12 +236,20 @@ class TeacherTargetsJobConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(mode="offline", targets_path="runs/targets"))
     top_k: int = Field(0, ge=0, le=4096, description="top-k log-probs stored per position; 0 = argmax only")
-    prefill_chunk: int = Field(512, ge=1)
-    num_actors: int = Field(1, ge=1)
-    actor_num_cpus: float = Field(1.0, gt=0.0)
-    ray_num_cpus: int | None = Field(None, ge=1)
+    prefill_chunk: int = Field(512, ge=1, description="prefix tokens per no-grad teacher forward")
+    num_actors: int = Field(1, ge=1, description="teacher actors (each holds one dense teacher)")
+    actor_num_cpus: float = Field(1.0, gt=0.0, description="logical CPUs per teacher actor")
+    threads_per_actor: int = Field(1, ge=1, le=256, description="torch intra-op threads per teacher actor")
+    ray_num_cpus: int | None = Field(4, ge=1, description="logical CPUs when starting a local cluster "
+                                     "(more than the cores: the read/tokenize tasks need a free one)")
     ray_address: str | None = None
-    max_windows: int | None = Field(None, ge=1)
+    max_windows: int | None = Field(None, ge=1, description="train windows to label (after the seeded shuffle); null = all")
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "TeacherTargetsJobConfig":
+        if not self.teacher.targets_path:
+            raise ValueError("teacher.targets_path (the output directory) is required")
+        return self
 
 
 def load_train_config(path: str | Path | None = None, overrides: Sequence[str] | None = None,

@@ -51,3 +51,32 @@ def tiny_llama(vocab_size: int = 320, layers: int = 2, seed: int = 0, max_positi
                       attn_implementation="sdpa")
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
+
+
+def write_tiny_world(root, window: int = 112):
+    """A tiny verifier dir (weights + tokenizer) at ``root/verifier`` and a pg-mini-shaped parquet
+    corpus at ``root/corpus.parquet``: 4 train books, 1 held-out book, 1 too-short and 1 empty
+    train document. Returns ``(tokenizer, held-out windows of `window` tokens)``."""
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), layers=2, seed=1)
+    (root / "verifier").mkdir(parents=True)
+    model.save_pretrained(root / "verifier")
+    tok.save_pretrained(root / "verifier")
+    words = TINY_TEXT.split()
+    g = np.random.default_rng(0)
+    docs = [dict(doc_id=f"book{i}", title=f"b{i}", author="a", source="s", license="pd", split="train",
+                 text=" ".join(words[j % len(words)] for j in range(int(g.integers(0, 50)), 1200)))
+            for i in range(4)]
+    docs += [dict(doc_id="held", title="h", author="a", source="s", license="pd", split="test", text=TINY_TEXT * 2),
+             dict(doc_id="short", title="s", author="a", source="s", license="pd", split="train", text="Call me Ishmael."),
+             dict(doc_id="empty", title="e", author="a", source="s", license="pd", split="train", text="")]
+    pq.write_table(pa.Table.from_pylist(docs), root / "corpus.parquet")
+    held = np.array(tok(TINY_TEXT * 2)["input_ids"])
+    return tok, [held[i * window:(i + 1) * window] for i in range(4)]

@@ -28,7 +28,7 @@ from bd_ray.models import init_drafter_from_verifier
 import bd_ray.train as bd_train
 from bd_ray.train import lr_factor, run_local
 from bd_ray.train_config import ConfigError, TrainJobConfig, load_train_config
-from _tiny import TINY_TEXT, tiny_llama, tiny_tokenizer
+from _tiny import TINY_TEXT, tiny_llama, tiny_tokenizer, write_tiny_world
 
 torch.set_num_threads(1)
 GOLDEN = Path(__file__).parent / "golden" / "budgetdraft_tiny_20steps.json"
@@ -172,29 +172,6 @@ def test_paper_configs_load():
 # ------------------------------------------------------------------------------------------
 
 
-def _write_tiny_world(root: Path):
-    """A tiny verifier dir (weights + tokenizer) and a pg-mini-shaped parquet corpus."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tok = tiny_tokenizer()
-    model = tiny_llama(vocab_size=len(tok), layers=2, seed=1)
-    (root / "verifier").mkdir(parents=True)
-    model.save_pretrained(root / "verifier")
-    tok.save_pretrained(root / "verifier")
-    words = TINY_TEXT.split()
-    g = np.random.default_rng(0)
-    docs = [dict(doc_id=f"book{i}", title=f"b{i}", author="a", source="s", license="pd", split="train",
-                 text=" ".join(words[j % len(words)] for j in range(int(g.integers(0, 50)), 1200)))
-            for i in range(4)]
-    docs += [dict(doc_id="held", title="h", author="a", source="s", license="pd", split="test", text=TINY_TEXT * 2),
-             dict(doc_id="short", title="s", author="a", source="s", license="pd", split="train", text="Call me Ishmael."),
-             dict(doc_id="empty", title="e", author="a", source="s", license="pd", split="train", text="")]
-    pq.write_table(pa.Table.from_pylist(docs), root / "corpus.parquet")
-    held = np.array(tok(TINY_TEXT * 2)["input_ids"])
-    return tok, [held[i * 112:(i + 1) * 112] for i in range(4)]
-
-
 @pytest.fixture
 def ray_cluster():
     import ray
@@ -211,7 +188,7 @@ def test_ray_deepspeed_two_workers(tmp_path, ray_cluster):
 
     from bd_ray.train import run_ray
 
-    tok, evals = _write_tiny_world(tmp_path)
+    tok, evals = write_tiny_world(tmp_path, P + T)
     cfg = TrainJobConfig.model_validate({
         "models": {"verifier": str(tmp_path / "verifier"), "drafter_layers": 1},
         "data": {"source": str(tmp_path / "corpus.parquet"), "prefix_len": P, "continuation_len": T},
@@ -219,8 +196,9 @@ def test_ray_deepspeed_two_workers(tmp_path, ray_cluster):
                  "logits_chunk": 8, "prefill_chunk": 32},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "max_steps": 20},
         "deepspeed": {"zero_stage": 2, "teacher_shard": "zero3", "teacher_persistence_threshold": 0},
-        "run": {"name": "t", "output_dir": str(tmp_path / "runs"), "num_workers": 2, "eval_every": 10,
-                "checkpoint_every": 10, "check_teacher_dense": True, "log_every": 5},
+        # one eval + one checkpoint at the end (plus the step-0 eval): each costs both workers seconds
+        "run": {"name": "t", "output_dir": str(tmp_path / "runs"), "num_workers": 2, "eval_every": 20,
+                "checkpoint_every": 20, "check_teacher_dense": True, "log_every": 5},
     })
     s = run_ray(cfg, eval_windows_override=evals)
     m = json.loads((Path(s["out_dir"]) / "metrics.json").read_text())

@@ -1,0 +1,238 @@
+"""Offline teacher targets: run the frozen teacher once over the windows, write parquet shards.
+
+Source: issue 5 (offline teacher mode) and ../shared/DESIGN.md section 2 (teacher targets).
+
+A Ray Data batch-inference job::
+
+    windows (bd_ray.data.build_window_dataset: train split, seeded shuffle, first max_windows)
+      -> map_batches(TeacherPredictor, actor pool; each actor holds one frozen teacher)
+      -> write_parquet(<out>.tmp-*/train)
+    held-out windows (eval split, <= 2 per document, first data.eval_windows) -> same -> <tmp>/eval
+    manifest.json (config, counts, timings) -> os.rename(<tmp>, <out>)
+
+The rename is the commit point: ``<out>`` exists only once every shard and the manifest are
+written, so a killed job leaves a ``.tmp-*`` directory and never a half-written ``<out>``;
+:func:`read_manifest` (used by training) also refuses a directory without the manifest.
+
+Each row: ``input_ids`` int32 ``[P+T]``, ``doc_id``, ``start``, ``argmax`` int32 ``[T]`` (the
+teacher's full-cache greedy token at each continuation position) and, with ``top_k > 0``,
+``topk_ids`` int32 ``[T*k]`` / ``topk_logprobs`` float32 ``[T*k]`` (row-major ``[T, k]``). The
+targets are computed by the same :func:`bd_ray.train.compute_teacher_targets` as online mode
+(chunked no-grad prefill of the prefix, then the continuation in chunks), so both modes give the
+same targets (tests/test_teacher_targets.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+
+from bd_ray.train_config import TeacherTargetsJobConfig
+
+__all__ = ["TeacherPredictor", "MANIFEST", "read_manifest", "read_target_rows", "write_teacher_targets"]
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class TeacherPredictor:
+    """``map_batches`` callable class: one frozen teacher per actor, window rows -> rows + targets.
+
+    Args:
+        verifier_path: the verifier checkpoint (= teacher).
+        prefix_len: ``P``; windows are ``P + T`` tokens.
+        top_k: store the top-k log-probs too (0 = argmax only).
+        prefill_chunk, cont_chunk: as :func:`bd_ray.train.compute_teacher_targets`.
+        threads: torch intra-op threads of this actor.
+    """
+
+    def __init__(self, verifier_path: str, prefix_len: int, top_k: int = 0, prefill_chunk: int = 512,
+                 cont_chunk: int = 64, threads: int = 1):
+        import torch
+
+        from bd_ray.models import load_verifier
+
+        torch.set_num_threads(threads)
+        self.model, _ = load_verifier(verifier_path, dtype=torch.float32)
+        self.model.requires_grad_(False).eval()
+        self.P, self.top_k = int(prefix_len), int(top_k)
+        self.prefill_chunk, self.cont_chunk = int(prefill_chunk), int(cont_chunk)
+        self.done = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from bd_ray.train import compute_teacher_targets
+
+        am, ti, tl = [], [], []
+        for w in batch["input_ids"]:
+            t0 = time.time()
+            t = compute_teacher_targets(self.model, torch.as_tensor(np.asarray(w, dtype=np.int64)), self.P,
+                                        self.top_k, self.prefill_chunk, self.cont_chunk)
+            self.done += 1
+            print(f"[bd-ray] teacher window {self.done}: {len(w)} tokens in {time.time() - t0:.1f}s", flush=True)
+            am.append(t.argmax.numpy().astype(np.int32))
+            if self.top_k:
+                ti.append(t.topk_ids.numpy().astype(np.int32).reshape(-1))
+                tl.append(t.topk_logprobs.numpy().astype(np.float32).reshape(-1))
+        out = dict(batch)
+        out["input_ids"] = np.stack([np.asarray(w, dtype=np.int32) for w in batch["input_ids"]])
+        out["argmax"] = np.stack(am)
+        if self.top_k:
+            out["topk_ids"], out["topk_logprobs"] = np.stack(ti), np.stack(tl)
+        return out
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest of a finished targets directory.
+
+    Raises:
+        FileNotFoundError: ``path`` is missing or has no manifest (an unfinished or foreign directory).
+    """
+    m = os.path.join(path, MANIFEST)
+    if not os.path.exists(m):
+        raise FileNotFoundError(f"teacher.targets_path={path!r} is not a finished jobs/teacher_targets.py output "
+                                f"(no {MANIFEST}); run jobs/teacher_targets.py first")
+    with open(m) as f:
+        return json.load(f)
+
+
+def read_target_rows(path: str, split: str = "eval", limit: int | None = None) -> list[dict]:
+    """Rows of one split of a targets directory as dicts of numpy arrays, in (doc_id, start) order
+    (small splits only: the held-out set). ``[]`` when the split was not written."""
+    import pyarrow.parquet as pq
+
+    read_manifest(path)
+    d = os.path.join(path, split)
+    if not os.path.isdir(d):
+        return []
+    files = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".parquet"))
+    rows: list[dict] = []
+    for f in files:
+        rows += pq.read_table(f).to_pylist()
+    rows.sort(key=lambda r: (str(r.get("doc_id")), int(r.get("start", 0))))
+    rows = rows[:limit] if limit is not None else rows
+    out = []
+    for r in rows:
+        r = dict(r)
+        for c in ("input_ids", "argmax", "topk_ids", "topk_logprobs"):
+            if c in r and r[c] is not None:
+                r[c] = np.asarray(r[c]).reshape(-1)
+        out.append(r)
+    return out
+
+
+def _tag(batch: dict[str, np.ndarray], part: str) -> dict[str, np.ndarray]:
+    batch = dict(batch)
+    batch["part"] = np.array([part] * len(batch["input_ids"]), dtype=object)
+    return batch
+
+
+def _infer(ds, cfg: TeacherTargetsJobConfig, verifier_path: str):
+    import ray.data
+
+    return ds.map_batches(
+        TeacherPredictor,
+        fn_constructor_kwargs={"verifier_path": verifier_path, "prefix_len": cfg.data.prefix_len,
+                               "top_k": cfg.top_k, "prefill_chunk": cfg.prefill_chunk,
+                               "cont_chunk": cfg.teacher.continuation_chunk, "threads": cfg.threads_per_actor},
+        batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_cpus=cfg.actor_num_cpus,
+    )
+
+
+def _count_rows(d: str) -> int:
+    import pyarrow.parquet as pq
+
+    if not os.path.isdir(d):
+        return 0
+    return sum(pq.ParquetFile(os.path.join(d, f)).metadata.num_rows for f in os.listdir(d) if f.endswith(".parquet"))
+
+
+def write_teacher_targets(cfg: TeacherTargetsJobConfig, overwrite: bool = False,
+                          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the teacher over the train windows (and the held-out windows) and commit the parquet
+    output at ``cfg.teacher.targets_path`` atomically. Needs a Ray cluster (``ray.init`` done or
+    startable). Returns the manifest.
+
+    Raises:
+        FileExistsError: the output exists and ``overwrite`` is false.
+        RuntimeError: no training window was produced (corpus too short for the window length).
+    """
+    import ray
+
+    from bd_ray import models
+    from bd_ray.data import build_window_dataset
+
+    out = os.path.abspath(cfg.teacher.targets_path)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to recompute)")
+    if not ray.is_initialized():
+        env = {"env_vars": {"OMP_NUM_THREADS": str(cfg.threads_per_actor), "TOKENIZERS_PARALLELISM": "false"}}
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address, runtime_env=env)
+        else:
+            ray.init(num_cpus=cfg.ray_num_cpus, runtime_env=env)
+    verifier_path = str(models.resolve_model_path(cfg.models.verifier))
+    tmp = f"{out}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    t0 = time.time()
+    try:
+        # One tokenizer pool over both splits (windows of the whole corpus are small: materialised),
+        # then one teacher pool over train (seeded shuffle, first max_windows) + held-out windows
+        # (first eval_windows, at most 2 per document, like bd_ray.data.eval_windows).
+        D = cfg.data
+        wins, stats = build_window_dataset(D, verifier_path, split=[D.train_split, D.eval_split], shuffle=False)
+        wins = wins.materialize()
+        train = wins.filter(lambda r: r["split"] == D.train_split).random_shuffle(seed=D.shuffle_seed)
+        if cfg.max_windows:
+            train = train.limit(cfg.max_windows)
+        two = 2 * (D.stride or D.window_len)
+        held = wins.filter(lambda r: r["split"] == D.eval_split and r["start"] < two)
+        parts = [train.map_batches(_tag, fn_kwargs={"part": "train"}, batch_format="numpy", num_cpus=0.1)]
+        if D.eval_windows:
+            held = held.limit(D.eval_windows)
+            parts.append(held.map_batches(_tag, fn_kwargs={"part": "eval"}, batch_format="numpy", num_cpus=0.1))
+        both = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        # small blocks, so every actor of the pool gets windows (a pool hands out whole blocks)
+        both = both.repartition(min(max(1, (cfg.max_windows or 64) + D.eval_windows), 64 * cfg.num_actors))
+        _infer(both, cfg, verifier_path).write_parquet(os.path.join(tmp, "_parts"), partition_cols=["part"])
+        for part in ("train", "eval"):
+            src = os.path.join(tmp, "_parts", f"part={part}")
+            if os.path.isdir(src):
+                os.rename(src, os.path.join(tmp, part))
+        shutil.rmtree(os.path.join(tmp, "_parts"), ignore_errors=True)
+        n_train, n_eval = _count_rows(os.path.join(tmp, "train")), _count_rows(os.path.join(tmp, "eval"))
+        if n_train == 0:
+            raise RuntimeError("no training window: no train-split document is at least "
+                               f"{D.window_len} tokens long")
+        wall = time.time() - t0
+        manifest = {
+            "format_version": FORMAT_VERSION, "verifier": cfg.models.verifier, "verifier_path": verifier_path,
+            "prefix_len": cfg.data.prefix_len, "continuation_len": cfg.data.continuation_len,
+            "top_k": cfg.top_k, "train_windows": n_train, "eval_windows": n_eval,
+            "wall_s": round(wall, 1), "s_per_window": round(wall / max(1, n_train + n_eval), 2),
+            "data_stats": ray.get(stats.summary.remote()), "config": cfg.model_dump(mode="json", by_alias=True),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        if os.path.exists(out):  # overwrite: move the old one aside first, then commit, then delete
+            old = f"{out}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"[bd-ray] teacher targets committed to {out}: {n_train} train + {n_eval} held-out windows, {wall:.0f}s")
+    return manifest

@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Offline teacher targets: run the frozen teacher once over the training windows (Ray Data batch
+inference, an actor pool holding the teacher) and write parquet shards that training reads with
+``teacher.mode: offline`` (bd_ray/teacher_targets.py describes the layout).
+
+    python jobs/teacher_targets.py --config jobs/configs/pg_mini_2k_targets.yaml [--set max_windows=32]
+    python jobs/train_drafter.py --config jobs/configs/pg_mini_2k.yaml \
+        --set teacher.mode=offline --set teacher.targets_path=runs/targets/pg_mini_2k
+
+The output directory appears only when complete (written under <path>.tmp-*, then renamed);
+an existing output is kept unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ray job working dir
+
+from bd_ray.config import ConfigError  # noqa: E402
+from bd_ray.train_config import TeacherTargetsJobConfig, load_train_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML config (bd_ray.train_config.TeacherTargetsJobConfig)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field, value parsed as YAML (repeatable): --set max_windows=64")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ap.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_train_config(args.config, args.overrides, model=TeacherTargetsJobConfig)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.model_dump(mode="json", by_alias=True), indent=1))
+        return 0
+    from bd_ray.teacher_targets import write_teacher_targets
+
+    try:
+        m = write_teacher_targets(cfg, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in m.items() if k not in ("config",)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The 2K reference run (results/reference_2k/README.md). Run from the repository root:
+#   bash results/reference_2k/run.sh            # (re)run; finished drafters are skipped, others resume
+#   MODE=ray bash results/reference_2k/run.sh   # drafters on Ray Train + DeepSpeed (jobs/train_drafter.py)
+# 1. offline teacher targets (once; skipped when runs/targets/pg_mini_2k/manifest.json exists)
+# 2. three drafters from those same targets, concurrently: MODE=local (default; what produced the
+#    committed numbers, README "Ray Train") = results/reference_2k/train_local.py, one process each;
+#    MODE=ray = jobs/train_drafter.py, one private Ray cluster each
+# 3. collect: agreement JSON/table + curves under results/reference_2k/
+set -u
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+PY=.venv/bin/python
+LOG=runs/reference_2k
+mkdir -p $LOG
+if [ ! -f runs/targets/pg_mini_2k/manifest.json ]; then
+  /usr/bin/time -f "teacher_targets wall %e s" $PY jobs/teacher_targets.py \
+    --config jobs/configs/pg_mini_2k_targets.yaml --set max_windows=8 --set data.eval_windows=4 --set num_actors=2 > $LOG/teacher_targets.log 2>&1 || exit 1
+fi
+pids=()
+for name in budgetdraft naive fixed_256; do
+  if [ -f $LOG/$name/final/config.json ]; then echo "$name: already finished"; continue; fi
+  if [ "${MODE:-local}" = ray ]; then entry=jobs/train_drafter.py; else entry=results/reference_2k/train_local.py; fi
+  /usr/bin/time -f "$name wall %e s" $PY $entry \
+    --config results/reference_2k/configs/$name.yaml >> $LOG/$name.log 2>&1 &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait $p; done
+$PY results/reference_2k/collect.py
