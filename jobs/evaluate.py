@@ -19,8 +19,6 @@ assertion failed (a prompt could come from a training work).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -29,25 +27,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ray job working dir
 
+from bd_ray.cli import job_parser, load_job_config  # noqa: E402
 from bd_ray.eval_config import ConfigError, load_eval_config  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config (bd_ray.eval_config.EvalJobConfig)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a field, value parsed as YAML (repeatable): --set matrix.gammas=[2,4]")
+    ap = job_parser(__doc__, "bd_ray.eval_config.EvalJobConfig", "matrix.gammas=[2,4]")
     ap.add_argument("--output", help="output directory (overrides run.output_dir)")
-    ap.add_argument("--print-config", action="store_true", help="print the validated config and exit")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_eval_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(json.dumps(cfg.model_dump(mode="json"), indent=1))
-        return 0
+    cfg, code = load_job_config(args, load_eval_config)
+    if cfg is None:
+        return code
 
     from bd_ray.evaluate import EvalItemError, HeldOutError, LosslessError, run_evaluation
 

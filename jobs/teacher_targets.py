@@ -13,7 +13,6 @@ an existing output is kept unless --overwrite.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,26 +21,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ray job working dir
 
-from bd_ray.config import ConfigError  # noqa: E402
+from bd_ray.cli import job_parser, load_job_config  # noqa: E402
 from bd_ray.train_config import TeacherTargetsJobConfig, load_train_config  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config (bd_ray.train_config.TeacherTargetsJobConfig)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a field, value parsed as YAML (repeatable): --set max_windows=64")
+    ap = job_parser(__doc__, "bd_ray.train_config.TeacherTargetsJobConfig", "max_windows=64")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    ap.add_argument("--print-config", action="store_true", help="print the validated config and exit")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_train_config(args.config, args.overrides, model=TeacherTargetsJobConfig)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(json.dumps(cfg.model_dump(mode="json", by_alias=True), indent=1))
-        return 0
+    cfg, code = load_job_config(args, lambda path, ov: load_train_config(path, ov, model=TeacherTargetsJobConfig))
+    if cfg is None:
+        return code
     from bd_ray.teacher_targets import write_teacher_targets
 
     try:

@@ -222,9 +222,11 @@ class SpecEngine:
                 raise ValueError("speculative decoding requested but this deployment has no drafter")
             spec = SpecConfig(gamma=req["gamma"], budget=req["kv_budget"],
                               policy=SparsePolicyConfig(**req["sparse_policy"]), prefill_chunk=prefill_chunk)
-            gen = SpeculativeGenerator(self.verifier, self.drafter, self.tokenizer, spec)
+            # attn_implementation=None: keep the attention the replica loaded (model.drafter_attn)
+            gen = SpeculativeGenerator(self.verifier, self.drafter, self.tokenizer, spec, attn_implementation=None)
             return gen.stream(req["prompt_ids"], sampling), True
-        return ARGenerator(self.verifier, self.tokenizer, prefill_chunk=prefill_chunk).stream(
+        return ARGenerator(self.verifier, self.tokenizer, prefill_chunk=prefill_chunk,
+                           attn_implementation=None).stream(
             req["prompt_ids"], sampling), False
 
     def _register(self, rid: str, req: dict) -> None:
