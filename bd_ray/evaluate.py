@@ -409,8 +409,6 @@ class EvalWorker:
     # -- one measurement -------------------------------------------------------------------------
     def run(self, item: dict) -> dict:
         """Run one item (see :func:`build_items`); returns its record (see ``results.json`` ``runs``)."""
-        import torch
-
         from bd_ray import kvcache
         from bd_ray.config import SpecConfig
         from bd_ray.eval_config import DecodeMode

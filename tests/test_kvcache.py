@@ -15,7 +15,7 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.models.llama import modeling_llama
 
 from bd_ray.config import SparsePolicyConfig
-from bd_ray.kvcache import (KVCache, cache_len, clone_cache, compact_cache, crop_cache, forward_with_cache,
+from bd_ray.kvcache import (cache_len, clone_cache, compact_cache, crop_cache, forward_with_cache,
                             next_position, prefill)
 
 torch.set_num_threads(1)

@@ -347,7 +347,6 @@ def test_autoscaling_up_under_load_and_down_when_idle(server):
     peak = 1
 
     async def load():
-        nonlocal peak
         async with httpx.AsyncClient(timeout=120) as c:
             async def worker():
                 while time.time() < stop and peak < 2:

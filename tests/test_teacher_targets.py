@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -28,7 +28,7 @@ from bd_ray.models import init_drafter_from_verifier
 import bd_ray.train as bd_train
 from bd_ray.train import lr_factor, run_local
 from bd_ray.train_config import ConfigError, TrainJobConfig, load_train_config
-from _tiny import TINY_TEXT, tiny_llama, tiny_tokenizer, write_tiny_world
+from _tiny import tiny_llama, write_tiny_world
 
 torch.set_num_threads(1)
 GOLDEN = Path(__file__).parent / "golden" / "budgetdraft_tiny_20steps.json"
