@@ -97,6 +97,10 @@ class SpecConfig(StrictModel):
     budget: int | None = Field(256, ge=1, description="drafter KV budget in tokens; null = full cache")
     policy: SparsePolicyConfig = Field(default_factory=SparsePolicyConfig)
     prefill_chunk: int = Field(512, ge=1, le=1 << 20, description="tokens per prefill forward")
+    adaptive: bool = Field(False, description="choose γ per cycle (up to gamma) by measured tokens/s and "
+                                               "stop speculating when it cannot pay (bd_ray.spec.adaptive)")
+    adaptive_min_gain: float = Field(1.05, gt=0.0, le=10.0, description="speculate only when expected "
+                                     "tokens/s beats plain decoding by this factor")
 
 
 # --------------------------------------------------------------------------------------------

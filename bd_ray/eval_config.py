@@ -91,6 +91,8 @@ class DecodeMode(StrictModel):
 
     ``seed`` seeds the sampler of every request in this mode (AR and SD each draw their own stream,
     so sampled AR and SD outputs differ token-wise; they follow the same distribution).
+    ``adaptive``: the cell's γ caps a per-cycle choice and speculation stops when it cannot pay
+    (:mod:`bd_ray.spec.adaptive`); off = every cycle drafts exactly γ (the paper's protocol).
     """
 
     name: str = "greedy"
@@ -98,6 +100,7 @@ class DecodeMode(StrictModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000)
     seed: int = Field(0, ge=0)
+    adaptive: bool = False
 
     @property
     def greedy(self) -> bool:

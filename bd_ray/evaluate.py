@@ -440,7 +440,7 @@ class EvalWorker:
         spec = SpecConfig(gamma=gamma, budget=budget, policy=policy, prefill_chunk=m.prefill_chunk)
         gen = SpeculativeGenerator(self.verifier, self.drafters[item["drafter"]], self.tok, spec)
         pre = Prefilled(prompt, vpre, dpre_p, verifier_s=v_s, drafter_s=d_s)
-        res = gen.generate(prompt, sampling, gamma=gamma, budget=budget, prefilled=pre)
+        res = gen.generate(prompt, sampling, gamma=gamma, budget=budget, prefilled=pre, adaptive=mode.adaptive)
         met = res.metrics
         rec.update(_result_fields(res))
         rec.update({
@@ -454,6 +454,7 @@ class EvalWorker:
             "draft_step_s": res.timings.draft_s / met.cycles if met.cycles else None,
             "verify_step_s": res.timings.verify_s / met.cycles if met.cycles else None,
             "peak_drafter_cache": res.peak_drafter_cache,
+            "plain_steps": (res.adaptive or {}).get("plain_steps", 0),
         })
         if item["kind"] == "needle_sd":
             span = item["prompt"]["needle"]
@@ -560,6 +561,7 @@ def aggregate_cells(runs: list[dict], cfg: EvalJobConfig) -> list[dict]:
             "ar_step_s": (sum(a["verify_s"] for a in ars) / ar_steps) if have_ar and ar_steps else None,
             "drafter_cache": max(r["peak_drafter_cache"] for r in rs),
             "fallbacks": sum(1 for r in rs if r["fallback_reason"]),
+            "plain_steps": sum(r.get("plain_steps", 0) for r in rs),
             "lossless": lossless,
         })
     order = {c: i for i, c in enumerate(cfg.matrix.contexts)}

@@ -26,7 +26,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     pr.add_argument("--prompt", help="prompt text")
     pr.add_argument("--prompt-file", help="file holding the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--gamma", type=int, default=4, help="draft length (the cap with --adaptive)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="choose gamma per cycle by measured tokens/s; stop speculating when it cannot pay")
     p.add_argument("--budget", default="256", help="KV budget in tokens, or 'full'")
     p.add_argument("--policy", default="chunk_topk", choices=["chunk_topk", "streaming", "snapkv"])
     p.add_argument("--temperature", type=float, default=0.0)
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         drafter = models.init_drafter_from_verifier(verifier, args.drafter_layers)
     budget = None if args.budget == "full" else int(args.budget)
-    spec = SpecConfig(gamma=args.gamma, budget=budget, policy=SparsePolicyConfig(name=args.policy))
+    spec = SpecConfig(gamma=args.gamma, budget=budget, policy=SparsePolicyConfig(name=args.policy),
+                      adaptive=args.adaptive)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, stop=args.stop)
     text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()

@@ -25,6 +25,7 @@ from typing import Any, Literal, Mapping
 from pydantic import Field, ValidationError, model_validator
 
 from bd_ray.config import ConfigError, SparsePolicyConfig, StrictModel, _format_validation_error, apply_overrides
+from bd_ray.resources import CustomResources, MemoryBytes
 
 __all__ = [
     "ModelSection",
@@ -72,6 +73,8 @@ class SpecDefaults(StrictModel):
     kv_budget: int | None = Field(256, ge=1, description="drafter KV budget in tokens; null = full cache")
     sparse_policy: SparsePolicyConfig = Field(default_factory=SparsePolicyConfig)
     prefill_chunk: int = Field(512, ge=1, le=1 << 20, description="tokens per prefill forward")
+    adaptive: bool = Field(True, description="γ caps a per-cycle choice by measured tokens/s; a request "
+                                              "whose drafter cannot pay is decoded plainly (bd_ray.spec.adaptive)")
 
     @model_validator(mode="after")
     def _gamma_within_max(self) -> "SpecDefaults":
@@ -128,10 +131,19 @@ class EngineSection(StrictModel):
     cycle at a time on one model thread); up to ``max_queued_requests`` more wait in the ingress's
     handle queue; beyond that the ingress answers 503 with ``Retry-After`` (``-1`` = unbounded,
     Serve's convention).
+
+    Placement (``ray_actor_options``): ``num_cpus``, ``num_gpus``, ``memory`` (bytes, Ray's
+    ``memory`` resource) and custom ``resources`` (e.g. ``{"gpu_a10g": 1}`` for a GPU kind) are
+    what one replica (verifier + its in-process drafter) needs; a replica that fits on no node is
+    what makes the Ray autoscaler add one (``serve_configs/cluster.yaml``, ``bd_ray.resources``).
     """
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    memory: MemoryBytes = Field(None, description="bytes of RAM reserved per replica (Ray's `memory` "
+                                "resource, a scheduling reservation); null = none")
+    resources: CustomResources = Field(default_factory=dict, description="custom Ray resources per replica, "
+                                       "e.g. {gpu_a10g: 1}")
     max_ongoing_requests: int = Field(4, ge=1)
     max_queued_requests: int = Field(16, ge=-1)
     autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
@@ -143,6 +155,7 @@ class IngressSection(StrictModel):
     """The FastAPI ingress deployment (OpenAI routes): cheap, CPU only, many concurrent connections."""
 
     num_cpus: float = Field(0.25, ge=0)
+    memory: MemoryBytes = Field(None, description="bytes of RAM reserved per ingress replica; null = none")
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(256, ge=1)
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with 503 on overload (s)")

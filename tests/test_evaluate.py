@@ -242,10 +242,10 @@ def corrupt_one_cell(monkeypatch):
             return type(v)(len(drafts), int(logits[len(drafts)].argmax()))
         return v
 
-    def generate(self, prompt_ids, sampling, gamma=None, budget="default", prefilled=None):
+    def generate(self, prompt_ids, sampling, gamma=None, budget="default", **kw):
         state["on"] = gamma == 3 and budget == 16
         try:
-            return real_generate(self, prompt_ids, sampling, gamma=gamma, budget=budget, prefilled=prefilled)
+            return real_generate(self, prompt_ids, sampling, gamma=gamma, budget=budget, **kw)
         finally:
             state["on"] = False
 

@@ -79,7 +79,8 @@ def app_args(vdir, ddir) -> dict:
     return {
         "model": {"name": "tiny", "aliases": ["tiny-alias"], "verifier": str(vdir), "drafter": str(ddir),
                   "device": "cpu", "max_model_len": MAX_MODEL_LEN, "torch_threads": 1},
-        "spec": {"gamma": 3, "max_gamma": 8, "kv_budget": 48,
+        # fixed γ (adaptive off) so per-position acceptance has exactly γ entries
+        "spec": {"gamma": 3, "max_gamma": 8, "kv_budget": 48, "adaptive": False,
                  "sparse_policy": {"name": "chunk_topk", "chunk_size": 8, "recent": 8}},
         "defaults": {"max_tokens": 32, "temperature": 0.0},
         "engine": {"num_cpus": 0.5, "max_ongoing_requests": 2, "max_queued_requests": 6,
@@ -155,6 +156,7 @@ def test_completion_greedy_equals_ar(client, reference, speculative):
     if speculative:
         assert sm["drafted"] > 0 and 0.0 <= sm["alpha"] <= 1.0 and sm["tau"] >= 1.0
         assert len(sm["per_position"]) == 3
+        assert sm["adaptive"] is None
     else:
         assert sm["drafted"] == 0 and sm["tau"] == 1.0
 

@@ -104,7 +104,8 @@ def spec_metrics_dict(result: dict) -> dict:
 
     Keys: ``speculative``, ``drafted``, ``accepted``, ``cycles``, ``alpha`` (acceptance rate),
     ``tau`` (mean accepted length: tokens per verifier forward), ``per_position`` (acceptance of
-    the k-th draft, k = 1..γ), ``fallback_reason`` (why a speculative request ran plain decoding).
+    the k-th draft, k = 1..γ), ``fallback_reason`` (why a speculative request ran plain decoding),
+    ``adaptive`` (what the adaptive γ controller did, or null with a fixed γ).
     """
     m = result["spec_metrics"]
     return {
@@ -116,6 +117,7 @@ def spec_metrics_dict(result: dict) -> dict:
         "tau": m["mean_accepted_length"],
         "per_position": m["per_position_acceptance"],
         "fallback_reason": result.get("fallback_reason"),
+        "adaptive": result.get("adaptive"),
     }
 
 
@@ -221,7 +223,8 @@ class SpecEngine:
             if self.drafter is None:
                 raise ValueError("speculative decoding requested but this deployment has no drafter")
             spec = SpecConfig(gamma=req["gamma"], budget=req["kv_budget"],
-                              policy=SparsePolicyConfig(**req["sparse_policy"]), prefill_chunk=prefill_chunk)
+                              policy=SparsePolicyConfig(**req["sparse_policy"]), prefill_chunk=prefill_chunk,
+                              adaptive=self.cfg.spec.adaptive)
             # attn_implementation=None: keep the attention the replica loaded (model.drafter_attn)
             gen = SpeculativeGenerator(self.verifier, self.drafter, self.tokenizer, spec, attn_implementation=None)
             return gen.stream(req["prompt_ids"], sampling), True

@@ -29,6 +29,7 @@ import torch
 
 from bd_ray import kvcache
 from bd_ray.config import SamplingConfig, SpecConfig
+from bd_ray.spec.adaptive import GammaController
 from bd_ray.spec.metrics import SpecMetrics, Timings
 from bd_ray.spec.rejection import verify_greedy, verify_sampling
 from bd_ray.spec.sampling import filtered_probs, is_greedy, sample_from
@@ -81,6 +82,8 @@ class GenerationResult:
         fallback_reason: why a speculative request fell back to plain decoding, else ``None``.
         peak_drafter_cache: largest drafter cache length (entries per layer and KV head).
         peak_verifier_cache: largest verifier cache length.
+        adaptive: what the adaptive γ controller did (:class:`bd_ray.spec.adaptive.AdaptiveStats`
+            as a dict), ``None`` with a fixed γ.
     """
 
     token_ids: list[int]
@@ -93,6 +96,7 @@ class GenerationResult:
     fallback_reason: str | None = None
     peak_drafter_cache: int = 0
     peak_verifier_cache: int = 0
+    adaptive: dict | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,6 +116,7 @@ class GenerationResult:
             "tokens_per_s": self.tokens_per_s,
             "peak_drafter_cache": self.peak_drafter_cache,
             "peak_verifier_cache": self.peak_verifier_cache,
+            "adaptive": self.adaptive,
             "spec_metrics": self.metrics.as_dict(),
             "timings": self.timings.as_dict(),
         }
@@ -291,12 +296,13 @@ def _ar_loop(gen: ARGenerator | "SpeculativeGenerator", req: _Request,
 
 
 def _final_chunk(req: _Request, speculative: bool, fallback: str | None, vcache_len: int,
-                 dcache_len: int) -> StreamChunk:
+                 dcache_len: int, adaptive: dict | None = None) -> StreamChunk:
     req.timings.total_s = time.perf_counter() - req.t0
     result = GenerationResult(
         token_ids=req.checker.token_ids, text=req.checker.text, finish_reason=req.checker.finish_reason or "length",
         prompt_tokens=len(req.prompt), metrics=req.metrics, timings=req.timings, speculative=speculative,
-        fallback_reason=fallback, peak_drafter_cache=dcache_len, peak_verifier_cache=vcache_len)
+        fallback_reason=fallback, peak_drafter_cache=dcache_len, peak_verifier_cache=vcache_len,
+        adaptive=adaptive)
     return StreamChunk([], req.checker.text_delta(), result)
 
 
@@ -347,7 +353,8 @@ class SpeculativeGenerator:
         drafter: transformers causal LM with the verifier's vocabulary (checked at load by
             :func:`bd_ray.models.load_drafter`).
         tokenizer: the shared tokenizer.
-        spec: γ, the KV budget B (``None`` = full drafter cache), the sparse policy, prefill chunk.
+        spec: γ, the KV budget B (``None`` = full drafter cache), the sparse policy, prefill chunk,
+            and ``adaptive`` (γ becomes the cap of a per-cycle choice, :mod:`bd_ray.spec.adaptive`).
         attn_implementation: attention for both models (see :func:`use_attention`).
 
     Raises:
@@ -387,18 +394,20 @@ class SpeculativeGenerator:
 
     def generate(self, prompt_ids: Sequence[int] | torch.Tensor, sampling: SamplingConfig,
                  gamma: int | None = None, budget: int | None | str = "default",
-                 prefilled: Prefilled | None = None) -> GenerationResult:
+                 prefilled: Prefilled | None = None, adaptive: bool | None = None) -> GenerationResult:
         """Decode ``prompt_ids`` (``[prompt_len]`` ids) speculatively.
 
         Args:
             gamma, budget: per-request overrides of the spec config (``budget=None`` = full cache).
             prefilled: :meth:`prefill` of the same prompt to reuse (its time is then not counted).
+            adaptive: override of ``spec.adaptive`` (γ then caps a per-cycle choice).
 
         Raises:
             ContextLengthError: prompt + ``max_new_tokens`` beyond the verifier's positions.
             ValueError: a budget below the policy's minimum (names the minimum), ``gamma < 1``.
         """
-        *_, last = self.stream(prompt_ids, sampling, gamma=gamma, budget=budget, prefilled=prefilled)
+        *_, last = self.stream(prompt_ids, sampling, gamma=gamma, budget=budget, prefilled=prefilled,
+                               adaptive=adaptive)
         assert last.result is not None
         return last.result
 
@@ -406,10 +415,12 @@ class SpeculativeGenerator:
     def stream(self, prompt_ids: Sequence[int] | torch.Tensor, sampling: SamplingConfig,
                gamma: int | None = None, budget: int | None | str = "default",
                prefilled: Prefilled | None = None,
-               inspect: Callable[[CycleState], None] | None = None) -> Iterator[StreamChunk]:
+               inspect: Callable[[CycleState], None] | None = None,
+               adaptive: bool | None = None) -> Iterator[StreamChunk]:
         """Like :meth:`generate`, yielding a :class:`StreamChunk` per verification cycle.
 
-        ``inspect`` (tests, debugging) is called after every cycle's rollback.
+        ``inspect`` (tests, debugging) is called after every cycle's rollback; ``adaptive``
+        overrides ``spec.adaptive`` for this request.
         """
         gamma = self.spec.gamma if gamma is None else int(gamma)
         if gamma < 1:
@@ -430,7 +441,9 @@ class SpeculativeGenerator:
             yield _final_chunk(req, speculative=False, fallback=reason,
                                vcache_len=len(req.committed) - 1, dcache_len=0)
             return
-        yield from self._speculate(req, gamma, budget, prefilled, inspect)
+        adaptive = self.spec.adaptive if adaptive is None else adaptive
+        controller = GammaController(gamma, min_gain=self.spec.adaptive_min_gain) if adaptive else None
+        yield from self._speculate(req, gamma, budget, prefilled, inspect, controller)
 
     # ------------------------------------------------------------------------------------------
     def _drafter_prefill(self, req: _Request, prefilled: Prefilled | None) -> kvcache.PrefillResult:
@@ -444,7 +457,8 @@ class SpeculativeGenerator:
         return pre
 
     def _speculate(self, req: _Request, gamma: int, budget: int | None, prefilled: Prefilled | None,
-                   inspect: Callable[[CycleState], None] | None) -> Iterator[StreamChunk]:
+                   inspect: Callable[[CycleState], None] | None,
+                   controller: GammaController | None) -> Iterator[StreamChunk]:
         dev, n_prompt = self.device, len(req.prompt)
         greedy = is_greedy(req.sampling)
 
@@ -469,13 +483,19 @@ class SpeculativeGenerator:
 
         while not done:
             committed = req.committed
-            g = min(gamma, req.checker.remaining() - 1)
+            if controller is None:
+                g = min(gamma, req.checker.remaining() - 1)
+            else:
+                g = controller.next_gamma(req.checker.remaining())
             if g < 1:
-                # One token left: drafting cannot pay, take one plain verifier step.
+                # One token left, or the controller found that drafting cannot pay: a plain step.
                 t = _clock(dev)
                 logits = forward(self.verifier, vcache, committed[v_len:], v_len)[-1]
                 v_len = len(committed)
-                req.timings.verify_s += _clock(dev) - t
+                step_s = _clock(dev) - t
+                req.timings.plain_s += step_s
+                if controller is not None:
+                    controller.observe_plain(step_s)
                 before = req.checker.num_tokens
                 done = req.checker.add(req.pick(logits))
                 yield req.chunk(before)
@@ -485,9 +505,13 @@ class SpeculativeGenerator:
             t = _clock(dev)
             drafts: list[int] = []
             q_rows: list[torch.Tensor] = []
-            feed = committed[d_len:]           # 1 token, or 2 after a fully accepted block
+            feed = committed[d_len:]           # 1 token, 2 after a full accept, more after plain steps
+            catch_up_s = 0.0
             for _ in range(g):
+                t_step = _clock(dev)
                 logits = forward(self.drafter, dcache, feed, d_len)[-1]
+                if len(feed) > 2:              # a catch-up over plain-decoded tokens, not a draft step
+                    catch_up_s = _clock(dev) - t_step
                 d_len += len(feed)
                 if greedy:
                     tok = int(logits.argmax())
@@ -498,7 +522,8 @@ class SpeculativeGenerator:
                 drafts.append(tok)
                 feed = [tok]
             peak_d = max(peak_d, kept + d_len - n_prompt)
-            req.timings.draft_s += _clock(dev) - t
+            draft_s = _clock(dev) - t
+            req.timings.draft_s += draft_s
 
             # ---- verify the γ+1 positions in one verifier forward --------------------------------
             t = _clock(dev)
@@ -517,7 +542,10 @@ class SpeculativeGenerator:
             kvcache.crop_cache(vcache, v_len)
             d_len = len(committed) + min(verdict.num_accepted, g - 1)
             kvcache.crop_cache(dcache, kept + d_len - n_prompt)
-            req.timings.verify_s += _clock(dev) - t
+            verify_s = _clock(dev) - t
+            req.timings.verify_s += verify_s
+            if controller is not None:
+                controller.observe_cycle(g, verdict.num_accepted, draft_s - catch_up_s, verify_s)
 
             before = req.checker.num_tokens
             req.checker.extend(verdict.emitted(drafts))
@@ -526,7 +554,10 @@ class SpeculativeGenerator:
                 inspect(CycleState(req.committed, vcache, dcache, v_len, d_len, kept))
             yield req.chunk(before)
 
-        yield _final_chunk(req, speculative=True, fallback=None, vcache_len=peak_v, dcache_len=peak_d)
+        stats = controller.stats.as_dict() if controller is not None else None
+        fallback = controller.stats.stopped_reason if controller is not None and not controller.speculating else None
+        yield _final_chunk(req, speculative=True, fallback=fallback, vcache_len=peak_v, dcache_len=peak_d,
+                           adaptive=stats)
 
 
 def _query_window(policy: Any) -> int:

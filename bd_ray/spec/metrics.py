@@ -21,12 +21,18 @@ __all__ = ["SpecMetrics", "Timings"]
 
 @dataclass
 class Timings:
-    """Wall time split of one request, in seconds."""
+    """Wall time split of one request, in seconds.
+
+    ``verify_s`` is verifier decode forwards (all of them for AR; the γ+1-token verify blocks for
+    speculative decoding), ``plain_s`` the plain one-token verifier steps a speculative request
+    took (the last token, or while the adaptive controller had speculation off).
+    """
 
     verifier_prefill_s: float = 0.0
     drafter_prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    plain_s: float = 0.0
     total_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:

@@ -1,0 +1,138 @@
+"""Adaptive γ (bd_ray/spec/adaptive.py): the controller's decisions and the engine with it on.
+
+The controller is tested on synthetic costs and acceptance (its decisions are a pure function of
+what it observed); the engine tests use tiny random-weight Llamas, where a drafter that *is* the
+verifier is always accepted and an unrelated one almost never is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tiny import tiny_llama, tiny_tokenizer
+from bd_ray.config import SamplingConfig, SpecConfig
+from bd_ray.spec.adaptive import GammaController, expected_tokens
+from bd_ray.spec.engine import ARGenerator, SpeculativeGenerator
+
+
+def test_expected_tokens_matches_the_geometric_formula():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens(0.8, 0) == 1.0
+
+
+def _run(ctrl: GammaController, accept_p: float, steps: int, v1=0.1, td=0.02, slope=0.02, seed=0):
+    """Drive the controller with synthetic costs; per-token acceptance ``accept_p``. Returns γ list."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for _ in range(steps):
+        gamma = ctrl.next_gamma(remaining=1000)
+        chosen.append(gamma)
+        if gamma == 0:
+            ctrl.observe_plain(v1)
+            continue
+        accepted = 0
+        while accepted < gamma and float(torch.rand((), generator=g)) < accept_p:
+            accepted += 1
+        ctrl.observe_cycle(gamma, accepted, draft_s=gamma * td, verify_s=v1 + gamma * slope)
+    return chosen
+
+
+def test_first_step_is_plain_then_warmup():
+    ctrl = GammaController(max_gamma=8, warmup_cycles=2, warmup_gamma=2)
+    chosen = _run(ctrl, accept_p=0.9, steps=3)
+    assert chosen == [0, 2, 2]
+
+
+def test_good_drafter_keeps_speculating_with_long_drafts():
+    ctrl = GammaController(max_gamma=8)
+    chosen = _run(ctrl, accept_p=0.95, steps=60)
+    assert ctrl.speculating
+    assert ctrl.stats.stopped_reason is None
+    assert sum(c >= 6 for c in chosen[10:]) > 40       # long drafts once it has seen the drafter
+    assert ctrl.acceptance > 0.8
+
+
+def test_useless_drafter_stops_and_probes_with_backoff():
+    ctrl = GammaController(max_gamma=8, probe_every=4, max_probe_every=32)
+    chosen = _run(ctrl, accept_p=0.0, steps=200)
+    assert not ctrl.speculating
+    assert "cannot pay" in ctrl.stats.stopped_reason
+    plain = chosen.count(0)
+    assert plain > 180                                 # almost everything decoded plainly
+    # probes are γ = 1 and get rarer: intervals 4, 8, 16, 32, 32, ...
+    probe_at = [i for i, c in enumerate(chosen) if c == 1 and i > 5]
+    gaps = [b - a for a, b in zip(probe_at, probe_at[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] == 33
+    assert ctrl.stats.probes == len(probe_at)
+
+
+def test_expensive_drafter_stops_even_when_accepted():
+    # a drafter as costly as the verifier cannot pay even with p = 0.7
+    ctrl = GammaController(max_gamma=8)
+    _run(ctrl, accept_p=0.7, steps=40, v1=0.1, td=0.1, slope=0.05)
+    assert not ctrl.speculating
+
+
+def test_probe_resumes_speculation_when_acceptance_returns():
+    ctrl = GammaController(max_gamma=4, probe_every=2, max_probe_every=4, decay=0.5)
+    _run(ctrl, accept_p=0.0, steps=30)
+    assert not ctrl.speculating
+    _run(ctrl, accept_p=1.0, steps=30, seed=1)
+    assert ctrl.speculating
+
+
+def test_never_drafts_past_the_remaining_tokens():
+    ctrl = GammaController(max_gamma=8, warmup_cycles=0)
+    ctrl.observe_plain(0.1)
+    assert ctrl.next_gamma(remaining=3) <= 2
+    assert ctrl.next_gamma(remaining=1) == 0
+
+
+@pytest.mark.parametrize("kw", [dict(max_gamma=0), dict(max_gamma=4, min_gain=0), dict(max_gamma=4, decay=0),
+                                dict(max_gamma=4, probe_every=0)])
+def test_bad_arguments_raise(kw):
+    with pytest.raises(ValueError):
+        GammaController(**kw)
+
+
+# ---- the engine with adaptive γ ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    return tiny_llama(layers=2, seed=0)
+
+
+def _greedy(n):
+    return SamplingConfig(temperature=0.0, max_new_tokens=n, eos_token_ids=[])
+
+
+def test_adaptive_engine_is_lossless_and_reports(verifier, tok):
+    prompt = torch.randint(1, 320, (120,), generator=torch.Generator().manual_seed(3)).tolist()
+    want = ARGenerator(verifier, tok).generate(prompt, _greedy(40)).token_ids
+    unrelated = tiny_llama(layers=1, seed=7)
+    for drafter in (verifier, unrelated):
+        sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=64, gamma=6, adaptive=True))
+        res = sd.generate(prompt, _greedy(40))
+        assert res.token_ids == want
+        assert res.adaptive is not None and res.adaptive["plain_steps"] >= 1
+        assert res.as_dict()["adaptive"] == res.adaptive
+    # fixed γ reports no controller
+    assert SpeculativeGenerator(verifier, unrelated, tok, SpecConfig(gamma=2)).generate(
+        prompt, _greedy(8)).adaptive is None
+
+
+def test_adaptive_engine_sampling_keeps_the_output_distribution_shape(verifier, tok):
+    # sampled decoding with the controller on still runs exact verification every cycle
+    prompt = torch.randint(1, 320, (60,), generator=torch.Generator().manual_seed(5)).tolist()
+    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4, adaptive=True))
+    res = sd.generate(prompt, SamplingConfig(temperature=1.0, max_new_tokens=30, eos_token_ids=[], seed=1))
+    assert len(res.token_ids) == 30
+    # the drafter is the verifier: every verified draft is accepted
+    assert res.metrics.accepted == res.metrics.drafted
