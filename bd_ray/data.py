@@ -10,10 +10,14 @@ Stages (all lazy / streaming; nothing is materialised except the small held-out 
     map_batches(TokenizeWindows, actor pool) -> rows {input_ids: int32[P+T], doc_id, start}
     random_shuffle(seed)                     -> streamed to Train workers (get_dataset_shard)
 
-Robustness: a document that is empty, undecodable (invalid UTF-8 in a txt/jsonl shard), a jsonl
-line that is not a JSON object with a text field, or a document shorter than one window is
-skipped, never fatal; each is counted by a :class:`DataStats` actor (deduplicated per document, so
-re-running the pipeline for another epoch does not double-count) and reported by the job.
+Robustness: a document that is empty, undecodable (invalid UTF-8 in a txt/jsonl shard or a binary
+parquet column), a jsonl line that is not a JSON object with a text field (e.g. the cut last line
+of a truncated shard), a document shorter than one window, or a whole parquet shard whose footer
+cannot be read (a truncated or foreign file: status ``unreadable``, recorded under split ``?``
+with its path) is skipped, never fatal; each is counted by a :class:`DataStats` actor
+(deduplicated per document, so re-running the pipeline for another epoch does not double-count)
+and reported by the job. Damage inside an otherwise readable parquet file (a corrupt data page
+behind an intact footer) is not detected here and fails the read.
 
 Window layout: ``input_ids[:P]`` is the prefix, ``input_ids[P:P+T]`` the continuation; windows
 start at ``0, stride, 2*stride, ...`` of the document's token stream (a BOS is prepended when
@@ -34,6 +38,7 @@ from bd_ray.train_config import DataConfig
 __all__ = [
     "DataStats",
     "TokenizeWindows",
+    "check_parquet_shards",
     "cut_windows",
     "doc_split",
     "read_documents",
@@ -47,6 +52,7 @@ __all__ = [
 MALFORMED_EMPTY = "empty"
 MALFORMED_UNDECODABLE = "undecodable"
 MALFORMED_BAD_JSON = "bad_json"
+UNREADABLE_SHARD = "unreadable"
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,8 +107,9 @@ class DataStats:
     """Per-document outcome counter (a Ray actor in the pipeline; a plain object in tests).
 
     ``record(split, doc_id, status, n_windows)`` with status ``ok`` | ``too_short`` | ``empty``
-    | ``undecodable`` | ``bad_json``; ``summary()`` returns counts per split and status plus
-    windows per split. Keyed by (split, doc_id), so several epochs count each document once.
+    | ``undecodable`` | ``bad_json`` | ``unreadable`` (a whole shard file, doc_id = its path,
+    split ``?``); ``summary()`` returns counts per split and status plus windows per split.
+    Keyed by (split, doc_id), so several epochs count each document once.
     """
 
     def __init__(self):
@@ -117,7 +124,7 @@ class DataStats:
         for (split, doc_id), (status, n) in self._docs.items():
             s = out.setdefault(split, {"documents": 0, "windows": 0, "ok": 0, "too_short": 0,
                                        "empty": 0, "undecodable": 0, "bad_json": 0,
-                                       "skipped_doc_ids": []})
+                                       "unreadable": 0, "skipped_doc_ids": []})
             s["documents"] += 1
             s[status] = s.get(status, 0) + 1
             s["windows"] += n
@@ -223,11 +230,49 @@ def _normalize(batch: dict[str, np.ndarray], *, fmt: str, cfg: dict) -> dict[str
             "split": np.array(splits, dtype=object), "malformed": np.array(bad, dtype=object)}
 
 
-def read_documents(cfg: DataConfig):
-    """Lazy Ray Dataset of documents ``{text, doc_id, split, malformed}`` from ``cfg.source``.
+def check_parquet_shards(src: str) -> tuple[list[str], Any, list[tuple[str, str]]]:
+    """Split the parquet files of ``src`` (a file or a directory, local or a pyarrow filesystem
+    URI) into readable and unreadable ones by reading each file's footer (a few KB per file).
+
+    Returns ``(readable paths, pyarrow filesystem, [(unreadable path, reason)])``; paths are in
+    the filesystem's namespace, sorted. A truncated file has no footer and is unreadable.
 
     Raises:
-        ValueError: unknown format; missing text column (at execution).
+        FileNotFoundError: ``src`` does not exist.
+    """
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    if "://" in src:
+        fs, root = pafs.FileSystem.from_uri(src)
+    else:
+        fs, root = pafs.LocalFileSystem(), os.path.abspath(src)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data.source: {src!r} does not exist")
+    if info.type == pafs.FileType.Directory:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                       if i.type == pafs.FileType.File and i.path.lower().endswith(".parquet"))
+    else:
+        files = [root]
+    good, bad = [], []
+    for path in files:
+        try:
+            pq.read_metadata(path, filesystem=fs)
+            good.append(path)
+        except Exception as exc:  # noqa: BLE001 -- pyarrow raises ArrowInvalid / OSError variants
+            bad.append((path, f"{type(exc).__name__}: {exc}"))
+    return good, fs, bad
+
+
+def read_documents(cfg: DataConfig, stats=None):
+    """Lazy Ray Dataset of documents ``{text, doc_id, split, malformed}`` from ``cfg.source``.
+
+    ``stats``: a :class:`DataStats` (actor handle or object) that receives unreadable parquet
+    shards (status ``unreadable``; they are skipped).
+
+    Raises:
+        ValueError: unknown format; missing text column (at execution); no readable parquet file.
         FileNotFoundError: a local path that does not exist.
     """
     import ray.data
@@ -238,7 +283,18 @@ def read_documents(cfg: DataConfig):
     ccfg = cfg.model_dump()
     ccfg["source"] = src
     if fmt == "parquet":
-        ds = ray.data.read_parquet(src, file_extensions=["parquet"])
+        paths, fs, bad = check_parquet_shards(src)
+        if bad:
+            import warnings
+
+            warnings.warn(f"data.source: skipping {len(bad)} unreadable parquet shard(s): "
+                          + "; ".join(f"{p} ({why[:120]})" for p, why in bad[:5]), stacklevel=2)
+            if stats is not None:
+                _record(stats, [("?", p, UNREADABLE_SHARD, 0) for p, _ in bad])
+        if not paths:
+            raise ValueError(f"data.source: no readable parquet file in {src!r} "
+                             f"({len(bad)} unreadable)")
+        ds = ray.data.read_parquet(paths, filesystem=fs)
     elif fmt == "txt":
         ds = ray.data.read_binary_files(src, include_paths=True, file_extensions=["txt"])
     elif fmt == "jsonl":
@@ -307,16 +363,21 @@ class TokenizeWindows:
                 start_out.append(start)
                 split_out.append(split)
         if self.stats is not None and records:
-            if hasattr(self.stats, "record") and hasattr(self.stats.record, "remote"):
-                self.stats.record.remote(records)
-            else:
-                self.stats.record(records)
+            _record(self.stats, records)
         return {
             "input_ids": np.stack(ids_out) if ids_out else np.zeros((0, self.window), np.int32),
             "doc_id": np.array(doc_out, dtype=object),
             "start": np.array(start_out, dtype=np.int64),
             "split": np.array(split_out, dtype=object),
         }
+
+
+def _record(stats, records: list[tuple[str, str, str, int]]) -> None:
+    """Send outcome records to a DataStats actor handle or a plain DataStats object."""
+    if hasattr(stats, "record") and hasattr(stats.record, "remote"):
+        stats.record.remote(records)
+    else:
+        stats.record(records)
 
 
 def _stats_actor():
@@ -345,7 +406,7 @@ def build_window_dataset(cfg: DataConfig, tokenizer_path: str, split: str | list
 
     keep = set([split] if isinstance(split, str) else (split or [cfg.train_split]))
     stats = stats if stats is not None else _stats_actor()
-    docs = read_documents(cfg)
+    docs = read_documents(cfg, stats=stats)
     docs = docs.filter(lambda r: r["split"] in keep or (r["malformed"] != "" and r["split"] == "?"),
                        num_cpus=0.25)
     wins = docs.map_batches(

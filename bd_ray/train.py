@@ -20,10 +20,19 @@ resume tests). Only the engine and the data source differ.
 
 Checkpoint directory layout (every ``run.checkpoint_every`` steps and at the end)::
 
-    state.json          step, consumed windows, skipped count, metrics history (rank 0)
+    state.json          step, world size, consumed windows, skipped count, restores, metrics history (rank 0)
     engine/...          DeepSpeed checkpoint (model, per-rank ZeRO optimizer partitions, scheduler)
     local_engine.pt     (instead of engine/ without DeepSpeed) model + optimizer + scheduler
     hf/                 the drafter as HF save_pretrained (safetensors) + tokenizer
+    manifest.rankNNNNN.json   per rank, written last: size + SHA-256 of every file that rank wrote
+
+Fault tolerance (bd_ray/checkpoints.py): a checkpoint is sealed by its manifests; a restore checks
+them and falls back, with a warning, to the newest older intact checkpoint when the latest is
+damaged. In Ray Train a dead worker makes the worker group restart (``run.max_failures``) from
+the latest registered checkpoint; the windows are then replayed in the same order
+(``preserve_order``) after skipping the ones already consumed, so a 1-worker run resumed after a
+crash ends with the same weights as an uninterrupted one. Model/tokenizer mismatches are found by
+:func:`check_models_compatible` in the driver, before any Ray worker starts.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from bd_ray.checkpoints import (atomic_write_json, publish_dir, replace_dir, restorable_checkpoint_dir,
+                                select_local_checkpoint, write_manifest)
 from bd_ray.losses import BudgetSampler, TeacherTargets, budgetdraft_loss, head_params
 from bd_ray.train_config import TrainJobConfig
 
@@ -57,6 +68,8 @@ __all__ = [
     "run_local",
     "run_ray",
     "write_plot",
+    "ModelCompatError",
+    "check_models_compatible",
 ]
 
 ENGINE_TAG = "engine"
@@ -403,12 +416,17 @@ def _fmt_eta(sec: float) -> str:
 
 
 def _export_hf(model: torch.nn.Module, d: str, tokenizer_path: str | None) -> None:
-    os.makedirs(d, exist_ok=True)
-    model.save_pretrained(d, safe_serialization=True)
-    if tokenizer_path:
-        from transformers import AutoTokenizer
+    """HF ``save_pretrained`` of ``model`` (+ tokenizer) as the directory ``d``, built next to it and
+    renamed into place (never half-written)."""
 
-        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(d)
+    def build(tmp: str) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer_path:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(tmp)
+
+    replace_dir(d, build)
 
 
 def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module | None, engine) -> dict:
@@ -426,11 +444,15 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
     drafter = engine.module
     dev = next(drafter.parameters()).device
 
-    state = {"step": 0, "consumed": 0, "skipped": 0, "history": [], "eval_history": []}
+    state = {"step": 0, "consumed": 0, "skipped": 0, "history": [], "eval_history": [], "restores": []}
     if ctx.restore_dir:
         engine.load(ctx.restore_dir)
         with open(os.path.join(ctx.restore_dir, "state.json")) as f:
             state.update(json.load(f))
+        state.pop("world", None)
+        # Each restore is recorded (and kept in later checkpoints): what a failure cost is visible.
+        state.setdefault("restores", []).append({"step": int(state["step"]), "from": ctx.restore_dir,
+                                                 "pid": os.getpid(), "time": time.time()})
         ctx.log(f"[bd-ray] resumed from {ctx.restore_dir} at step {state['step']}")
     start_step = int(state["step"])
     windows = ctx.windows(int(state["consumed"]))
@@ -463,9 +485,9 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
         try:
             engine.save(d)
             if ctx.rank == 0:
-                with open(os.path.join(d, "state.json"), "w") as f:
-                    json.dump({**state, "step": step}, f)
+                atomic_write_json(os.path.join(d, "state.json"), {**state, "step": step, "world": ctx.world})
                 _export_hf(drafter, os.path.join(d, "hf"), ctx.tokenizer_path)
+            write_manifest(d, ctx.rank, ctx.world, step)  # last: seals this rank's files
             ctx.report(metrics, d)
         finally:
             shutil.rmtree(d, ignore_errors=True)
@@ -557,12 +579,12 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
 
     summary: dict[str, Any] = {"step": state["step"], "skipped": state["skipped"], "last": last,
                                "eval_history": state["eval_history"], "history": state["history"],
-                               "finished": state["step"] >= O.max_steps}
+                               "restores": state["restores"], "finished": state["step"] >= O.max_steps}
     if ctx.rank == 0:
         os.makedirs(ctx.out_dir, exist_ok=True)
         mpath = os.path.join(ctx.out_dir, "metrics.json")
-        with open(mpath, "w") as f:
-            json.dump({"config": cfg.model_dump(mode="json", by_alias=True), **summary, **ctx.extra}, f, indent=1)
+        atomic_write_json(mpath, {"config": cfg.model_dump(mode="json", by_alias=True), **summary, **ctx.extra},
+                          indent=1)
         summary["metrics_path"] = mpath
         try:
             summary["plot_path"] = write_plot(state["history"], state["eval_history"],
@@ -696,7 +718,9 @@ def train_loop_per_worker(config: dict) -> None:
         return train_loop(cfg, ctx, teacher, engine)
 
     if ckpt is not None:
-        with ckpt.as_directory() as d:
+        # The latest registered checkpoint, verified against its manifests; a damaged one is
+        # replaced (with a warning) by the newest older intact checkpoint of the same run.
+        with restorable_checkpoint_dir(ckpt, log=print) as d:
             # as_directory may hand out a temp copy; the loop reads everything it needs at its start
             summary = run(d)
     else:
@@ -732,12 +756,9 @@ def _local_param_fraction(module: torch.nn.Module) -> float:
 # ------------------------------------------------------------------------------------------
 
 
-def _latest_local_checkpoint(root: str) -> str | None:
-    if not os.path.isdir(root):
-        return None
-    cands = sorted(d for d in os.listdir(root) if d.startswith("step_") and
-                   os.path.exists(os.path.join(root, d, "state.json")))
-    return os.path.join(root, cands[-1]) if cands else None
+def _latest_local_checkpoint(root: str, log: Callable[[str], None] | None = None) -> str | None:
+    """Newest intact ``root/step_*`` checkpoint (damaged ones skipped with a warning), or None."""
+    return select_local_checkpoint(root, log=log)
 
 
 def run_local(cfg: TrainJobConfig, windows: Iterable[dict] | Callable[[int], Iterator[dict]],
@@ -776,15 +797,13 @@ def run_local(cfg: TrainJobConfig, windows: Iterable[dict] | Callable[[int], Ite
         if d is None:
             return
         dest = os.path.join(ck_root, f"step_{metrics['step']:07d}")
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        shutil.copytree(d, dest)
-        kept = sorted(x for x in os.listdir(ck_root) if x.startswith("step_"))
+        publish_dir(d, dest)  # copy to a temp sibling, fsync, rename: never half-written
+        kept = sorted(x for x in os.listdir(ck_root) if x.startswith("step_") and ".tmp-" not in x)
         for old in kept[:-cfg.run.keep_checkpoints]:
             shutil.rmtree(os.path.join(ck_root, old), ignore_errors=True)
 
     ctx = LoopContext(rank=0, world=1, windows=make, eval_windows=list(eval_windows or []), report=report,
-                      restore_dir=_latest_local_checkpoint(ck_root) if resume else None, out_dir=out_dir,
+                      restore_dir=_latest_local_checkpoint(ck_root, log) if resume else None, out_dir=out_dir,
                       tokenizer_path=tokenizer_path, log=log, eval_targets=eval_targets)
     summary = train_loop(cfg, ctx, teacher, engine)
     summary["engine"] = engine
@@ -821,7 +840,12 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
     Returns a summary: output paths, data counts, the final metrics and the Ray Train result path.
     ``eval_windows_override``: precomputed held-out windows (skips the held-out Ray Data pass).
 
+    A worker that dies is replaced and resumes from the latest intact checkpoint up to
+    ``run.max_failures`` times (Ray Train ``FailureConfig``); ``metrics.json`` lists the restores.
+
     Raises:
+        bd_ray.models.TokenizerMismatchError, ModelCompatError: teacher/drafter/config mismatch,
+            found before Ray starts (:func:`check_models_compatible`).
         ray.train.TrainingFailedError: a worker failed more than ``run.max_failures`` times.
     """
     import ray
@@ -831,11 +855,10 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
     from bd_ray import models
     from bd_ray.data import build_window_dataset, eval_windows, offline_window_dataset
 
-    _ensure_ray(cfg)
-    out_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
-    os.makedirs(out_dir, exist_ok=True)
+    # Everything that can be checked without Ray is checked here, in the driver, before any Ray
+    # process starts: a mismatch is one clear error, not a crash inside a worker.
     verifier_path = str(models.resolve_model_path(cfg.models.verifier))
-    t0 = time.time()
+    check_models_compatible(cfg, verifier_path)
     eval_targets = None
     if cfg.teacher.mode == "offline":
         from bd_ray.teacher_targets import read_manifest, read_target_rows
@@ -845,6 +868,11 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
             raise ValueError(f"offline targets at {cfg.teacher.targets_path} are for windows of "
                              f"{man['prefix_len']} + {man['continuation_len']} tokens, config says "
                              f"{cfg.data.prefix_len} + {cfg.data.continuation_len}")
+    _ensure_ray(cfg)
+    out_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    if cfg.teacher.mode == "offline":
         train_ds, stats = offline_window_dataset(os.path.join(cfg.teacher.targets_path, "train"),
                                                  shuffle_seed=cfg.data.shuffle_seed), None
     else:
@@ -865,12 +893,13 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
                            "eval_windows": evals, "eval_targets": eval_targets, "out_dir": out_dir},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                               resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+                                               resources_per_worker=cfg.run.worker_resources()),
         run_config=ray.train.RunConfig(
             name=name, storage_path=os.path.join(out_dir, "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
         datasets={"train": train_ds},
+        dataset_config=_ordered_data_config(),
     )
     result = trainer.fit()
     summary: dict[str, Any] = {"out_dir": out_dir, "ray_result_path": getattr(result, "path", None),
@@ -882,7 +911,73 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
             json.dump(summary["data_stats"], f, indent=1)
         mpath = os.path.join(out_dir, "metrics.json")
         if os.path.exists(mpath):
-            m = json.load(open(mpath))
+            with open(mpath) as f:
+                m = json.load(f)
             m["data_stats"] = summary["data_stats"]
-            json.dump(m, open(mpath, "w"), indent=1)
+            atomic_write_json(mpath, m, indent=1)
     return summary
+
+
+def _ordered_data_config():
+    """Ray Train ``DataConfig`` with Ray's default ingest options plus ``preserve_order``: windows
+    reach a worker in the same order on every (re)start, so skipping the windows a checkpoint
+    already consumed resumes exactly (with one worker; several workers get a deterministic
+    stream but Ray's split of it across workers is not guaranteed to be the same)."""
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return ray.train.DataConfig(execution_options=opts)
+
+
+class ModelCompatError(ValueError):
+    """The verifier (teacher), the drafter and the config do not fit together (positions, layers)."""
+
+
+def check_models_compatible(cfg: TrainJobConfig, verifier_path: str) -> None:
+    """Driver-side checks of the teacher/drafter pair against each other and the config, from the
+    checkpoints' config and tokenizer files only (no weights, no Ray).
+
+    Checks: the drafter's tokenizer equals the verifier's (vocabulary, id -> string map, special
+    tokens, splitting; ``bd_ray.models.check_tokenizer_compat``) and so do the models' vocabulary
+    sizes (``config.vocab_size``, the logits width); both models hold a window of
+    ``data.prefix_len + data.continuation_len`` positions (``max_position_embeddings``); a drafter
+    made from the verifier's first ``models.drafter_layers`` layers has that many layers to take.
+
+    Raises:
+        bd_ray.models.TokenizerMismatchError: tokenizers or vocabulary sizes differ.
+        ModelCompatError: a window longer than a model's positions; too many drafter layers.
+        FileNotFoundError: a model path that does not exist.
+    """
+    from transformers import AutoConfig
+
+    from bd_ray import models
+
+    window = cfg.data.window_len
+
+    def text_config(path):
+        return AutoConfig.from_pretrained(path, local_files_only=True).get_text_config()
+
+    def positions(c, who: str, name: str) -> None:
+        n = getattr(c, "max_position_embeddings", None)
+        if n is not None and n < window:
+            raise ModelCompatError(
+                f"the {who} ({name}) has max_position_embeddings={n}, but a training window is "
+                f"data.prefix_len + data.continuation_len = {cfg.data.prefix_len} + "
+                f"{cfg.data.continuation_len} = {window} positions; shorten the window or use a "
+                f"{who} with more positions")
+
+    vcfg = text_config(verifier_path)
+    positions(vcfg, "verifier (teacher)", cfg.models.verifier)
+    if cfg.models.drafter:
+        dpath = models.resolve_model_path(cfg.models.drafter)
+        dcfg = text_config(dpath)
+        models.check_tokenizer_compat(models.load_tokenizer(verifier_path), models.load_tokenizer(dpath),
+                                      verifier_vocab_size=getattr(vcfg, "vocab_size", None),
+                                      drafter_vocab_size=getattr(dcfg, "vocab_size", None))
+        positions(dcfg, "drafter", cfg.models.drafter)
+    else:
+        n = getattr(vcfg, "num_hidden_layers", None)
+        if n is not None and cfg.models.drafter_layers > n:
+            raise ModelCompatError(f"models.drafter_layers={cfg.models.drafter_layers}, but the verifier "
+                                   f"{cfg.models.verifier} has only {n} layers to copy")

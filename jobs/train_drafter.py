@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         for split, s in summary["data_stats"].items():
             print(f"[bd-ray] data {split}: {s['documents']} documents, {s['windows']} windows, ok {s['ok']}, "
                   f"too short {s['too_short']}, empty {s['empty']}, undecodable {s['undecodable']}, "
-                  f"bad json {s['bad_json']}")
+                  f"bad json {s['bad_json']}, unreadable shards {s.get('unreadable', 0)}")
     print(json.dumps({k: v for k, v in (summary.get("metrics") or {}).items()}, indent=1, default=str))
     return 0
 

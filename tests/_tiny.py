@@ -80,3 +80,128 @@ def write_tiny_world(root, window: int = 112):
     pq.write_table(pa.Table.from_pylist(docs), root / "corpus.parquet")
     held = np.array(tok(TINY_TEXT * 2)["input_ids"])
     return tok, [held[i * window:(i + 1) * window] for i in range(4)]
+
+
+def own_ray_processes(title_prefix: str) -> list:
+    """``psutil.Process`` objects of this driver's Ray cluster whose title starts with ``title_prefix``
+    (e.g. ``"ray::RayTrainWorker"``, ``"ray::ServeReplica:app:SpecEngine"``).
+
+    Only descendants of the raylet this process started are searched, so processes of other Ray
+    clusters on the same machine are never touched. Needs a cluster started by ``ray.init`` here.
+    """
+    import psutil
+    import ray
+
+    node = ray._private.worker._global_node  # noqa: SLF001 -- the local node this driver started
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    out = []
+    for p in raylet.children(recursive=True):
+        try:
+            title = (p.cmdline() or [""])[0]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if title.startswith(title_prefix):
+            out.append(p)
+    return out
+
+
+# ---- tiny training setup shared by the training tests (test_train.py, test_faults_train.py) ----
+
+TRAIN_V, TRAIN_P, TRAIN_T = 256, 96, 16  # vocabulary, prefix and continuation tokens of a window
+
+
+def tiny_train_cfg(**over):
+    """A seeded single-process ``TrainJobConfig`` on windows of ``TRAIN_P + TRAIN_T`` tokens (no
+    DeepSpeed, no evals/checkpoints/export unless overridden). ``over``: ``section__key=value``."""
+    from bd_ray.train_config import TrainJobConfig
+
+    tree = {
+        "models": {"drafter_layers": 1},
+        "data": {"prefix_len": TRAIN_P, "continuation_len": TRAIN_T, "eval_windows": 0},
+        "loss": {"budgets": {32: 0.5, 48: 0.5}, "policy": {"chunk_size": 8, "recent": 8},
+                 "logits_chunk": 8, "prefill_chunk": 32},
+        "optim": {"lr": 1e-3, "warmup_steps": 2, "max_steps": 20},
+        "deepspeed": {"enabled": False},
+        "run": {"eval_every": 1000, "checkpoint_every": 1000, "log_every": 1000, "export": False},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__")
+        tree.setdefault(sec, {})[key] = v
+    return TrainJobConfig.model_validate(tree)
+
+
+def tiny_train_rows(n: int = 40, seed: int = 0) -> list[dict]:
+    """``n`` random windows ``{"input_ids": int[TRAIN_P + TRAIN_T]}`` over ``TRAIN_V`` ids."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    return [{"input_ids": g.integers(0, TRAIN_V, TRAIN_P + TRAIN_T)} for _ in range(n)]
+
+
+def tiny_train_models():
+    """``(teacher, drafter)``: a seeded 2-layer tiny Llama and a drafter of its first layer."""
+    from bd_ray.models import init_drafter_from_verifier
+
+    teacher = tiny_llama(vocab_size=TRAIN_V, layers=2, seed=1)
+    return teacher, init_drafter_from_verifier(teacher, 1)
+
+
+# ---- tiny Serve application shared by the serving tests and benchmarks/soak.py ----
+
+SERVE_MAX_MODEL_LEN = 256
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SERVE_PROMPTS = [
+    "It is a truth universally acknowledged, that a single man",
+    "In the beginning God created the heaven and the earth. And the earth was",
+    "Call me Ishmael. Stop here. However little known the feelings or views of such a man",
+    "their daughters. Call me",
+]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_serve_models(root):
+    """A tiny verifier (4 layers, 512 positions) and a drafter of its first 3 layers, each saved with
+    the tiny BPE tokenizer and :data:`CHAT_TEMPLATE` under ``root``. Returns ``(vdir, ddir)``."""
+    from pathlib import Path
+
+    from bd_ray.models import init_drafter_from_verifier
+
+    root = Path(root)
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    verifier = tiny_llama(layers=4, seed=0, max_positions=512)
+    drafter = init_drafter_from_verifier(verifier, 3)
+    vdir, ddir = root / "verifier", root / "drafter"
+    for m, d in ((verifier, vdir), (drafter, ddir)):
+        m.save_pretrained(d)
+        tok.save_pretrained(d)
+    return vdir, ddir
+
+
+def serve_app_args(vdir, ddir, max_model_len: int = SERVE_MAX_MODEL_LEN) -> dict:
+    """Serve app args (``ServeAppConfig`` tree) for the tiny models: 1-2 autoscaled engine replicas of
+    half a CPU each, 2 ongoing + 6 queued requests per replica, fast autoscaling and health checks,
+    fixed γ = 3 (adaptive γ off)."""
+    return {
+        "model": {"name": "tiny", "aliases": ["tiny-alias"], "verifier": str(vdir), "drafter": str(ddir),
+                  "device": "cpu", "max_model_len": max_model_len, "torch_threads": 1},
+        # fixed γ (adaptive off) so per-position acceptance has exactly γ entries
+        "spec": {"gamma": 3, "max_gamma": 8, "kv_budget": 48, "adaptive": False,
+                 "sparse_policy": {"name": "chunk_topk", "chunk_size": 8, "recent": 8}},
+        "defaults": {"max_tokens": 32, "temperature": 0.0},
+        "engine": {"num_cpus": 0.5, "max_ongoing_requests": 2, "max_queued_requests": 6,
+                   "health_check_period_s": 2,
+                   "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                   "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
+                                   "metrics_interval_s": 0.5}},
+        "ingress": {"num_cpus": 0.1, "retry_after_s": 1, "first_chunk_timeout_s": 60},
+    }

@@ -65,3 +65,44 @@ def tiny_llama_pair() -> Callable:
         return verifier, drafter, tok
 
     return make
+
+
+# ---- a private local Ray cluster (never joins or stops anyone else's) ----
+
+@pytest.fixture
+def ray_cluster():
+    """A new local Ray instance with 4 logical CPUs (Ray Train + Ray Data need more than the 2 cores,
+    DESIGN.md sec 5); shut down after the test."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+# ---- the tiny Serve application's models (tests/_tiny.py) ----
+
+@pytest.fixture(scope="session")
+def serve_model_dirs(tmp_path_factory):
+    """``(verifier_dir, drafter_dir)`` of the tiny serving models (``_tiny.write_serve_models``)."""
+    from _tiny import write_serve_models
+
+    return write_serve_models(tmp_path_factory.mktemp("serve_models"))
+
+
+@pytest.fixture(scope="session")
+def serve_reference(serve_model_dirs):
+    """``(ar, tokenizer)``: ``ar(prompt_ids, max_tokens, ignore_eos=False) -> text`` is the
+    verifier's own greedy decoding (the engine's ARGenerator), the text a lossless server must return."""
+    from bd_ray.config import SamplingConfig
+    from bd_ray.models import load_verifier
+    from bd_ray.spec.engine import ARGenerator
+
+    verifier, tok = load_verifier(str(serve_model_dirs[0]))
+    gen = ARGenerator(verifier, tok)
+
+    def ar(prompt_ids, max_tokens, ignore_eos=False):
+        extra = {"eos_token_ids": []} if ignore_eos else {}
+        return gen.generate(prompt_ids, SamplingConfig(temperature=0.0, max_new_tokens=max_tokens, **extra)).text
+
+    return ar, tok

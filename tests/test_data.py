@@ -63,6 +63,28 @@ def test_normalize_and_tokenize_count_malformed(tok_dir):
         resolve_source(DataConfig(source="/nonexistent/thing"))
 
 
+def test_truncated_parquet_shard_is_found_by_its_footer(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bd_ray.data import check_parquet_shards
+
+    d = tmp_path / "c"
+    d.mkdir()
+    t = pa.Table.from_pylist([{"doc_id": "a", "text": TINY_TEXT}])
+    for name in ("a.parquet", "b.parquet", "c.parquet"):
+        pq.write_table(t, d / name)
+    (d / "b.parquet").write_bytes((d / "b.parquet").read_bytes()[:100])  # truncated upload
+    (d / "c.parquet").write_bytes(b"")  # empty file
+    (d / "notes.txt").write_text("not a shard")
+    good, _fs, bad = check_parquet_shards(str(d))
+    assert [os.path.basename(p) for p in good] == ["a.parquet"]
+    assert [os.path.basename(p) for p, _ in bad] == ["b.parquet", "c.parquet"]
+    assert all(why for _, why in bad)
+    with pytest.raises(FileNotFoundError, match="data.source"):
+        check_parquet_shards(str(tmp_path / "missing"))
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 
 import pytest
@@ -23,77 +22,15 @@ serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from _tiny import SERVE_MAX_MODEL_LEN, SERVE_PROMPTS as PROMPTS  # noqa: E402
+from _tiny import free_port as _free_port, serve_app_args as app_args  # noqa: E402
+
 APP = "bd"
-MAX_MODEL_LEN = 256
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-PROMPTS = [
-    "It is a truth universally acknowledged, that a single man",
-    "In the beginning God created the heaven and the earth. And the earth was",
-    "Call me Ishmael. Stop here. However little known the feelings or views of such a man",
-    "their daughters. Call me",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MAX_MODEL_LEN = SERVE_MAX_MODEL_LEN
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    from _tiny import tiny_llama, tiny_tokenizer
-
-    from bd_ray.models import init_drafter_from_verifier
-
-    root = tmp_path_factory.mktemp("serve_models")
-    tok = tiny_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    verifier = tiny_llama(layers=4, seed=0, max_positions=512)
-    drafter = init_drafter_from_verifier(verifier, 3)
-    vdir, ddir = root / "verifier", root / "drafter"
-    for m, d in ((verifier, vdir), (drafter, ddir)):
-        m.save_pretrained(d)
-        tok.save_pretrained(d)
-    return vdir, ddir
-
-
-@pytest.fixture(scope="module")
-def reference(model_dirs):
-    """``ar(prompt_ids, max_tokens) -> text`` with the engine's ARGenerator (greedy), plus the tokenizer."""
-    from bd_ray.config import SamplingConfig
-    from bd_ray.models import load_verifier
-    from bd_ray.spec.engine import ARGenerator
-
-    verifier, tok = load_verifier(str(model_dirs[0]))
-    gen = ARGenerator(verifier, tok)
-
-    def ar(prompt_ids, max_tokens):
-        return gen.generate(prompt_ids, SamplingConfig(temperature=0.0, max_new_tokens=max_tokens)).text
-
-    return ar, tok
-
-
-def app_args(vdir, ddir) -> dict:
-    return {
-        "model": {"name": "tiny", "aliases": ["tiny-alias"], "verifier": str(vdir), "drafter": str(ddir),
-                  "device": "cpu", "max_model_len": MAX_MODEL_LEN, "torch_threads": 1},
-        # fixed γ (adaptive off) so per-position acceptance has exactly γ entries
-        "spec": {"gamma": 3, "max_gamma": 8, "kv_budget": 48, "adaptive": False,
-                 "sparse_policy": {"name": "chunk_topk", "chunk_size": 8, "recent": 8}},
-        "defaults": {"max_tokens": 32, "temperature": 0.0},
-        "engine": {"num_cpus": 0.5, "max_ongoing_requests": 2, "max_queued_requests": 6,
-                   "health_check_period_s": 2,
-                   "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                                   "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
-                                   "metrics_interval_s": 0.5}},
-        "ingress": {"num_cpus": 0.1, "retry_after_s": 1, "first_chunk_timeout_s": 60},
-    }
-
-
-@pytest.fixture(scope="module")
-def server(model_dirs):
+def server(serve_model_dirs):
     """Start Ray (4 logical CPUs) + Serve on 127.0.0.1 and the app; tear both down afterwards."""
     from bd_ray.serve.app import build_app
 
@@ -104,7 +41,7 @@ def server(model_dirs):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(app_args(*model_dirs)), name=APP, route_prefix="/")
+        serve.run(build_app(app_args(*serve_model_dirs)), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -141,8 +78,8 @@ def test_models_and_health(server, client):
 
 
 @pytest.mark.parametrize("speculative", [True, False])
-def test_completion_greedy_equals_ar(client, reference, speculative):
-    ar, tok = reference
+def test_completion_greedy_equals_ar(client, serve_reference, speculative):
+    ar, tok = serve_reference
     prompt = PROMPTS[0]
     want = ar(ids(tok, prompt), 24)
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0,
@@ -161,8 +98,8 @@ def test_completion_greedy_equals_ar(client, reference, speculative):
         assert sm["drafted"] == 0 and sm["tau"] == 1.0
 
 
-def test_completion_stream_equals_ar_and_sse_format(server, client, reference):
-    ar, tok = reference
+def test_completion_stream_equals_ar_and_sse_format(server, client, serve_reference):
+    ar, tok = serve_reference
     prompt = PROMPTS[1]
     want = ar(ids(tok, prompt), 30)
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=30, temperature=0,
@@ -184,8 +121,8 @@ def test_completion_stream_equals_ar_and_sse_format(server, client, reference):
         assert obj["object"] == "text_completion"
 
 
-def test_chat_stream_and_not_equal_ar(client, reference):
-    ar, tok = reference
+def test_chat_stream_and_not_equal_ar(client, serve_reference):
+    ar, tok = serve_reference
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[2]}]
     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     want = ar(tok(rendered, add_special_tokens=False)["input_ids"], 20)
@@ -206,8 +143,8 @@ def _status_and_error(fn):
     return ei.value.status_code, ei.value.body
 
 
-def test_bad_inputs_documented_errors(server, client, reference):
-    _, tok = reference
+def test_bad_inputs_documented_errors(server, client, serve_reference):
+    _, tok = serve_reference
     long_prompt = " ".join(["truth"] * 100)  # ~200 tokens
     n_long = len(ids(tok, long_prompt))
     cases = [
@@ -280,8 +217,8 @@ async def _one_stream(aclient, prompt, extra):
     return "".join(parts), last.model_extra["spec_metrics"]
 
 
-def test_eight_concurrent_streams_no_crosstalk(server, reference):
-    ar, tok = reference
+def test_eight_concurrent_streams_no_crosstalk(server, serve_reference):
+    ar, tok = serve_reference
     configs = [
         {"gamma": 1, "kv_budget": 16, "sparse_policy": "streaming"},
         {"gamma": 2, "kv_budget": 24},

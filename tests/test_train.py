@@ -20,45 +20,18 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np
 import pytest
 import torch
 
-from bd_ray.models import init_drafter_from_verifier
 import bd_ray.train as bd_train
 from bd_ray.train import lr_factor, run_local
 from bd_ray.train_config import ConfigError, TrainJobConfig, load_train_config
-from _tiny import tiny_llama, write_tiny_world
+from _tiny import TRAIN_P as P, TRAIN_T as T, TRAIN_V as V  # noqa: F401
+from _tiny import tiny_train_cfg as tiny_cfg, tiny_train_models as fresh_models, tiny_train_rows as random_rows
+from _tiny import write_tiny_world
 
 torch.set_num_threads(1)
 GOLDEN = Path(__file__).parent / "golden" / "budgetdraft_tiny_20steps.json"
-V, P, T = 256, 96, 16
-
-
-def tiny_cfg(**over) -> TrainJobConfig:
-    tree = {
-        "models": {"drafter_layers": 1},
-        "data": {"prefix_len": P, "continuation_len": T, "eval_windows": 0},
-        "loss": {"budgets": {32: 0.5, 48: 0.5}, "policy": {"chunk_size": 8, "recent": 8},
-                 "logits_chunk": 8, "prefill_chunk": 32},
-        "optim": {"lr": 1e-3, "warmup_steps": 2, "max_steps": 20},
-        "deepspeed": {"enabled": False},
-        "run": {"eval_every": 1000, "checkpoint_every": 1000, "log_every": 1000, "export": False},
-    }
-    for k, v in over.items():
-        sec, key = k.split("__")
-        tree.setdefault(sec, {})[key] = v
-    return TrainJobConfig.model_validate(tree)
-
-
-def random_rows(n=40, seed=0):
-    g = np.random.default_rng(seed)
-    return [{"input_ids": g.integers(0, V, P + T)} for _ in range(n)]
-
-
-def fresh_models():
-    teacher = tiny_llama(vocab_size=V, layers=2, seed=1)
-    return teacher, init_drafter_from_verifier(teacher, 1)
 
 
 def curve(cfg, tmp_path) -> list[dict]:
@@ -170,15 +143,6 @@ def test_paper_configs_load():
 # ------------------------------------------------------------------------------------------
 # Ray Train + DeepSpeed (2 workers, gloo)
 # ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow

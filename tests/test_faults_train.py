@@ -1,0 +1,349 @@
+"""Training under faults (issue 8): lost workers, damaged checkpoints, hostile data, mismatched models.
+
+- checkpoints are sealed by per-rank manifests (sizes + SHA-256, written last); every kind of damage
+  is detected, and publishing a checkpoint directory is atomic (a crash mid-copy leaves no
+  half-written directory under the final name);
+- a damaged latest checkpoint is skipped with a warning, the previous intact one is restored, and
+  the run still ends with the uninterrupted run's weights (single process, and the Ray Train
+  restore path against a storage folder laid out like Ray's);
+- a teacher/drafter/config mismatch is one clear error in the driver before Ray starts;
+- Ray Train: the worker process is SIGKILLed mid-run (found by pid among this test's own Ray
+  processes); FailureConfig restarts it, it restores the last checkpoint and the final drafter
+  equals an uninterrupted run's, on a corpus with an empty document, undecodable bytes, a
+  one-token document and a truncated parquet shard (all skipped and counted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+
+from bd_ray.checkpoints import (NO_MANIFEST, CheckpointCorruptError, CheckpointIntegrityWarning,
+                                checkpoint_problem, manifest_name, publish_dir, restorable_checkpoint_dir,
+                                write_manifest)
+from bd_ray.models import TokenizerMismatchError
+from bd_ray.train import ModelCompatError, check_models_compatible, run_local
+from bd_ray.train_config import TrainJobConfig
+from _tiny import TRAIN_P as P, TRAIN_T as T
+from _tiny import TINY_TEXT, own_ray_processes, tiny_llama, tiny_tokenizer, write_tiny_world
+from _tiny import tiny_train_cfg as tiny_cfg, tiny_train_models as fresh_models, tiny_train_rows as random_rows
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------
+# Manifests and atomic publishing (no models)
+# ------------------------------------------------------------------------------------------
+
+
+def _fake_checkpoint(d: Path, step: int = 3, world: int = 2) -> Path:
+    """A checkpoint as two ranks leave it merged in storage: rank 0 state + model, rank 1 optimizer."""
+    d.mkdir(parents=True)
+    (d / "state.json").write_text(json.dumps({"step": step, "world": world}))
+    (d / "engine").mkdir()
+    (d / "engine" / "model.pt").write_bytes(os.urandom(4096))
+    r1 = d.parent / f"{d.name}_rank1"
+    (r1 / "engine").mkdir(parents=True)
+    (r1 / "engine" / "optim_rank1.pt").write_bytes(os.urandom(2048))
+    write_manifest(str(d), 0, world, step)
+    write_manifest(str(r1), 1, world, step)
+    for f in r1.rglob("*"):  # merge rank 1's files (what Ray Train does in storage)
+        if f.is_file():
+            (d / f.relative_to(r1)).parent.mkdir(parents=True, exist_ok=True)
+            f.replace(d / f.relative_to(r1))
+    return d
+
+
+def test_manifest_detects_every_kind_of_damage(tmp_path):
+    d = _fake_checkpoint(tmp_path / "c")
+    assert checkpoint_problem(str(d)) is None
+    man = json.loads((d / manifest_name(0)).read_text())
+    assert set(man["files"]) == {"state.json", "engine/model.pt"} and man["world"] == 2
+
+    def damaged(mutate) -> str:
+        c = _fake_checkpoint(tmp_path / f"x{len(list(tmp_path.iterdir()))}")
+        mutate(c)
+        return checkpoint_problem(str(c))
+
+    def flip(p: Path) -> None:
+        b = bytearray(p.read_bytes())
+        b[100] ^= 0xFF
+        p.write_bytes(bytes(b))
+
+    assert "SHA-256" in damaged(lambda c: flip(c / "engine" / "model.pt"))
+    assert "bytes" in damaged(lambda c: (c / "engine" / "optim_rank1.pt").write_bytes(b"short"))
+    assert "missing" in damaged(lambda c: (c / "engine" / "model.pt").unlink())
+    assert "rank 1 of 2 is missing" in damaged(lambda c: (c / manifest_name(1)).unlink())
+    assert "state.json is unreadable" in damaged(lambda c: (c / "state.json").write_text('{"step": 3, "wor'))
+    assert "state.json is missing" in damaged(lambda c: (c / "state.json").unlink())
+    legacy = damaged(lambda c: [(c / manifest_name(r)).unlink() for r in (0, 1)])
+    assert legacy == NO_MANIFEST
+
+
+def test_publish_dir_is_atomic(tmp_path, monkeypatch):
+    src = _fake_checkpoint(tmp_path / "src", world=1)
+    publish_dir(str(src), str(tmp_path / "ck" / "step_0000003"))
+    assert checkpoint_problem(str(tmp_path / "ck" / "step_0000003")) is None
+    # A crash in the middle of copying: nothing appears under the final name, the old one survives.
+    import shutil
+
+    real = shutil.copyfile
+    calls = {"n": 0}
+
+    def dying_copy(a, b, **k):
+        calls["n"] += 1
+        if calls["n"] % 3 == 2:  # the second file of each copy
+            raise OSError("disk died mid-copy")
+        return real(a, b, **k)
+
+    monkeypatch.setattr(shutil, "copyfile", dying_copy)
+    with pytest.raises(OSError, match="mid-copy"):
+        publish_dir(str(src), str(tmp_path / "ck" / "step_0000006"))
+    calls["n"] = 0
+    with pytest.raises(OSError, match="mid-copy"):
+        publish_dir(str(src), str(tmp_path / "ck" / "step_0000003"))  # replacing an existing one
+    monkeypatch.setattr(shutil, "copyfile", real)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["step_0000003"]
+    assert checkpoint_problem(str(tmp_path / "ck" / "step_0000003")) is None
+
+
+@pytest.mark.timeout(180)
+def test_damaged_latest_checkpoint_falls_back_and_matches_uninterrupted(tmp_path):
+    over = dict(optim__max_steps=8, run__checkpoint_every=3)
+    teacher, drafter = fresh_models()
+    full = run_local(tiny_cfg(**over), random_rows(), teacher, drafter, out_dir=str(tmp_path / "full"),
+                     resume=False, log=lambda m: None)
+    teacher, drafter = fresh_models()
+    part = run_local(tiny_cfg(**over, run__stop_after_steps=6), random_rows(), teacher, drafter,
+                     out_dir=str(tmp_path / "staged"), resume=False, log=lambda m: None)
+    ck = tmp_path / "staged" / "checkpoints"
+    assert part["step"] == 6 and sorted(os.listdir(ck)) == ["step_0000003", "step_0000006"]
+    assert all(checkpoint_problem(str(ck / n)) is None for n in os.listdir(ck))
+    blob = ck / "step_0000006" / "local_engine.pt"  # bit rot in the newest checkpoint
+    b = bytearray(blob.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    blob.write_bytes(bytes(b))
+    logs: list[str] = []
+    teacher, drafter = fresh_models()
+    with pytest.warns(CheckpointIntegrityWarning, match=r"step_0000006.*SHA-256.*step_0000003"):
+        resumed = run_local(tiny_cfg(**over), random_rows(), teacher, drafter, out_dir=str(tmp_path / "staged"),
+                            resume=True, log=logs.append)
+    assert resumed["finished"] and resumed["step"] == 8
+    assert [r["step"] for r in resumed["restores"]] == [3]  # only the work after step 3 was redone
+    assert any("WARNING" in m and "step_0000006" in m for m in logs)
+    a, b2 = full["engine"].module.state_dict(), resumed["engine"].module.state_dict()
+    assert all(torch.equal(a[k], b2[k]) for k in a)
+    m = json.loads((tmp_path / "staged" / "metrics.json").read_text())
+    assert m["restores"][0]["step"] == 3 and m["step"] == 8
+
+
+def test_ray_restore_path_skips_damaged_checkpoint(tmp_path):
+    """The Ray Train worker's restore (``restorable_checkpoint_dir``) on a storage folder laid out as
+    Ray's: the registered latest checkpoint is damaged, its older sibling is restored instead."""
+    from ray.train import Checkpoint
+
+    run = tmp_path / "ray" / "run"
+    old = _fake_checkpoint(run / "checkpoint_2026-11-30_00-00-01.000000", step=3)
+    new = _fake_checkpoint(run / "checkpoint_2026-11-30_00-00-09.000000", step=6)
+    partial = run / "checkpoint_2026-11-30_00-00-12.000000"  # an upload that never finished
+    partial.mkdir()
+    (partial / "state.json").write_text(json.dumps({"step": 9, "world": 2}))
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    with restorable_checkpoint_dir(Checkpoint.from_directory(str(new))) as d:
+        assert Path(d) == new  # intact: used as is
+    (new / "engine" / "model.pt").write_bytes(b"\0" * 4096)
+    with pytest.warns(CheckpointIntegrityWarning, match="does not match its SHA-256"):
+        with restorable_checkpoint_dir(Checkpoint.from_directory(str(new))) as d:
+            assert Path(d) == old
+    (old / "state.json").write_text("{")
+    with pytest.raises(CheckpointCorruptError, match="no earlier intact checkpoint"):
+        with restorable_checkpoint_dir(Checkpoint.from_directory(str(new))):
+            pass
+
+
+# ------------------------------------------------------------------------------------------
+# Teacher/drafter mismatch: one clear error in the driver, before Ray starts
+# ------------------------------------------------------------------------------------------
+
+
+def _save(model, tok, d: Path) -> str:
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def test_model_mismatch_is_caught_in_the_driver_before_ray(tmp_path):
+    import ray
+
+    from bd_ray.train import run_ray
+
+    tok = tiny_tokenizer()
+    vdir = _save(tiny_llama(vocab_size=len(tok), layers=2, max_positions=512), tok, tmp_path / "v")
+    other_tok = tiny_tokenizer(300)
+    cases = []
+    cases.append((_save(tiny_llama(vocab_size=len(other_tok), layers=1), other_tok, tmp_path / "d_vocab"),
+                  TokenizerMismatchError, "vocabulary sizes differ"))
+    from transformers import PreTrainedTokenizerFast
+
+    bos_tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="</s>", bos_token="</s>")
+    cases.append((_save(tiny_llama(vocab_size=len(tok), layers=1), bos_tok, tmp_path / "d_special"),
+                  TokenizerMismatchError, "special token bos_token differs"))
+    cases.append((_save(tiny_llama(vocab_size=len(tok) + 64, layers=1), tok, tmp_path / "d_width"),
+                  TokenizerMismatchError, "logits widths"))
+    cases.append((_save(tiny_llama(vocab_size=len(tok), layers=1, max_positions=64), tok, tmp_path / "d_pos"),
+                  ModelCompatError, r"drafter .* max_position_embeddings=64.*96 \+ 16 = 112"))
+    for drafter, exc, msg in cases:
+        cfg = TrainJobConfig.model_validate({
+            "models": {"verifier": vdir, "drafter": drafter},
+            "data": {"source": str(tmp_path / "nowhere.parquet"), "prefix_len": P, "continuation_len": T},
+            "run": {"output_dir": str(tmp_path / "runs"), "ray_address": "local"}})
+        with pytest.raises(exc, match=msg):
+            run_ray(cfg)
+        assert not ray.is_initialized(), "the mismatch must be found before Ray starts"
+    # the verifier itself too short for the window; too many layers to copy into the drafter
+    short = _save(tiny_llama(vocab_size=len(tok), layers=2, max_positions=100), tok, tmp_path / "v_short")
+    with pytest.raises(ModelCompatError, match=r"verifier \(teacher\).*max_position_embeddings=100"):
+        check_models_compatible(TrainJobConfig.model_validate(
+            {"models": {"verifier": short}, "data": {"prefix_len": P, "continuation_len": T}}), short)
+    with pytest.raises(ModelCompatError, match="drafter_layers=3.*only 2 layers"):
+        check_models_compatible(TrainJobConfig.model_validate(
+            {"models": {"verifier": vdir, "drafter_layers": 3}, "data": {"prefix_len": P, "continuation_len": T}}),
+            vdir)
+    check_models_compatible(TrainJobConfig.model_validate(  # a compatible pair passes
+        {"models": {"verifier": vdir, "drafter": vdir}, "data": {"prefix_len": P, "continuation_len": T}}), vdir)
+
+
+# ------------------------------------------------------------------------------------------
+# Ray Train: a worker killed mid-run, on a hostile corpus
+# ------------------------------------------------------------------------------------------
+
+
+def write_hostile_corpus(root: Path) -> Path:
+    """Parquet shards (binary text column, as raw-crawled corpora store it): 3 good books, an
+    empty document, undecodable bytes, a one-token document, a held-out book, and a second train
+    shard cut in half (a truncated upload)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    words = TINY_TEXT.split()
+    g = np.random.default_rng(0)
+    docs = [(f"book{i}", "train", " ".join(words[j % len(words)] for j in range(int(g.integers(0, 50)), 1200)).encode())
+            for i in range(3)]
+    docs += [("held", "test", (TINY_TEXT * 2).encode()), ("empty", "train", b""),
+             ("bytes", "train", b"caf\xe9 au lait \xff\xfe\x80 " * 40), ("one", "train", b"Stop")]
+    schema = pa.schema([("doc_id", pa.string()), ("split", pa.string()), ("text", pa.binary())])
+
+    def table(rows):
+        return pa.Table.from_pylist([dict(doc_id=a, split=b, text=c) for a, b, c in rows], schema=schema)
+
+    d = root / "corpus"
+    d.mkdir()
+    pq.write_table(table(docs), d / "train-0.parquet")
+    pq.write_table(table([(f"lost{i}", "train", TINY_TEXT.encode()) for i in range(4)]), d / "train-1.parquet")
+    data = (d / "train-1.parquet").read_bytes()
+    (d / "train-1.parquet").write_bytes(data[: len(data) // 2])
+    return d
+
+
+def _ray_cfg(tmp_path: Path, name: str, max_steps: int) -> TrainJobConfig:
+    return TrainJobConfig.model_validate({
+        "models": {"verifier": str(tmp_path / "verifier"), "drafter_layers": 1},
+        "data": {"source": str(tmp_path / "corpus"), "prefix_len": P, "continuation_len": T, "eval_windows": 0,
+                 "tokenizer_num_cpus": 0.25},
+        "loss": {"budgets": {32: 0.5, 48: 0.5}, "policy": {"chunk_size": 8, "recent": 8},
+                 "logits_chunk": 8, "prefill_chunk": 32},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "max_steps": max_steps, "grad_accum": 2},
+        "deepspeed": {"zero_stage": 2, "teacher_shard": "none"},
+        "run": {"name": name, "output_dir": str(tmp_path / "runs"), "num_workers": 1, "eval_every": 10_000,
+                "checkpoint_every": 4, "keep_checkpoints": 2, "max_failures": 2, "log_every": 4},
+    })
+
+
+def _registered_checkpoints(storage: Path) -> list[str]:
+    """Checkpoint dir names Ray Train has registered (its snapshot), for a run's storage folder."""
+    snaps = list(storage.glob("*/checkpoint_manager_snapshot.json"))
+    if not snaps:
+        return []
+    try:
+        text = snaps[0].read_text()
+    except OSError:
+        return []
+    return sorted(set(__import__("re").findall(r"checkpoint_\d{4}-[\d_.-]+", text)))
+
+
+def _final_weights(out_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out_dir) / "final" / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_worker_killed_mid_run_resumes_to_the_same_drafter(tmp_path, ray_cluster):
+    from bd_ray.train import run_ray
+
+    write_tiny_world(tmp_path, P + T)  # the tiny verifier (+ an unused clean corpus)
+    write_hostile_corpus(tmp_path)
+    steps = 40
+
+    # Two runs of one config on one cluster, side by side (wall time): "kill" is SIGKILLed once a
+    # checkpoint is registered, "ref" runs uninterrupted. The kill run's worker is identified (by
+    # pid) before the ref run starts, so the right process is killed.
+    box: dict = {}
+
+    def run(name):
+        try:
+            box[name] = run_ray(_ray_cfg(tmp_path, name, steps))
+        except BaseException as exc:  # noqa: BLE001 -- reported by the main thread
+            box[name] = exc
+
+    threads = {"kill": threading.Thread(target=run, args=("kill",), daemon=True)}
+    threads["kill"].start()
+    deadline = time.time() + 300
+    victim = []
+    while not victim and time.time() < deadline and threads["kill"].is_alive():
+        victim = own_ray_processes("ray::RayTrainWorker")
+        time.sleep(0.1)
+    assert len(victim) == 1, victim
+    killed = victim[0].pid
+    threads["ref"] = threading.Thread(target=run, args=("ref",), daemon=True)
+    threads["ref"].start()
+    storage = tmp_path / "runs" / "kill" / "ray"
+    while time.time() < deadline and threads["kill"].is_alive() and not _registered_checkpoints(storage):
+        time.sleep(0.1)
+    assert _registered_checkpoints(storage), "the kill run ended (or never checkpointed) before the kill"
+    os.kill(killed, signal.SIGKILL)
+    for t in threads.values():
+        t.join(timeout=420)
+    assert not any(t.is_alive() for t in threads.values())
+    for name in ("ref", "kill"):
+        assert isinstance(box[name], dict), (name, box[name])
+    ref = box["ref"]
+    st = ref["data_stats"]
+    assert st["train"]["ok"] == 3 and st["train"]["empty"] == 1 and st["train"]["undecodable"] == 1
+    assert st["train"]["too_short"] == 1 and "test" not in st  # held-out book never enters training
+    assert st["?"]["unreadable"] == 1 and st["?"]["skipped_doc_ids"][0].endswith("train-1.parquet")
+    m_ref = json.loads((Path(ref["out_dir"]) / "metrics.json").read_text())
+    assert m_ref["finished"] and m_ref["restores"] == [] and m_ref["data_stats"] == st
+    box["s"] = box["kill"]
+    m = json.loads((Path(box["s"]["out_dir"]) / "metrics.json").read_text())
+    assert m["finished"] and m["step"] == steps
+    assert len(m["restores"]) == 1, m["restores"]
+    restore = m["restores"][0]
+    assert restore["pid"] != killed and 4 <= restore["step"] < steps and restore["step"] % 4 == 0
+    # Lost: only the steps after the restored checkpoint, redone identically.
+    assert [h["loss"] for h in m["history"]] == [h["loss"] for h in m_ref["history"]]
+    a, b = _final_weights(ref["out_dir"]), _final_weights(box["s"]["out_dir"])
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert box["s"]["data_stats"] == st
