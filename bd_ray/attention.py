@@ -3,7 +3,9 @@
 Importing this module registers, under the name :data:`ATTN_IMPLEMENTATION` (``"bd_ray_sparse"``):
 
 * an attention function (``transformers.AttentionInterface``) that computes attention through
-  :func:`bd_ray_kernels.sparse_attention` -- the Triton kernel on CUDA, the torch reference on CPU;
+  :func:`bd_ray_kernels.sparse_attention` -- the Triton kernel on CUDA -- and on CPU through
+  torch's fused flash kernel (``_cpu_fused_attention``; the torch reference when ragged
+  ``bd_ray_kv_lens`` are passed);
 * a matching mask function (``transformers.AttentionMaskInterface``) that builds no mask: causality
   is handled by the kernel with the compact-cache convention "the last ``q_len`` entries of the
   key/value tensors are the new tokens, query ``i`` sees kv entries ``[0, kv_len - q_len + i]``".
@@ -128,15 +130,61 @@ def bd_ray_sparse_attention_forward(
     b, qh, q_len, d = query.shape
     if value.dtype != query.dtype or key.dtype != query.dtype:
         key, value = key.to(query.dtype), value.to(query.dtype)
-    if q_len == 1 and query.device.type != "cuda" and kwargs.get("bd_ray_kv_lens") is None:
-        # One decode token sees every cached entry: no mask, so torch's fused CPU kernel (GQA
-        # without copying K/V) is the fastest choice; blocks of γ+1 take the grouped-matmul path
-        # below, which avoids the K/V head repeat that transformers' masked sdpa path pays.
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2), None
+    if query.device.type != "cuda" and kwargs.get("bd_ray_kv_lens") is None:
+        return _cpu_fused_attention(query, key, value, scaling), None
     out = torch.empty(b, q_len, qh, d, dtype=query.dtype, device=query.device)
     sparse_attention(query, key, value, scale=scaling, kv_lens=kwargs.get("bd_ray_kv_lens"), out=out.transpose(1, 2))
     return out, None
+
+
+_GROUPED_ROWS = 64   # up to this many query rows per KV head, queries are regrouped (see below)
+_mask_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _tail_causal_mask(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[q_len, kv_len]`` additive mask: query i sees kv entries ``[0, kv_len - q_len + i]``.
+
+    Cached for the last shape only: every layer of one forward asks for the same mask.
+    """
+    key = (q_len, kv_len, dtype, device)
+    mask = _mask_cache.get(key)
+    if mask is None:
+        mask = torch.zeros(q_len, kv_len, dtype=dtype, device=device)
+        mask[:, kv_len - q_len:] = torch.full((q_len, q_len), float("-inf"), dtype=dtype, device=device).triu(1)
+        _mask_cache.clear()
+        _mask_cache[key] = mask
+    return mask
+
+
+def _cpu_fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         scale: Optional[float]) -> torch.Tensor:
+    """Causal attention on CPU through torch's fused flash kernel; returns ``[b, q_len, q_heads, d]``.
+
+    * one decode token sees every cached entry: no mask at all;
+    * a verify block of γ+1 tokens: the ``g`` query heads that share a KV head are stacked into
+      one ``[g * q_len, d]`` query matrix per KV head, so each key/value block is read once for all
+      of them (memory-bound on CPU), with the tail-causal mask repeated per head; measured 3x
+      cheaper than grouped matmul + masked softmax for 5 tokens at 4K (benchmarks/step_costs.py);
+    * longer chunks (prefill): the kernel's own GQA with the ``[q_len, kv_len]`` mask, or plain
+      ``is_causal`` when the chunk is the whole sequence.
+    """
+    F = torch.nn.functional
+    b, qh, q_len, d = query.shape
+    kvh, kv_len = key.shape[1], key.shape[2]
+    if q_len == 1:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
+    if q_len == kv_len:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scale, is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2)
+    mask = _tail_causal_mask(q_len, kv_len, query.dtype, query.device)
+    g = qh // kvh
+    if g * q_len <= _GROUPED_ROWS:
+        q = query.reshape(b, kvh, g * q_len, d)   # rows ordered (head in group, token)
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask.repeat(g, 1), scale=scale)
+        return out.view(b, qh, q_len, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 def register() -> str:

@@ -186,7 +186,8 @@ def _chunk_terms(h, w, b, y, ids, lp, sids, slp, kind: str, want_lb: bool):
     logits = _logits(h, w, b)  # [n, V] fp32, freed after this function (recomputed in backward)
     correct = (logits.detach().argmax(-1) == y).sum()
     if kind == "hard":
-        main = F.cross_entropy(logits, y, reduction="sum")
+        # ignore_index: a teacher argmax outside a draft vocabulary cannot be drafted (-100 rows)
+        main = F.cross_entropy(logits, y, reduction="sum", ignore_index=-100)
         logq = None
     else:
         logq = torch.log_softmax(logits, dim=-1)
@@ -301,6 +302,18 @@ def _continuation_hidden(model, cache, cont_ids: torch.Tensor, start: int) -> to
     return h
 
 
+def _subset_head(weight, bias, targets: TeacherTargets, vocab, kind: str, lb_weight: float):
+    """Head rows of a draft vocabulary and the targets re-indexed into it (-100 outside)."""
+    if kind != "hard" or lb_weight > 0:
+        raise ValueError("a draft vocabulary (model.draft_vocab) supports loss.target='hard' without L_B only")
+    if weight.shape[0] != vocab.vocab_size:
+        raise ValueError(f"draft vocabulary is over {vocab.vocab_size} tokens, the head has {weight.shape[0]} rows")
+    ids = torch.from_numpy(vocab.ids).to(weight.device)
+    index = vocab.index_of().to(targets.argmax.device)
+    return (weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids),
+            TeacherTargets(index[targets.argmax]))
+
+
 def budgetdraft_loss(
     model: torch.nn.Module,
     prefix_cache,
@@ -315,6 +328,7 @@ def budgetdraft_loss(
     lb_weight: float = 0.0,
     full_cache_only: bool = False,
     chunk: int = 64,
+    draft_vocab=None,
 ) -> LossTerms:
     """``L = L_A + lam * L_C (+ lb_weight * L_B)`` for one window (DESIGN.md sec 2).
 
@@ -335,6 +349,9 @@ def budgetdraft_loss(
         lb_weight: weight of ``L_B`` (0 = off, the paper).
         full_cache_only: the naive-drafter ablation (``L = L_A``).
         chunk: rows per head/loss chunk.
+        draft_vocab: a :class:`bd_ray.draft_vocab.DraftVocab`: train the head over that subset
+            only, as it will decode (FR-Spec); teacher argmaxes outside it are left out of the
+            cross-entropy (they count as disagreements). ``kind="hard"`` only.
 
     Returns:
         :class:`LossTerms` (``loss`` with graph into the drafter's parameters only).
@@ -347,6 +364,8 @@ def budgetdraft_loss(
 
     policy = policy or SparsePolicyConfig()
     weight, bias = head_params(model)
+    if draft_vocab is not None:
+        weight, bias, targets = _subset_head(weight, bias, targets, draft_vocab, kind, lb_weight)
     T = int(cont_ids.shape[-1])
     l_c_terms: list[torch.Tensor] = []
     l_b_terms: list[torch.Tensor] = []

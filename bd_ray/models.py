@@ -82,6 +82,8 @@ def load_tokenizer(name_or_path: str | Path):
 def model_vocab_size(model: torch.nn.Module) -> int:
     """Width of the model's logits = rows of its output embedding (may exceed ``len(tokenizer)`` when padded)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "vocab_size", None) is not None:   # a SubsetLMHead
+        return int(out.vocab_size)
     if out is not None and getattr(out, "weight", None) is not None:
         return int(out.weight.shape[0])
     return int(model.config.get_text_config().vocab_size)
@@ -134,6 +136,7 @@ def load_drafter(
     *,
     verifier: torch.nn.Module | None = None,
     verifier_vocab_size: int | None = None,
+    draft_vocab: str | Path | None = "auto",
 ):
     """Load a drafter and check it is compatible with the verifier's tokenizer; return ``(model, tokenizer)``.
 
@@ -146,6 +149,9 @@ def load_drafter(
         verifier: the verifier model; required for ``from-verifier:N``, and when given its logits width
             is also checked against the drafter's.
         verifier_vocab_size: the verifier's logits width, if ``verifier`` is not given.
+        draft_vocab: a ``draft_vocab.json`` (file or directory) whose subset head the drafter uses
+            for decoding (:mod:`bd_ray.draft_vocab`); ``"auto"`` = the checkpoint's own
+            ``draft_vocab.json`` when it has one; ``None`` = full head (training uses this).
 
     The drafter is returned in eval mode with gradients enabled (it is the model being trained).
     Raises ``TokenizerMismatchError`` (a ``ValueError``) naming both vocabulary sizes, or the first id
@@ -162,7 +168,7 @@ def load_drafter(
         model.to(dtype=dtype)
         if device is not None:
             model.to(device)
-        return model, verifier_tokenizer
+        return _with_draft_vocab(model, None if draft_vocab == "auto" else draft_vocab), verifier_tokenizer
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path)
     # Check the tokenizers before paying for the weights.
@@ -170,7 +176,19 @@ def load_drafter(
     model = _load_causal_lm(path, dtype, attn_implementation, device)
     check_tokenizer_compat(verifier_tokenizer, tokenizer, verifier_vocab_size=verifier_vocab_size,
                            drafter_vocab_size=model_vocab_size(model))
-    return model, tokenizer
+    if draft_vocab == "auto":
+        from bd_ray.draft_vocab import DRAFT_VOCAB_FILE
+
+        draft_vocab = path if (Path(path) / DRAFT_VOCAB_FILE).is_file() else None
+    return _with_draft_vocab(model, draft_vocab), tokenizer
+
+
+def _with_draft_vocab(model: torch.nn.Module, draft_vocab: str | Path | None) -> torch.nn.Module:
+    if draft_vocab is None:
+        return model
+    from bd_ray.draft_vocab import apply_draft_vocab, load_draft_vocab
+
+    return apply_draft_vocab(model, load_draft_vocab(draft_vocab))
 
 
 def check_tokenizer_compat(

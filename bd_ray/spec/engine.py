@@ -375,8 +375,9 @@ class SpeculativeGenerator:
         self.prefill_chunk = self.spec.prefill_chunk
         self.device = _device(verifier)
         self.eos_token_ids = _default_eos(tokenizer, verifier)
-        v_vocab = verifier.get_output_embeddings().weight.shape[0]
-        d_vocab = drafter.get_output_embeddings().weight.shape[0]
+        from bd_ray.models import model_vocab_size
+
+        v_vocab, d_vocab = model_vocab_size(verifier), model_vocab_size(drafter)
         if v_vocab != d_vocab:
             raise ValueError(f"drafter vocabulary size {d_vocab} != verifier vocabulary size {v_vocab}")
 
