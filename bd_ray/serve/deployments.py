@@ -64,7 +64,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from bd_ray.serve.protocol import (ChatCompletionRequest, CompletionRequest, error_body,
+from bd_ray.serve.protocol import (ChatCompletionRequest, CompletionRequest, error_body, max_request_bytes,
                                    validation_error_body)
 from bd_ray.serve_config import ServeAppConfig
 
@@ -97,6 +97,16 @@ def _close(it: Iterator) -> None:
     close = getattr(it, "close", None)
     if close is not None:
         close()
+
+
+def _count_kv_caches() -> int:
+    """Live ``transformers`` KV ``Cache`` objects in this process (after a full GC)."""
+    import gc
+
+    from transformers.cache_utils import Cache
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, Cache))
 
 
 def spec_metrics_dict(result: dict) -> dict:
@@ -188,20 +198,30 @@ class SpecEngine:
                  self.replica_id, m.verifier, m.drafter, self.drafter_attn, self.device, self.max_model_len)
 
     # ---- introspection ------------------------------------------------------------------------
-    async def stats(self) -> dict:
+    async def stats(self, deep: bool = False) -> dict:
         """This replica's state: live requests (each holds a verifier and a drafter cache), totals.
 
-        Returns ``{"replica_id", "live_requests", "live": [{request_id, speculative, gamma,
-        kv_budget, prompt_tokens, tokens, age_s}], "totals": {started, finished, failed,
-        cancelled}, "device", "max_model_len", "drafter"}``.
+        Returns ``{"replica_id", "pid", "rss_bytes", "live_requests", "live": [{request_id,
+        speculative, gamma, kv_budget, prompt_tokens, tokens, age_s}], "totals": {started,
+        finished, failed, cancelled}, "device", "max_model_len", "drafter"}``; ``rss_bytes`` is the
+        replica process's resident memory (bytes). With ``deep`` (slow: a full garbage collection
+        and heap scan, ~0.1 s) also ``"kv_caches"``: the number of live KV-cache objects
+        (``transformers`` ``Cache`` instances) in the process, counted independently of the
+        live-request table, so a cache leaked by any code path shows up here.
         """
+        import psutil
+
         now = time.perf_counter()
         with self._lock:
             live = [{**{k: v for k, v in r.items() if k != "t0"}, "age_s": now - r["t0"]} for r in self._live.values()]
             totals = dict(self._totals)
-        return {"replica_id": self.replica_id, "live_requests": len(live), "live": live, "totals": totals,
-                "device": self.device, "max_model_len": self.max_model_len, "drafter": self.cfg.model.drafter,
-                "drafter_attn": self.drafter_attn}
+        out = {"replica_id": self.replica_id, "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss,
+               "live_requests": len(live), "live": live, "totals": totals,
+               "device": self.device, "max_model_len": self.max_model_len, "drafter": self.cfg.model.drafter,
+               "drafter_attn": self.drafter_attn}
+        if deep:
+            out["kv_caches"] = await asyncio.get_running_loop().run_in_executor(None, _count_kv_caches)
+        return out
 
     async def describe(self) -> dict:
         """Static facts the ingress needs: context limit, whether a drafter is loaded."""
@@ -256,9 +276,10 @@ class SpecEngine:
                 "speculative": bool, "gamma": int, "kv_budget": int | None, "sparse_policy": dict}``.
 
         Yields:
-            ``{"type": "chunk", "token_ids", "text"}`` per engine step (a speculation cycle emits
-            1..γ+1 tokens), then ``{"type": "final", "text", "result": GenerationResult.as_dict(),
-            "spec_metrics", "ttft_s", "total_s"}``; or, instead of further events,
+            ``{"type": "chunk", "token_ids", "text", "replica_id"}`` per engine step (a speculation
+            cycle emits 1..γ+1 tokens), then ``{"type": "final", "text", "result":
+            GenerationResult.as_dict(), "spec_metrics", "ttft_s", "total_s", "replica_id"}``; or,
+            instead of further events,
             ``{"type": "error", "status": 400|500, "error": OpenAI error object}`` (invalid
             parameters, context limit, an engine failure). Never raises for a request's fault.
 
@@ -319,9 +340,9 @@ class SpecEngine:
                     self.metrics.finished(speculative, finish, result["prompt_tokens"], result["completion_tokens"],
                                           total, ttft, spec)
                     yield {"type": "final", "token_ids": chunk.token_ids, "text": chunk.text, "result": result,
-                           "spec_metrics": spec, "ttft_s": ttft, "total_s": total}
+                           "spec_metrics": spec, "ttft_s": ttft, "total_s": total, "replica_id": self.replica_id}
                     return
-                yield {"type": "chunk", "token_ids": chunk.token_ids, "text": chunk.text}
+                yield {"type": "chunk", "token_ids": chunk.token_ids, "text": chunk.text, "replica_id": self.replica_id}
         except (asyncio.CancelledError, GeneratorExit):
             if outcome is None:
                 outcome, finish = "cancelled", "cancelled"
@@ -379,6 +400,145 @@ def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
+# Response header naming the engine replica that served (streams: started) the request.
+REPLICA_HEADER = "X-BD-Ray-Replica"
+# Replica deaths a request survives by being restarted from its prompt on another replica.
+MAX_REPLICA_RESTARTS = 3
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing logits by a denormal
+# temperature would overflow to inf and make the probabilities NaN.
+GREEDY_TEMPERATURE_EPS = 1e-5
+
+
+def _is_replica_failure(exc: BaseException) -> bool:
+    """True when ``exc`` (or its cause) says the engine replica process is gone (killed, crashed,
+    its node died, or it is unreachable), as opposed to an error of the request itself."""
+    from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, (RayActorError, WorkerCrashedError, NodeDiedError)):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return False
+
+
+class ReplicaDiedError(RuntimeError):
+    """The replica running a streaming request died after part of the output was sent, and the
+    request could not be resumed identically elsewhere."""
+
+    def __init__(self, message: str, tokens_sent: int) -> None:
+        super().__init__(message)
+        self.tokens_sent = tokens_sent
+
+
+class _ResilientCall:
+    """One streaming engine call that survives the death of its engine replica.
+
+    Iterated like the ``DeploymentResponseGenerator`` it wraps (``__anext__``, ``cancel``). When
+    the replica dies (:func:`_is_replica_failure`), the request is started again from its prompt
+    (Serve routes it to a live replica), at most :data:`MAX_REPLICA_RESTARTS` times:
+
+    * nothing handed on yet: restarted silently;
+    * ``discard=True`` (a non-streaming response, nothing sent to the client): restarted and a
+      ``{"type": "reset"}`` event tells the collector to drop what it gathered;
+    * a stream that already sent tokens, when its output is reproducible (greedy, or seeded):
+      restarted; the regenerated tokens and text must equal what was sent (checked), are skipped,
+      and streaming continues where it stopped. Any difference, or a non-reproducible stream,
+      raises :class:`ReplicaDiedError`: the client gets a clear error, never spliced text.
+    """
+
+    def __init__(self, engine: Any, payload: dict, reproducible: bool, discard: bool) -> None:
+        self._engine, self._payload = engine, payload
+        self._reproducible, self._discard = reproducible, discard
+        self.restarts = 0
+        self._sent_ids: list[int] = []
+        self._sent_text = ""
+        self._replay: tuple[list[int], str] | None = None
+        self._r_ids: list[int] = []
+        self._r_text = ""
+        self._gen = self._start()
+
+    def _start(self):
+        payload = self._payload
+        if self.restarts:  # a distinct engine-side id: the old call may linger on a live-but-unreachable replica
+            payload = {**payload, "request_id": f"{payload.get('request_id')}-r{self.restarts}"}
+        return self._engine.options(stream=True).generate.remote(payload)
+
+    def cancel(self) -> None:
+        _cancel(self._gen)
+
+    def __aiter__(self) -> "_ResilientCall":
+        return self
+
+    async def __anext__(self) -> dict:
+        while True:
+            try:
+                ev = await self._gen.__anext__()
+            except (StopAsyncIteration, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                if not _is_replica_failure(exc):
+                    raise
+                n_sent = len(self._sent_ids)
+                sent = bool(self._sent_ids or self._sent_text)
+                if self.restarts >= MAX_REPLICA_RESTARTS:
+                    raise ReplicaDiedError(
+                        f"the engine replica serving this request died ({type(exc).__name__}) and "
+                        f"{self.restarts} restarts from the prompt failed too; retry the request later",
+                        n_sent) from exc
+                if sent and not self._discard and not self._reproducible:
+                    raise ReplicaDiedError(
+                        f"the engine replica serving this request died ({type(exc).__name__}) after "
+                        f"{n_sent} tokens were streamed; the text streamed so far is correct but "
+                        "incomplete, and a sampled request without a seed cannot be resumed "
+                        "identically. Retry the request.", n_sent) from exc
+                self.restarts += 1
+                log.warning("request %s: engine replica died (%s) after %d tokens; restarting it from the "
+                            "prompt (restart %d)", self._payload.get("request_id"), type(exc).__name__, n_sent,
+                            self.restarts)
+                _cancel(self._gen)
+                self._gen = self._start()
+                if sent and self._discard:
+                    self._sent_ids, self._sent_text = [], ""
+                    return {"type": "reset"}
+                if sent:
+                    self._replay = (list(self._sent_ids), self._sent_text)
+                    self._r_ids, self._r_text = [], ""
+                continue
+            if ev["type"] in ("chunk", "final"):
+                if self._replay is not None:
+                    ev = self._skip_replayed(ev)
+                    if ev is None:
+                        continue
+                self._sent_ids += list(ev.get("token_ids") or [])
+                self._sent_text += ev.get("text") or ""
+            if ev["type"] == "final":
+                ev = {**ev, "spec_metrics": {**ev["spec_metrics"], "replica_restarts": self.restarts}}
+            return ev
+
+    def _skip_replayed(self, ev: dict) -> dict | None:
+        """While re-generating the already-sent prefix: check it matches, hide it, return the rest."""
+        want_ids, want_text = self._replay
+        self._r_ids += list(ev.get("token_ids") or [])
+        self._r_text += ev.get("text") or ""
+        k, m = min(len(self._r_ids), len(want_ids)), min(len(self._r_text), len(want_text))
+        if self._r_ids[:k] != want_ids[:k] or self._r_text[:m] != want_text[:m]:
+            raise ReplicaDiedError(
+                f"the engine replica serving this request died after {len(want_ids)} tokens were streamed, "
+                "and the restarted request diverged from the streamed text; the text streamed so far is "
+                "correct but incomplete. Retry the request.", len(want_ids))
+        caught_up = len(self._r_ids) >= len(want_ids) and len(self._r_text) >= len(want_text)
+        if not caught_up:
+            if ev["type"] == "final":
+                raise ReplicaDiedError(
+                    "the restarted request ended before reproducing the streamed text; the text "
+                    "streamed so far is correct but incomplete. Retry the request.", len(want_ids))
+            return None
+        self._replay = None
+        return {**ev, "token_ids": self._r_ids[len(want_ids):], "text": self._r_text[len(want_text):]}
+
+
 @serve.deployment(name="OpenAIIngress")
 @serve.ingress(fastapi_app)
 class OpenAIIngress:
@@ -408,6 +568,7 @@ class OpenAIIngress:
         self.model_ids = [m.name, *m.aliases]
         self.created = int(time.time())
         self.max_model_len = self._config_limit()
+        self.max_body_bytes = max_request_bytes(self.max_model_len)
         self.metrics = IngressMetrics()
 
     def _config_limit(self) -> int | None:
@@ -433,9 +594,10 @@ class OpenAIIngress:
         return JSONResponse({"status": "ok", "model": self.cfg.model.name, "engine": stats})
 
     @fastapi_app.get("/debug/engine")
-    async def debug_engine(self) -> JSONResponse:
-        """The engine replica's live-request table (``SpecEngine.stats``; one replica per call)."""
-        return JSONResponse(await self.engine.stats.remote())
+    async def debug_engine(self, deep: bool = False) -> JSONResponse:
+        """The engine replica's live-request table, pid and RSS (``SpecEngine.stats``; one replica
+        per call); ``?deep=true`` adds its count of live KV-cache objects (a heap scan, slow)."""
+        return JSONResponse(await self.engine.stats.remote(deep=deep))
 
     @fastapi_app.get("/v1/models")
     async def list_models(self) -> JSONResponse:
@@ -458,13 +620,37 @@ class OpenAIIngress:
     def _retry_after(self) -> str:
         return str(max(1, int(round(self.cfg.ingress.retry_after_s))))
 
+    async def _read_json(self, request: Request) -> Any:
+        """The request body as JSON, read at most ``self.max_body_bytes`` bytes far.
+
+        Raises ``_HTTPError``: 413 for a larger body (declared or streamed), 400 for a body that
+        is not UTF-8 or not JSON (the message says where)."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_big = (f"request body is larger than the limit of {limit} bytes "
+                   f"(a prompt of max_model_len={self.max_model_len} tokens fits well within it)")
+        if declared.isdigit() and int(declared) > limit:
+            raise _HTTPError(_error(413, too_big.replace("larger than", f"{int(declared)} bytes, over"),
+                                    code="request_too_large"))
+        buf = bytearray()
+        async for part in request.stream():
+            buf += part
+            if len(buf) > limit:
+                raise _HTTPError(_error(413, too_big, code="request_too_large"))
+        try:
+            text = bytes(buf).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _HTTPError(_error(400, f"request body is not valid UTF-8: byte 0x{buf[exc.start]:02x} at offset "
+                                         f"{exc.start}", code="invalid_json"))
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise _HTTPError(_error(400, f"request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"))
+
     async def _serve(self, request: Request, chat: bool):
         route = "chat" if chat else "completions"
         try:
-            try:
-                body = await request.json()
-            except Exception:  # noqa: BLE001
-                raise _HTTPError(_error(400, "request body is not valid JSON", code="invalid_json"))
+            body = await self._read_json(request)
             if not isinstance(body, dict):
                 raise _HTTPError(_error(400, "request body must be a JSON object", code="invalid_json"))
             try:
@@ -556,6 +742,8 @@ class OpenAIIngress:
                                              f"{policy.name} at prompt length {n_prompt}", param="kv_budget",
                                         code="invalid_value"))
         temperature = cfg.defaults.temperature if req.temperature is None else req.temperature
+        if temperature < GREEDY_TEMPERATURE_EPS:
+            temperature = 0.0
         top_p = cfg.defaults.top_p if req.top_p is None else req.top_p
         top_k = cfg.defaults.top_k if req.top_k is None else max(req.top_k, 0)
         payload = {
@@ -571,8 +759,10 @@ class OpenAIIngress:
         return payload, n_prompt
 
     async def _run(self, req, payload: dict, prompt_tokens: int, chat: bool):
+        sampling = payload["sampling"]
+        reproducible = sampling["temperature"] == 0.0 or sampling["seed"] is not None
         try:
-            gen = self.engine.options(stream=True).generate.remote(payload)
+            gen = _ResilientCall(self.engine, payload, reproducible=reproducible, discard=not req.stream)
         except Exception as exc:  # noqa: BLE001 -- e.g. BackPressureError raised at assignment
             raise _HTTPError(self._engine_exception(exc))
         try:
@@ -595,9 +785,11 @@ class OpenAIIngress:
         rid = ("chatcmpl-" if chat else "cmpl-") + payload["request_id"]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            # X-BD-Ray-Replica: the engine replica that started the request (diagnostics, fault tests)
             return StreamingResponse(self._stream(gen, first, rid, chat, prompt_tokens, include_usage),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                              REPLICA_HEADER: str(first.get("replica_id", ""))})
         return await self._collect(gen, first, rid, chat, prompt_tokens)
 
     def _engine_exception(self, exc: Exception) -> JSONResponse:
@@ -608,9 +800,12 @@ class OpenAIIngress:
             return _error(503, f"server overloaded: {getattr(exc, 'message', exc)} Retry later.",
                           type="server_error", code="overloaded", headers={"Retry-After": self._retry_after()})
         name = type(exc).__name__
-        if "Unavailable" in name:
-            return _error(503, f"engine unavailable: {exc}", type="server_error", code="engine_unavailable",
+        if isinstance(exc, ReplicaDiedError):
+            return _error(503, str(exc), type="server_error", code="engine_replica_died",
                           headers={"Retry-After": self._retry_after()})
+        if "Unavailable" in name or _is_replica_failure(exc):
+            return _error(503, f"engine unavailable: {name}: {str(exc)[:300]}", type="server_error",
+                          code="engine_unavailable", headers={"Retry-After": self._retry_after()})
         log.exception("engine call failed")
         return _error(500, f"engine error: {name}: {exc}", type="server_error", code="engine_error")
 
@@ -625,6 +820,10 @@ class OpenAIIngress:
             while True:
                 if ev["type"] == "error":
                     return JSONResponse(ev["error"], status_code=ev["status"])
+                if ev["type"] == "reset":  # the replica died; the request restarted from its prompt
+                    texts.clear()
+                    ev = await gen.__anext__()
+                    continue
                 texts.append(ev["text"])
                 if ev["type"] == "final":
                     break
@@ -647,7 +846,7 @@ class OpenAIIngress:
                 "model": self.cfg.model.name, "choices": [choice],
                 "usage": self._usage(prompt_tokens, result["completion_tokens"]),
                 "spec_metrics": ev["spec_metrics"]}
-        return JSONResponse(body)
+        return JSONResponse(body, headers={REPLICA_HEADER: str(ev.get("replica_id", ""))})
 
     async def _stream(self, gen, first: dict, rid: str, chat: bool, prompt_tokens: int,
                       include_usage: bool) -> AsyncIterator[bytes]:

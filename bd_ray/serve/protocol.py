@@ -17,6 +17,10 @@ bd-ray does not implement (``logprobs``, penalties, ``logit_bias``, ``echo``, ``
 are accepted only at their "off" value. Every error is OpenAI's JSON shape
 ``{"error": {"message", "type", "param", "code"}}`` (:func:`error_body`).
 
+Hostile input is a 4xx, never a 5xx or a hang: every number is bounded (NaN and infinities fail
+the bounds; the message names the field and the bound), bodies beyond :func:`max_request_bytes`
+get 413, bodies that are not UTF-8 or not JSON get 400, an empty prompt or messages list gets 400.
+
 Responses are ``text_completion`` / ``chat.completion`` objects (and ``*.chunk`` objects when
 streaming, sent as server-sent events ending with ``data: [DONE]``) carrying ``usage`` and a
 bd-ray ``spec_metrics`` object: ``drafted``, ``accepted``, ``alpha`` (acceptance rate),
@@ -38,8 +42,21 @@ __all__ = [
     "ChatCompletionRequest",
     "error_body",
     "validation_error_body",
+    "max_request_bytes",
     "UNSUPPORTED_FIELDS",
+    "MAX_TOKENS_LIMIT",
 ]
+
+# Upper bounds of request numbers (the engine's SamplingConfig has the same ones).
+MAX_TOKENS_LIMIT = 1_000_000
+TOP_K_LIMIT = 1_000_000
+
+
+def max_request_bytes(max_model_len: int | None) -> int:
+    """Largest accepted request body in bytes: 1 MiB, or 64 bytes per context token when that is
+    more (a prompt that fits the context fits the body; anything bigger is rejected with 413
+    before it is parsed or tokenized)."""
+    return max(1 << 20, 64 * int(max_model_len or 0))
 
 # OpenAI fields that are accepted only at their "off" value: name -> allowed values.
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
@@ -69,10 +86,10 @@ class _SamplingFields(_Base):
     """Fields shared by both routes (OpenAI + vLLM ``top_k`` + bd-ray extensions)."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="vLLM extension; 0 or -1 = off")
+    top_k: int | None = Field(None, ge=-1, le=TOP_K_LIMIT, description="vLLM extension; 0 or -1 = off")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
@@ -168,7 +185,7 @@ class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``: rendered with the verifier tokenizer's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     parallel_tool_calls: Any = None
 
     def effective_max_tokens(self) -> int | None:
