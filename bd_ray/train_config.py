@@ -18,6 +18,7 @@ from typing import Literal, Sequence
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from bd_ray.config import ConfigError, SparsePolicyConfig, StrictModel, load_config
+from bd_ray.resources import CustomResources, MemoryBytes
 
 __all__ = [
     "ModelsConfig",
@@ -186,7 +187,14 @@ class TeacherConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
-    """Ray Train, checkpoints, metrics and outputs."""
+    """Ray Train, checkpoints, metrics and outputs.
+
+    Placement: each of the ``num_workers`` Ray Train workers asks for ``cpus_per_worker`` CPUs,
+    one GPU when ``use_gpu``, ``memory_per_worker`` bytes of Ray's ``memory`` resource and the
+    custom ``resources_per_worker`` (:meth:`worker_resources`, passed to Ray Train's
+    ``ScalingConfig``); a worker group that does not fit the running nodes is what makes the Ray
+    autoscaler add nodes before training starts (all workers are placed together).
+    """
 
     name: str = "budgetdraft"
     output_dir: str = "runs"
@@ -196,6 +204,10 @@ class RunConfig(StrictModel):
     num_workers: int = Field(1, ge=1, le=4096)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    memory_per_worker: MemoryBytes = Field(None, description="bytes of RAM reserved per Train worker (Ray's "
+                                           "`memory` resource); null = none")
+    resources_per_worker: CustomResources = Field(default_factory=dict, description="custom Ray resources per "
+                                                  "Train worker, e.g. {gpu_a10g: 1}")
     checkpoint_every: int = Field(500, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
@@ -206,6 +218,17 @@ class RunConfig(StrictModel):
     stop_after_steps: int | None = Field(None, ge=1, description="stop (after checkpointing) at this optimizer step without changing the schedule; for staged runs and resume tests")
     check_teacher_dense: bool = Field(False, description="at start, compare the sharded teacher's logits with a dense copy (reported as teacher_dense_max_abs_diff)")
     threads_per_worker: int = Field(1, ge=1, le=256, description="torch intra-op threads per worker")
+
+    def worker_resources(self) -> dict[str, float]:
+        """What one Train worker asks Ray for (``ScalingConfig.resources_per_worker``): ``CPU``,
+        ``GPU`` (1 when ``use_gpu``), ``memory`` (bytes, when set) and the custom resources."""
+        out: dict[str, float] = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            out["GPU"] = 1
+        if self.memory_per_worker is not None:
+            out["memory"] = self.memory_per_worker
+        out.update(self.resources_per_worker)
+        return out
 
 
 class TrainJobConfig(StrictModel):

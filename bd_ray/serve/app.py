@@ -17,7 +17,19 @@ from ray.serve import Application
 
 from bd_ray.serve_config import ServeAppConfig, parse_app_args
 
-__all__ = ["build_app", "engine_options", "ingress_options"]
+__all__ = ["build_app", "engine_options", "ingress_options", "actor_resources"]
+
+
+def actor_resources(num_cpus: float, num_gpus: float, memory: int | None,
+                    resources: Mapping[str, float]) -> dict[str, Any]:
+    """The resource part of Serve's ``ray_actor_options``: CPUs, GPUs, ``memory`` (bytes) and
+    custom ``resources``; unset memory / empty resources are left out (Ray's defaults: none)."""
+    out: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if memory is not None:
+        out["memory"] = memory
+    if resources:
+        out["resources"] = dict(resources)
+    return out
 
 
 def engine_options(cfg: ServeAppConfig) -> dict[str, Any]:
@@ -27,7 +39,7 @@ def engine_options(cfg: ServeAppConfig) -> dict[str, Any]:
         "autoscaling_config": e.autoscaling.to_serve(),
         "max_ongoing_requests": e.max_ongoing_requests,
         "max_queued_requests": e.max_queued_requests,
-        "ray_actor_options": {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus},
+        "ray_actor_options": actor_resources(e.num_cpus, e.num_gpus, e.memory, e.resources),
         "health_check_period_s": e.health_check_period_s,
         "graceful_shutdown_timeout_s": e.graceful_shutdown_timeout_s,
         "backpressure_config": {"status_code": 503, "retry_after_s": cfg.ingress.retry_after_s},
@@ -40,7 +52,7 @@ def ingress_options(cfg: ServeAppConfig) -> dict[str, Any]:
     return {
         "num_replicas": i.num_replicas,
         "max_ongoing_requests": i.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": i.num_cpus},
+        "ray_actor_options": actor_resources(i.num_cpus, 0.0, i.memory, {}),
         "backpressure_config": {"status_code": 503, "retry_after_s": i.retry_after_s},
     }
 
