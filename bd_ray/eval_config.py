@@ -228,6 +228,9 @@ class EvalRunConfig(StrictModel):
     ``output_dir``: where results.json, results.md and the plots go (use an absolute path under
     ``ray job submit``: the job's working directory is temporary).
     ``item_timeout_s``: give up on the matrix when no measurement finished for this long.
+    ``resume``: every finished measurement is appended to ``output_dir/runs.journal.jsonl``
+    (fsynced); a rerun of the same matrix (same models, data, matrix and needle sections) skips
+    those and measures only the rest, so an interrupted run continues where it stopped.
     """
 
     executor: Literal["ray", "local"] = "ray"
@@ -239,6 +242,8 @@ class EvalRunConfig(StrictModel):
     torch_threads: int | None = Field(None, ge=1, le=1024)
     output_dir: str = "results/eval"
     item_timeout_s: float = Field(3600.0, gt=0.0)
+    resume: bool = Field(True, description="reuse measurements journaled in output_dir/runs.journal.jsonl "
+                                           "by an earlier run of the same matrix; false = measure all anew")
 
     @field_validator("num_workers")
     @classmethod

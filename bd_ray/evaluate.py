@@ -843,6 +843,49 @@ def _fmt_s(s: float) -> str:
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def item_key(item: dict) -> str:
+    """Stable identity of one measurement: kind, prompt, mode and cell."""
+    return f"{item['kind']}|{item['prompt']['prompt_id']}|{item['mode']['name']}|{item.get('cell_id')}"
+
+
+class _Journal:
+    """Append-only ``runs.journal.jsonl`` of finished measurements, keyed by the matrix's fingerprint.
+
+    Each line is ``{"fingerprint", "key", "record"}``, flushed and fsynced, so a run killed at any
+    point loses at most the measurement in flight; lines of another matrix (a different
+    fingerprint) or a torn last line are ignored on load.
+    """
+
+    def __init__(self, out_dir: Path, cfg: EvalJobConfig) -> None:
+        import hashlib
+
+        self.path = Path(out_dir) / "runs.journal.jsonl"
+        ident = {k: cfg.model_dump(mode="json")[k] for k in ("models", "data", "matrix", "needle")}
+        self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def load(self) -> dict[str, dict]:
+        done: dict[str, dict] = {}
+        if not self.path.is_file():
+            return done
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue        # a line torn by a crash mid-write
+            if entry.get("fingerprint") == self.fingerprint:
+                done[entry["key"]] = entry["record"]
+        return done
+
+    def append(self, item: dict, rec: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"fingerprint": self.fingerprint, "key": item_key(item), "record": rec},
+                          default=_json_default)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 class _Progress:
     """One line per finished measurement (with elapsed and ETA), one line per completed cell."""
 
@@ -996,12 +1039,24 @@ def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
 
     runs: list[dict] = []
     errors: list[dict] = []
+    journal = _Journal(out_dir, cfg)
+    done = journal.load() if cfg.run.resume else {}
+    if done:
+        log(f"[bd-ray] resuming: {sum(1 for it in items if item_key(it) in done)} of {len(items)} measurements "
+            f"reused from {journal.path}")
     progress = _Progress(items, log)
+    for it in items:   # journaled records first, so AR records are there for the lossless check
+        if item_key(it) in done:
+            runs.append(done[item_key(it)])
+            progress.update(it, done[item_key(it)])
+    items_left = [it for it in items if item_key(it) not in done]
 
     def finish(item: dict, rec: dict) -> None:
         if item["kind"].startswith("needle"):
             rec.update({"passkey": item["prompt"]["needle"]["passkey"], "depth": item["prompt"]["needle"]["depth"]})
         runs.append(rec)
+        if "error" not in rec:
+            journal.append(item, rec)
         progress.update(item, rec)
         if item["kind"] in ("sd", "needle_sd") and "error" not in rec and rec["greedy"]:
             a = progress.ar.get((rec["prompt_id"], rec["mode"]))
@@ -1022,7 +1077,7 @@ def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
             torch.set_num_threads(cfg.run.torch_threads)
         w = EvalWorker(cfg.model_dump(mode="json"))
         workers_info = [w.info()]
-        for it in items:
+        for it in items_left:
             try:
                 rec = w.run(it)
             except Exception as exc:  # noqa: BLE001 - recorded, job fails at the end
@@ -1038,7 +1093,7 @@ def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
             log(f"[bd-ray] worker {i} on {wi['host']}: device {wi['device']}, models loaded in {wi['model_load_s']:.1f}s")
         gidx = {g: i for i, g in enumerate(groups)}
         pending = {}
-        for it in items:
+        for it in items_left:
             pending[workers[gidx[it["group"]] % len(workers)].run.remote(it)] = it
         try:
             while pending:

@@ -331,3 +331,39 @@ def test_config_errors_name_the_field(tmp_path):
     ref = load_eval_config(REPO / "jobs/configs/eval_reference.yaml")
     assert ref.matrix.contexts == [2048, 4096] and ref.matrix.budgets == [128, 256, 512, "full"]
     assert ref.matrix.gammas == [2, 4, 6, 8] and ref.data.prompts_per_context >= 5 and ref.matrix.max_new_tokens == 128
+
+
+@pytest.mark.timeout(180)
+def test_interrupted_matrix_resumes_from_its_journal(tiny_assets, tmp_path, capsys):
+    job = _job()
+    out = tmp_path / "out"
+    cfg = _config(tiny_assets, out, executor="local")
+    cfg["models"]["drafters"] = {"tiny": tiny_assets["drafter"]}
+    cfg["matrix"]["policies"] = {"chunk": cfg["matrix"]["policies"]["chunk"]}
+    cfg["matrix"]["modes"] = [{"name": "greedy"}, {"name": "greedy-adaptive", "adaptive": True}]
+    cfg["needle"]["enabled"] = False
+    path = _write_config(cfg, tmp_path / "eval.yaml")
+    assert job.main(["--config", str(path)]) == 0
+    first = json.loads((out / "results.json").read_text())
+    journal = out / "runs.journal.jsonl"
+    lines = journal.read_text().splitlines()
+    assert len(lines) == len(first["runs"]) == 2 * 2 * (1 + 2 * 2)  # 2 prompts x 2 modes x (AR + 2 budgets x 2 gammas)
+    adaptive = [r for r in first["runs"] if r["mode"] == "greedy-adaptive" and r["kind"] == "sd"]
+    assert adaptive and all(r["plain_steps"] >= 1 for r in adaptive)
+    capsys.readouterr()
+
+    # a run killed after 5 measurements, mid-write of the 6th
+    journal.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])
+    assert job.main(["--config", str(path)]) == 0
+    log = capsys.readouterr().out
+    assert f"resuming: 5 of {len(lines)} measurements reused" in log
+    second = json.loads((out / "results.json").read_text())
+    assert {c["cell_id"] for c in second["cells"]} == {c["cell_id"] for c in first["cells"]}
+    assert [r["token_ids"] for r in second["runs"]] == [r["token_ids"] for r in first["runs"]]
+    assert {c["lossless"] for c in second["cells"] if c["greedy"]} == {"ok"}
+
+    # a different matrix does not reuse them; resume=false measures everything anew
+    assert job.main(["--config", str(path), "--set", "matrix.max_new_tokens=6"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert job.main(["--config", str(path), "--set", "run.resume=false"]) == 0
+    assert "resuming" not in capsys.readouterr().out
