@@ -229,8 +229,9 @@ class EvalRunConfig(StrictModel):
     ``ray job submit``: the job's working directory is temporary).
     ``item_timeout_s``: give up on the matrix when no measurement finished for this long.
     ``resume``: every finished measurement is appended to ``output_dir/runs.journal.jsonl``
-    (fsynced); a rerun of the same matrix (same models, data, matrix and needle sections) skips
-    those and measures only the rest, so an interrupted run continues where it stopped.
+    (fsynced); a rerun skips those and measures only the rest, so an interrupted run continues
+    where it stopped, and a matrix grown by more prompts, contexts, budgets, gammas or modes
+    measures only what is new (other changes start afresh).
     """
 
     executor: Literal["ray", "local"] = "ray"

@@ -844,30 +844,46 @@ def _fmt_s(s: float) -> str:
 
 
 def item_key(item: dict) -> str:
-    """Stable identity of one measurement: kind, prompt, mode and cell."""
-    return f"{item['kind']}|{item['prompt']['prompt_id']}|{item['mode']['name']}|{item.get('cell_id')}"
+    """Stable identity of one measurement: kind, prompt (id and a hash of its tokens), mode, cell."""
+    import hashlib
+
+    toks = hashlib.sha256(json.dumps(item["prompt"]["token_ids"]).encode()).hexdigest()[:12]
+    mode = json.dumps(item["mode"], sort_keys=True)
+    return f"{item['kind']}|{item['prompt']['prompt_id']}|{toks}|{mode}|{item.get('cell_id')}"
 
 
 class _Journal:
-    """Append-only ``runs.journal.jsonl`` of finished measurements, keyed by the matrix's fingerprint.
+    """Append-only ``runs.journal.jsonl`` of finished measurements.
 
     Each line is ``{"fingerprint", "key", "record"}``, flushed and fsynced, so a run killed at any
-    point loses at most the measurement in flight; lines of another matrix (a different
-    fingerprint) or a torn last line are ignored on load.
+    point loses at most the measurement in flight. The fingerprint covers what changes every
+    measurement (models, corpus, policies, token counts, needle); the axes a user grows a matrix
+    along (more prompts per context, more contexts, budgets, gammas or modes) are in each item's
+    key instead, so a grown matrix reuses what was measured (prompt k does not depend on how many
+    prompts are drawn). Lines with another fingerprint, or torn by a crash, are ignored on load.
     """
 
     def __init__(self, out_dir: Path, cfg: EvalJobConfig) -> None:
         import hashlib
 
         self.path = Path(out_dir) / "runs.journal.jsonl"
-        ident = {k: cfg.model_dump(mode="json")[k] for k in ("models", "data", "matrix", "needle")}
+        dump = cfg.model_dump(mode="json")
+        ident = {k: dump[k] for k in ("models", "data", "matrix", "needle")}
+        ident["data"] = {k: v for k, v in ident["data"].items() if k != "prompts_per_context"}
+        ident["matrix"] = {k: v for k, v in ident["matrix"].items() if k not in ("contexts", "budgets", "gammas", "modes")}
         self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def load(self) -> dict[str, dict]:
         done: dict[str, dict] = {}
         if not self.path.is_file():
             return done
-        for line in self.path.read_text().splitlines():
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            # a crash mid-write left a torn last line: cut it so later appends start on a new line
+            text = text[:text.rfind("\n") + 1]
+            with open(self.path, "r+") as f:
+                f.truncate(len(text.encode()))
+        for line in text.splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
@@ -1040,7 +1056,9 @@ def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
     runs: list[dict] = []
     errors: list[dict] = []
     journal = _Journal(out_dir, cfg)
-    done = journal.load() if cfg.run.resume else {}
+    done = journal.load()                      # always: also repairs a torn last line
+    if not cfg.run.resume:
+        done = {}
     if done:
         log(f"[bd-ray] resuming: {sum(1 for it in items if item_key(it) in done)} of {len(items)} measurements "
             f"reused from {journal.path}")

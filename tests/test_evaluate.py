@@ -362,7 +362,9 @@ def test_interrupted_matrix_resumes_from_its_journal(tiny_assets, tmp_path, caps
     assert [r["token_ids"] for r in second["runs"]] == [r["token_ids"] for r in first["runs"]]
     assert {c["lossless"] for c in second["cells"] if c["greedy"]} == {"ok"}
 
-    # a different matrix does not reuse them; resume=false measures everything anew
+    # a grown matrix measures only what is new; a changed one starts afresh
+    assert job.main(["--config", str(path), "--set", "data.prompts_per_context=3"]) == 0
+    assert f"resuming: {len(lines)} of {len(lines) * 3 // 2} measurements reused" in capsys.readouterr().out
     assert job.main(["--config", str(path), "--set", "matrix.max_new_tokens=6"]) == 0
     assert "resuming" not in capsys.readouterr().out
     assert job.main(["--config", str(path), "--set", "run.resume=false"]) == 0
