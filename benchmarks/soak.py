@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
@@ -63,9 +64,9 @@ MIX = {
 
 def make_request(rng: random.Random, kind: str, model: str, max_tokens: int) -> tuple[str, dict | bytes]:
     """(route, JSON body or raw bytes) of one request of ``kind`` (see :data:`MIX`)."""
-    prompt = rng.choice(PROMPTS)
+    prompt = " ".join([rng.choice(PROMPTS)] * rng.randint(1, 4))  # ~20-80 tokens: sparse caches get cut
     n = rng.randint(max(1, max_tokens // 4), max_tokens)
-    spec = rng.choice([{}, {"gamma": rng.randint(1, 6)}, {"kv_budget": rng.choice([16, 32, 64, "full"])},
+    spec = rng.choice([{}, {"gamma": rng.randint(1, 6)}, {"kv_budget": rng.choice([48, 64, "full"])},
                        {"gamma": 3, "kv_budget": 24, "sparse_policy": "streaming"},
                        {"gamma": 2, "kv_budget": 32, "sparse_policy": {"name": "snapkv", "window": 4, "sink": 2}}])
     body: dict[str, Any] = {"model": model, "max_tokens": n, "temperature": 0, **spec}
@@ -256,8 +257,11 @@ class Soak:
         checks["rss_flat"] = bool(rss) and all(v["flat"] for v in rss.values())
         checks["every_replica_sampled"] = len(last) >= (self.replicas or 1)
         total = sum(sum(c.values()) for c in self.counts.values())
-        lat = {k: {"n": len(v), "p50_s": round(statistics.median(v), 3),
-                   "p95_s": round(sorted(v)[int(0.95 * (len(v) - 1))], 3)} for k, v in self.latency.items() if v}
+        def pct(v: list[float], q: float) -> float:  # nearest-rank percentile
+            return round(sorted(v)[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))], 3)
+
+        lat = {k: {"n": len(v), "p50_s": round(statistics.median(v), 3), "p95_s": pct(v, 0.95),
+                   "max_s": round(max(v), 3)} for k, v in self.latency.items() if v}
         return {"url": self.url, "duration_s": round(time.monotonic() - self.t_start, 1),
                 "settings": {"concurrency": self.concurrency, "round_s": self.round_s, "warmup_s": self.warmup_s,
                              "max_tokens": self.max_tokens, "replicas": self.replicas, "mix": MIX},

@@ -294,7 +294,7 @@ def _load_soak():
 @pytest.mark.timeout(180)
 def test_short_soak_memory_flat_and_no_live_caches_when_idle(server):
     soak = _load_soak()
-    rep = soak.run_soak(server, duration_s=36, concurrency=3, round_s=9, warmup_s=6, sample_every_s=2,
+    rep = soak.run_soak(server, duration_s=32, concurrency=3, round_s=8, warmup_s=5, sample_every_s=2,
                         max_tokens=24, model="tiny", replicas=REPLICAS, log=print)
     print(json.dumps({k: rep[k] for k in ("requests_total", "requests", "rss", "checks")}, indent=1))
     assert rep["passed"], (rep["checks"], rep["failures"][:5])

@@ -8,9 +8,10 @@
   restore path against a storage folder laid out like Ray's);
 - a teacher/drafter/config mismatch is one clear error in the driver before Ray starts;
 - Ray Train: the worker process is SIGKILLed mid-run (found by pid among this test's own Ray
-  processes); FailureConfig restarts it, it restores the last checkpoint and the final drafter
-  equals an uninterrupted run's, on a corpus with an empty document, undecodable bytes, a
-  one-token document and a truncated parquet shard (all skipped and counted).
+  processes) and, while the group restarts, the latest registered checkpoint is damaged;
+  FailureConfig restarts the worker, it detects the damage, restores the previous checkpoint, and
+  the final drafter equals an uninterrupted run's, on a corpus with an empty document,
+  undecodable bytes, a one-token document and a truncated parquet shard (all skipped, counted).
 """
 
 from __future__ import annotations
@@ -120,32 +121,32 @@ def test_publish_dir_is_atomic(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(180)
 def test_damaged_latest_checkpoint_falls_back_and_matches_uninterrupted(tmp_path):
-    over = dict(optim__max_steps=8, run__checkpoint_every=3)
+    over = dict(optim__max_steps=6, run__checkpoint_every=2)
     teacher, drafter = fresh_models()
     full = run_local(tiny_cfg(**over), random_rows(), teacher, drafter, out_dir=str(tmp_path / "full"),
                      resume=False, log=lambda m: None)
     teacher, drafter = fresh_models()
-    part = run_local(tiny_cfg(**over, run__stop_after_steps=6), random_rows(), teacher, drafter,
+    part = run_local(tiny_cfg(**over, run__stop_after_steps=4), random_rows(), teacher, drafter,
                      out_dir=str(tmp_path / "staged"), resume=False, log=lambda m: None)
     ck = tmp_path / "staged" / "checkpoints"
-    assert part["step"] == 6 and sorted(os.listdir(ck)) == ["step_0000003", "step_0000006"]
+    assert part["step"] == 4 and sorted(os.listdir(ck)) == ["step_0000002", "step_0000004"]
     assert all(checkpoint_problem(str(ck / n)) is None for n in os.listdir(ck))
-    blob = ck / "step_0000006" / "local_engine.pt"  # bit rot in the newest checkpoint
+    blob = ck / "step_0000004" / "local_engine.pt"  # bit rot in the newest checkpoint
     b = bytearray(blob.read_bytes())
     b[len(b) // 2] ^= 0x01
     blob.write_bytes(bytes(b))
     logs: list[str] = []
     teacher, drafter = fresh_models()
-    with pytest.warns(CheckpointIntegrityWarning, match=r"step_0000006.*SHA-256.*step_0000003"):
+    with pytest.warns(CheckpointIntegrityWarning, match=r"step_0000004.*SHA-256.*step_0000002"):
         resumed = run_local(tiny_cfg(**over), random_rows(), teacher, drafter, out_dir=str(tmp_path / "staged"),
                             resume=True, log=logs.append)
-    assert resumed["finished"] and resumed["step"] == 8
-    assert [r["step"] for r in resumed["restores"]] == [3]  # only the work after step 3 was redone
-    assert any("WARNING" in m and "step_0000006" in m for m in logs)
+    assert resumed["finished"] and resumed["step"] == 6
+    assert [r["step"] for r in resumed["restores"]] == [2]  # only the work after step 2 was redone
+    assert any("WARNING" in m and "step_0000004" in m for m in logs)
     a, b2 = full["engine"].module.state_dict(), resumed["engine"].module.state_dict()
     assert all(torch.equal(a[k], b2[k]) for k in a)
     m = json.loads((tmp_path / "staged" / "metrics.json").read_text())
-    assert m["restores"][0]["step"] == 3 and m["step"] == 8
+    assert m["restores"][0]["step"] == 2 and m["step"] == 6
 
 
 def test_ray_restore_path_skips_damaged_checkpoint(tmp_path):
@@ -220,6 +221,13 @@ def test_model_mismatch_is_caught_in_the_driver_before_ray(tmp_path):
         check_models_compatible(TrainJobConfig.model_validate(
             {"models": {"verifier": vdir, "drafter_layers": 3}, "data": {"prefix_len": P, "continuation_len": T}}),
             vdir)
+    with pytest.raises(ModelCompatError, match="from-verifier:5.*only 2 layers"):
+        check_models_compatible(TrainJobConfig.model_validate(
+            {"models": {"verifier": vdir, "drafter": "from-verifier:5"}, "data": {"prefix_len": P, "continuation_len": T}}),
+            vdir)
+    check_models_compatible(TrainJobConfig.model_validate(
+        {"models": {"verifier": vdir, "drafter": "from-verifier:2"}, "data": {"prefix_len": P, "continuation_len": T}}),
+        vdir)
     check_models_compatible(TrainJobConfig.model_validate(  # a compatible pair passes
         {"models": {"verifier": vdir, "drafter": vdir}, "data": {"prefix_len": P, "continuation_len": T}}), vdir)
 
@@ -266,7 +274,7 @@ def _ray_cfg(tmp_path: Path, name: str, max_steps: int) -> TrainJobConfig:
         "optim": {"lr": 3e-3, "warmup_steps": 2, "max_steps": max_steps, "grad_accum": 2},
         "deepspeed": {"zero_stage": 2, "teacher_shard": "none"},
         "run": {"name": name, "output_dir": str(tmp_path / "runs"), "num_workers": 1, "eval_every": 10_000,
-                "checkpoint_every": 4, "keep_checkpoints": 2, "max_failures": 2, "log_every": 4},
+                "checkpoint_every": 3, "keep_checkpoints": 2, "max_failures": 2, "log_every": 6},
     })
 
 
@@ -295,7 +303,7 @@ def test_ray_worker_killed_mid_run_resumes_to_the_same_drafter(tmp_path, ray_clu
 
     write_tiny_world(tmp_path, P + T)  # the tiny verifier (+ an unused clean corpus)
     write_hostile_corpus(tmp_path)
-    steps = 40
+    steps = 48
 
     # Two runs of one config on one cluster, side by side (wall time): "kill" is SIGKILLed once a
     # checkpoint is registered, "ref" runs uninterrupted. The kill run's worker is identified (by
@@ -320,10 +328,19 @@ def test_ray_worker_killed_mid_run_resumes_to_the_same_drafter(tmp_path, ray_clu
     threads["ref"] = threading.Thread(target=run, args=("ref",), daemon=True)
     threads["ref"].start()
     storage = tmp_path / "runs" / "kill" / "ray"
-    while time.time() < deadline and threads["kill"].is_alive() and not _registered_checkpoints(storage):
+    while time.time() < deadline and threads["kill"].is_alive() and len(_registered_checkpoints(storage)) < 2:
         time.sleep(0.1)
-    assert _registered_checkpoints(storage), "the kill run ended (or never checkpointed) before the kill"
+    assert len(_registered_checkpoints(storage)) >= 2, "the kill run ended (or never checkpointed) before the kill"
     os.kill(killed, signal.SIGKILL)
+    # While the worker group restarts, damage the latest registered checkpoint (bit rot): the new
+    # worker must detect it and restore the previous one instead.
+    time.sleep(0.5)
+    damaged = storage / "kill" / _registered_checkpoints(storage)[-1]
+    damaged_step = json.loads((damaged / "state.json").read_text())["step"]
+    blob = max((p for p in damaged.rglob("*") if p.is_file() and p.suffix == ".pt"), key=lambda p: p.stat().st_size)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
     for t in threads.values():
         t.join(timeout=420)
     assert not any(t.is_alive() for t in threads.values())
@@ -341,7 +358,8 @@ def test_ray_worker_killed_mid_run_resumes_to_the_same_drafter(tmp_path, ray_clu
     assert m["finished"] and m["step"] == steps
     assert len(m["restores"]) == 1, m["restores"]
     restore = m["restores"][0]
-    assert restore["pid"] != killed and 4 <= restore["step"] < steps and restore["step"] % 4 == 0
+    assert restore["pid"] != killed and restore["step"] % 3 == 0
+    assert 3 <= restore["step"] < damaged_step and Path(restore["from"]).name != damaged.name, (restore, damaged)
     # Lost: only the steps after the restored checkpoint, redone identically.
     assert [h["loss"] for h in m["history"]] == [h["loss"] for h in m_ref["history"]]
     a, b = _final_weights(ref["out_dir"]), _final_weights(box["s"]["out_dir"])
