@@ -962,7 +962,7 @@ def check_models_compatible(cfg: TrainJobConfig, verifier_path: str) -> None:
         n = getattr(c, "max_position_embeddings", None)
         if n is not None and n < window:
             raise ModelCompatError(
-                f"the {who} ({name}) has max_position_embeddings={n}, but a training window is "
+                f"the {who} {name!r} has max_position_embeddings={n}, but a training window is "
                 f"data.prefix_len + data.continuation_len = {cfg.data.prefix_len} + "
                 f"{cfg.data.continuation_len} = {window} positions; shorten the window or use a "
                 f"{who} with more positions")

@@ -34,10 +34,15 @@ def main(argv=None) -> int:
     cfg, code = load_job_config(args, load_train_config)
     if cfg is None:
         return code
-    from bd_ray.train import run_ray
+    from bd_ray.models import TokenizerMismatchError
+    from bd_ray.train import ModelCompatError, run_ray
 
     t0 = time.time()
-    summary = run_ray(cfg)
+    try:
+        summary = run_ray(cfg)
+    except (TokenizerMismatchError, ModelCompatError) as exc:  # found in the driver, before Ray starts
+        print(f"[bd-ray] error: the models do not fit together or the config: {exc}", file=sys.stderr)
+        return 2
     print(f"[bd-ray] training finished in {time.time() - t0:.0f}s; outputs in {summary['out_dir']}")
     if summary.get("data_stats"):
         for split, s in summary["data_stats"].items():

@@ -242,12 +242,17 @@ def _check_response(r: httpx.Response, stream: bool) -> None:
         assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["total_tokens"] >= 1
 
 
-@pytest.mark.timeout(240)
+# CI runs a fixed (derandomized) 300 examples; BD_RAY_FUZZ_EXAMPLES=2000 BD_RAY_FUZZ_RANDOM=1 explores more.
+FUZZ_EXAMPLES = int(os.environ.get("BD_RAY_FUZZ_EXAMPLES", "300"))
+FUZZ_RANDOM = os.environ.get("BD_RAY_FUZZ_RANDOM") == "1"
+
+
+@pytest.mark.timeout(240 + FUZZ_EXAMPLES // 4)
 def test_fuzzed_requests_never_5xx_or_hang(server, serve_reference):
     stats = {"sent": 0, "status": {}}
 
-    @settings(max_examples=300, deadline=None, derandomize=True, database=None, phases=(Phase.explicit, Phase.generate),
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=not FUZZ_RANDOM, database=None,
+              phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
     @given(req=_request)
     def fuzz(req):
         route, body = req
@@ -270,7 +275,8 @@ def test_fuzzed_requests_never_5xx_or_hang(server, serve_reference):
 
     fuzz()
     print(f"fuzz: {stats}")
-    assert stats["sent"] >= 250 and stats["status"].get(200, 0) >= 60 and stats["status"].get(400, 0) >= 60
+    assert stats["sent"] >= 0.8 * FUZZ_EXAMPLES
+    assert stats["status"].get(200, 0) >= FUZZ_EXAMPLES // 5 and stats["status"].get(400, 0) >= FUZZ_EXAMPLES // 5
     greedy_ok(server, serve_reference)
     deadline = time.time() + 30
     while any(s["live_requests"] for s in replica_stats(server).values()) and time.time() < deadline:
