@@ -317,19 +317,24 @@ def build_drafter_engine(cfg: TrainJobConfig, model: torch.nn.Module, distribute
 @torch.no_grad()
 def evaluate_agreement(drafter: torch.nn.Module, windows: list[np.ndarray], targets: list[TeacherTargets],
                        prefix_len: int, budgets: Iterable[int], policy, prefill_chunk: int = 512,
-                       chunk: int = 64) -> dict[str, float]:
+                       chunk: int = 64, draft_vocab=None) -> dict[str, float]:
     """Fraction of continuation positions where the drafter's argmax equals the teacher's argmax.
 
     Computed at the full prefix cache (key ``"full"``) and with the drafter's prefix cache compacted to
     each budget < ``prefix_len`` (key ``str(B)``), on held-out windows. Under greedy verification a
     draft is accepted iff it equals the verifier's argmax, so this is a fast proxy for greedy alpha
-    (teacher-forced on the reference text rather than on the drafter's own drafts).
+    (teacher-forced on the reference text rather than on the drafter's own drafts). With a
+    ``draft_vocab`` the drafter's argmax is taken over that subset, as it decodes.
     """
     from bd_ray.kvcache import clone_cache, compact_cache, forward_with_cache, prefill
 
     was_training = drafter.training
     drafter.eval()
     weight, bias = head_params(drafter)
+    ids_of = None
+    if draft_vocab is not None:
+        ids_of = torch.from_numpy(draft_vocab.ids).to(weight.device)
+        weight, bias = weight[ids_of], None if bias is None else bias[ids_of]
     keys = ["full"] + [str(b) for b in sorted(set(budgets)) if b < prefix_len]
     hits = {k: 0 for k in keys}
     total = 0
@@ -342,7 +347,8 @@ def evaluate_agreement(drafter: torch.nn.Module, windows: list[np.ndarray], targ
             h = forward_with_cache(drafter, cache, ids[:, prefix_len:], prefix_len, hidden_only=True)[0]
             for s in range(0, h.shape[0], chunk):
                 logits = torch.nn.functional.linear(h[s:s + chunk], weight, bias)
-                hits[k] += int((logits.argmax(-1) == t.argmax[s:s + chunk]).sum())
+                pred = logits.argmax(-1) if ids_of is None else ids_of[logits.argmax(-1)]
+                hits[k] += int((pred == t.argmax[s:s + chunk]).sum())
         total += t.length
     if was_training:
         drafter.train()
@@ -415,12 +421,17 @@ def _fmt_eta(sec: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _export_hf(model: torch.nn.Module, d: str, tokenizer_path: str | None) -> None:
-    """HF ``save_pretrained`` of ``model`` (+ tokenizer) as the directory ``d``, built next to it and
-    renamed into place (never half-written)."""
+def _export_hf(model: torch.nn.Module, d: str, tokenizer_path: str | None, draft_vocab=None) -> None:
+    """HF ``save_pretrained`` of ``model`` (+ tokenizer, + ``draft_vocab.json`` when training with a
+    draft vocabulary) as the directory ``d``, built next to it and renamed into place (never
+    half-written)."""
 
     def build(tmp: str) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
+        if draft_vocab is not None:
+            from bd_ray.draft_vocab import save_draft_vocab
+
+            save_draft_vocab(draft_vocab, tmp)
         if tokenizer_path:
             from transformers import AutoTokenizer
 
@@ -441,6 +452,11 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
     eval_budgets = sorted(set(L.budgets) | ({L.fixed_budget} if L.fixed_budget else set()))
     qwin = _query_window(L.policy)
     need_topk = L.top_k if (L.target != "hard" or L.lb_weight > 0) else 0
+    draft_vocab = None
+    if cfg.models.draft_vocab:
+        from bd_ray.draft_vocab import load_draft_vocab
+
+        draft_vocab = load_draft_vocab(cfg.models.draft_vocab)
     drafter = engine.module
     dev = next(drafter.parameters()).device
 
@@ -475,7 +491,7 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
         if ctx.rank == 0 and ctx.eval_windows:
             t0 = time.time()
             agree = evaluate_agreement(drafter, ctx.eval_windows, eval_targets, P, eval_budgets, L.policy,
-                                       L.prefill_chunk, L.logits_chunk)
+                                       L.prefill_chunk, L.logits_chunk, draft_vocab=draft_vocab)
             state["eval_history"].append({"step": step, **{f"agree_{k}": v for k, v in agree.items()}})
             ctx.log(f"[bd-ray] eval step {step}: held-out top-1 agreement " +
                     " ".join(f"{k}={v:.3f}" for k, v in agree.items()) + f" ({time.time() - t0:.1f}s)")
@@ -486,7 +502,7 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
             engine.save(d)
             if ctx.rank == 0:
                 atomic_write_json(os.path.join(d, "state.json"), {**state, "step": step, "world": ctx.world})
-                _export_hf(drafter, os.path.join(d, "hf"), ctx.tokenizer_path)
+                _export_hf(drafter, os.path.join(d, "hf"), ctx.tokenizer_path, draft_vocab)
             write_manifest(d, ctx.rank, ctx.world, step)  # last: seals this rank's files
             ctx.report(metrics, d)
         finally:
@@ -536,7 +552,7 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
                 terms = budgetdraft_loss(drafter, pre.cache, ids[:, P:], P, targets, budgets, lam=L.lam,
                                          policy=L.policy, queries=pre.queries, kind=L.target,
                                          lb_weight=L.lb_weight, full_cache_only=L.full_cache_only,
-                                         chunk=L.logits_chunk)
+                                         chunk=L.logits_chunk, draft_vocab=draft_vocab)
                 ok = _all_true(bool(torch.isfinite(terms.loss.detach()).all()), ctx.world)
                 if ok:
                     engine.backward(terms.loss)
@@ -593,7 +609,7 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
             ctx.log(f"[bd-ray] plot failed: {exc!r}")
         if R.export and summary["finished"]:
             export = os.path.join(ctx.out_dir, "final")
-            _export_hf(drafter, export, ctx.tokenizer_path)
+            _export_hf(drafter, export, ctx.tokenizer_path, draft_vocab)
             summary["export_path"] = export
             ctx.log(f"[bd-ray] drafter exported to {export} (AutoModelForCausalLM.from_pretrained)")
     return summary
@@ -644,7 +660,9 @@ def load_models(cfg: TrainJobConfig, verifier_path: str) -> tuple[torch.nn.Modul
 
     teacher, tok = models.load_verifier(verifier_path, dtype=torch.float32)
     if cfg.models.drafter:
-        drafter, _ = models.load_drafter(cfg.models.drafter, tok, dtype=torch.float32, verifier=teacher)
+        # draft_vocab=None: training needs the full head (a subset is applied by the loss instead)
+        drafter, _ = models.load_drafter(cfg.models.drafter, tok, dtype=torch.float32, verifier=teacher,
+                                         draft_vocab=None)
     else:
         drafter = models.init_drafter_from_verifier(teacher, cfg.models.drafter_layers)
     drafter.requires_grad_(True)

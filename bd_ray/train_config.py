@@ -44,12 +44,16 @@ class ModelsConfig(StrictModel):
     ``smollm2-135m``, the SmolLM2 verifier shipped in a PyPI wheel; ``bd_ray.models.resolve_model_path``). ``drafter``: ``None`` initialises the
     drafter from the verifier's first ``drafter_layers`` layers (``bd_ray.models.
     init_drafter_from_verifier``); otherwise a path to a small pretrained causal LM or a previous
-    bd-ray export with the same tokenizer.
+    bd-ray export with the same tokenizer. ``draft_vocab``: a ``draft_vocab.json`` (file or its
+    directory, ``jobs/draft_vocab.py``): the drafter's head is trained over that subset only and
+    the exports carry the file, so the engine decodes with the same subset (FR-Spec;
+    ``loss.target: hard`` only).
     """
 
     verifier: str = "smollm2-135m"
     drafter: str | None = None
     drafter_layers: int = Field(4, ge=1, le=512, description="layers copied from the verifier when drafter is null")
+    draft_vocab: str | None = Field(None, description="draft_vocab.json for a subset drafter head; null = full vocabulary")
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 

@@ -179,3 +179,25 @@ def test_ray_deepspeed_two_workers(tmp_path, ray_cluster):
     assert s["checkpoint"] and (Path(s["checkpoint"]) / "engine").is_dir()
     drafter = AutoModelForCausalLM.from_pretrained(Path(s["out_dir"]) / "final")
     assert drafter.config.num_hidden_layers == 1
+
+
+@pytest.mark.timeout(120)
+def test_training_over_a_draft_vocabulary_exports_it(tmp_path):
+    from bd_ray.draft_vocab import DraftVocab, load_draft_vocab, save_draft_vocab
+
+    teacher, drafter = fresh_models()
+    vocab = DraftVocab(list(range(0, V, 2)), V)
+    save_draft_vocab(vocab, tmp_path / "vocab")
+    cfg = tiny_cfg(optim__max_steps=4, run__export=True, models__draft_vocab=str(tmp_path / "vocab"))
+    head_before = drafter.get_output_embeddings().weight.detach().clone()
+    s = run_local(cfg, random_rows(), teacher, drafter, out_dir=str(tmp_path / "run"), resume=False, log=lambda m: None)
+    assert s["finished"] and all(math.isfinite(h["loss"]) for h in s["history"])
+    head = s["engine"].module.get_output_embeddings().weight.detach()
+    # the subset's rows of the (tied) head were trained
+    assert not torch.equal(head[0::2], head_before[0::2])
+    export = tmp_path / "run" / "final"
+    assert load_draft_vocab(export).ids.tolist() == vocab.ids.tolist()
+    # the full head is saved next to the vocabulary; load_drafter applies the file (test_draft_vocab.py)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(export).get_output_embeddings().weight.shape[0] == V
