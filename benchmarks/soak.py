@@ -62,9 +62,16 @@ MIX = {
 }
 
 
-def make_request(rng: random.Random, kind: str, model: str, max_tokens: int) -> tuple[str, dict | bytes]:
-    """(route, JSON body or raw bytes) of one request of ``kind`` (see :data:`MIX`)."""
-    prompt = " ".join([rng.choice(PROMPTS)] * rng.randint(1, 4))  # ~20-80 tokens: sparse caches get cut
+def make_request(rng: random.Random, kind: str, model: str, max_tokens: int,
+                 max_prompt_chars: int = 1 << 30) -> tuple[str, dict | bytes]:
+    """(route, JSON body or raw bytes) of one request of ``kind`` (see :data:`MIX`); the prompt is
+    1-4 copies of a sentence (sparse caches get cut), at most ``max_prompt_chars`` characters
+    (ASCII text: at least one character per token, so it fits a context of that many tokens)."""
+    base = rng.choice(PROMPTS)
+    reps = rng.randint(1, 4)
+    while reps > 1 and len(base) * reps + reps - 1 > max_prompt_chars:
+        reps -= 1
+    prompt = " ".join([base] * reps)
     n = rng.randint(max(1, max_tokens // 4), max_tokens)
     spec = rng.choice([{}, {"gamma": rng.randint(1, 6)}, {"kv_budget": rng.choice([48, 64, "full"])},
                        {"gamma": 3, "kv_budget": 24, "sparse_policy": "streaming"},
@@ -106,6 +113,7 @@ class Soak:
         self.warmup_s, self.sample_every_s, self.max_tokens = warmup_s, sample_every_s, max_tokens
         self.model, self.replicas, self.rss_tol = model, replicas, rss_tolerance_mib
         self.timeout = request_timeout_s
+        self.max_prompt_chars = 1 << 30  # set from the server's max_model_len in run()
         self.rng = random.Random(seed)
         self.log = log
         self.counts: dict[str, dict[str, int]] = {}
@@ -122,7 +130,7 @@ class Soak:
     async def _one(self, client, kind: str) -> None:
         import httpx
 
-        route, body = make_request(self.rng, kind, self.model, self.max_tokens)
+        route, body = make_request(self.rng, kind, self.model, self.max_tokens, self.max_prompt_chars)
         t0 = time.perf_counter()
         kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
             else {"json": body}
@@ -225,6 +233,10 @@ class Soak:
         self.t_start = time.monotonic()
         limits = httpx.Limits(max_connections=self.concurrency + 4)
         async with httpx.AsyncClient(limits=limits) as client:
+            models = (await client.get(f"{self.url}/v1/models", timeout=60)).json()["data"]
+            limit = models[0].get("max_model_len")
+            if limit:  # room for max_tokens and a chat template's markup
+                self.max_prompt_chars = max(1, int(limit) - self.max_tokens - 32)
             if self.replicas is None:  # discover the replicas of a server we did not start
                 self.replicas = len(await self._engine_stats(client, deep=False)) or 1
             await self._load(client, self.warmup_s)

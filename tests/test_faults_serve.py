@@ -36,9 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
-hypothesis = pytest.importorskip("hypothesis")
-
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st  # noqa: E402  (dev extra)
 
 from _tiny import SERVE_PROMPTS as PROMPTS, free_port, own_ray_processes, serve_app_args  # noqa: E402
 
