@@ -34,8 +34,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # _tiny: tiny random-weight models and tokenizer
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))  # _tiny: tiny random-weight models and tokenizer
 
 from bd_ray.sim_cluster import (SimCluster, Timeline, actor_nodes, head_node_id, wait_for,  # noqa: E402
                                 serve_load_timeline, worker_nodes)
@@ -49,6 +49,22 @@ CLUSTER_ENV = {
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # CPU is scarce here: no idle Ray workers started ahead of demand, autoscaler rounds every 2 s
+    "RAY_prestart_worker_first_driver": "0",
+    "RAY_enable_worker_prestart": "0",
+    "AUTOSCALER_UPDATE_INTERVAL_S": "2",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",   # see TRAIN_DRIVER_ENV
+}
+# The training driver's environment during run_train (restored after; Ray Train and Ray Data read
+# these in the driver):
+TRAIN_DRIVER_ENV = {
+    # Ray Train (v2) waits 60 s for its placement group, then tears it down and retries; a node that
+    # boots slowly (an overloaded machine here, minutes for a cloud node) should not cost a retry.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+    # Ray Data 2.60's parquet reader starts 32 footer-reader actors (1 CPU each to schedule): 32
+    # processes for one small file, and a pending demand the autoscaler adds nodes for.
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
 }
 PAYLOAD = {"model": "tiny", "prompt": "It is a truth universally acknowledged, that a single man",
            "max_tokens": 16, "temperature": 0}
@@ -95,6 +111,9 @@ def start_cluster(attempts: int = 2) -> SimCluster:
     """
     import ray
 
+    if ray.is_initialized():  # a session left by an earlier test in this process would block ray.init
+        print("[sim] disconnecting an existing Ray session first")
+        ray.shutdown()
     for attempt in range(1, attempts + 1):
         cluster = SimCluster(SIM_CONFIG, env=CLUSTER_ENV)
         try:
@@ -178,10 +197,8 @@ def run_train(root: Path, num_workers: int = 2, log=print) -> dict:
             time.sleep(0.5)
 
     wait_for(lambda: not worker_nodes(), 120, "no worker nodes before training")
-    # Ray Train (v2) waits 60 s for its placement group, then tears it down and retries; a node that
-    # boots slowly (an overloaded machine here, minutes for a cloud GPU node) should not cost a retry.
-    saved = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = saved or "300"
+    saved = {k: os.environ.get(k) for k in TRAIN_DRIVER_ENV}
+    os.environ.update(TRAIN_DRIVER_ENV)
     tl.start()
     tl.mark("train_start")
     th = threading.Thread(target=sampler, daemon=True)
@@ -192,8 +209,11 @@ def run_train(root: Path, num_workers: int = 2, log=print) -> dict:
         tl.mark("train_end")
         stop.set()
         th.join(timeout=5)
-        if saved is None:
-            os.environ.pop("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     workers = actor_nodes("RayTrainWorker")
     metrics = json.loads((Path(summary["out_dir"]) / "metrics.json").read_text())
 
@@ -227,6 +247,7 @@ def print_timeline(name: str, events: dict) -> None:
 
 
 def main(argv=None) -> int:
+    """Run the simulated-cluster scenarios, print the timelines, write the JSON; exit code 0."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "results" / "autoscaling" / "timeline.json"))
     ap.add_argument("--clients", type=int, default=4)

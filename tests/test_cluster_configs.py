@@ -265,7 +265,7 @@ def _print_timeline(name: str, out: dict, tmp_path: Path) -> None:
 def test_serve_scales_onto_new_nodes_and_back(sim_cluster, tmp_path):
     bench = sim_cluster
     max_replicas = 2
-    out = bench.run_serve(tmp_path / "models", clients=3, max_replicas=max_replicas)
+    out = bench.run_serve(tmp_path / "models", clients=2, max_replicas=max_replicas)
     _print_timeline("serve", out, tmp_path)
     ev, req, peak = out["events"], out["requests"], out["peak"]
     assert out["scaled_up"], f"no scale-up: {ev}"
