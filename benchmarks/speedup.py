@@ -55,7 +55,8 @@ def _parse(argv):
 def _hf_generate(model, prompt: list[int], n: int, assistant=None) -> tuple[list[int], float]:
     """transformers ``generate`` (greedy, exactly ``n`` new tokens); returns (ids, decode seconds).
 
-    Decode time = total minus one prefill forward timed separately on the same prompt.
+    Decode time = total minus one prefill forward (last-position logits only, as generate does)
+    timed separately on the same prompt: an estimate, noisier than bd-ray's own per-step timing.
     """
     ids = torch.tensor([prompt])
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1, eos_token_id=None)
@@ -64,12 +65,13 @@ def _hf_generate(model, prompt: list[int], n: int, assistant=None) -> tuple[list
     t = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
     total = time.perf_counter() - t
+    # logits_to_keep=1: generate's own prefill computes the last position's logits only
     t = time.perf_counter()
-    model(ids, use_cache=True)
+    model(ids, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - t
     if assistant is not None:
         t = time.perf_counter()
-        assistant(ids, use_cache=True)
+        assistant(ids, use_cache=True, logits_to_keep=1)
         prefill += time.perf_counter() - t
     return out[0, len(prompt):].tolist(), max(total - prefill, 1e-9)
 
