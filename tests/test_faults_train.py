@@ -303,7 +303,7 @@ def test_ray_worker_killed_mid_run_resumes_to_the_same_drafter(tmp_path, ray_clu
 
     write_tiny_world(tmp_path, P + T)  # the tiny verifier (+ an unused clean corpus)
     write_hostile_corpus(tmp_path)
-    steps = 48
+    steps = 18  # checkpoints every 3 steps: the kill lands after step 6, well before the end
 
     # Two runs of one config on one cluster, side by side (wall time): "kill" is SIGKILLed once a
     # checkpoint is registered, "ref" runs uninterrupted. The kill run's worker is identified (by
