@@ -1059,15 +1059,16 @@ def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
     done = journal.load()                      # always: also repairs a torn last line
     if not cfg.run.resume:
         done = {}
+    keys = [item_key(it) for it in items]      # hashes each prompt's tokens once
     if done:
-        log(f"[bd-ray] resuming: {sum(1 for it in items if item_key(it) in done)} of {len(items)} measurements "
+        log(f"[bd-ray] resuming: {sum(1 for k in keys if k in done)} of {len(items)} measurements "
             f"reused from {journal.path}")
     progress = _Progress(items, log)
-    for it in items:   # journaled records first, so AR records are there for the lossless check
-        if item_key(it) in done:
-            runs.append(done[item_key(it)])
-            progress.update(it, done[item_key(it)])
-    items_left = [it for it in items if item_key(it) not in done]
+    for it, k in zip(items, keys):   # journaled records first, so AR records are there for the lossless check
+        if k in done:
+            runs.append(done[k])
+            progress.update(it, done[k])
+    items_left = [it for it, k in zip(items, keys) if k not in done]
 
     def finish(item: dict, rec: dict) -> None:
         if item["kind"].startswith("needle"):

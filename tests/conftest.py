@@ -109,3 +109,21 @@ def serve_reference(serve_model_dirs):
         return gen.generate(prompt_ids, SamplingConfig(temperature=0.0, max_new_tokens=max_tokens, **extra)).text
 
     return ar, tok
+
+
+# ---- tiny engine models shared by the engine tests (test_spec_engine.py, test_adaptive.py) ----
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny byte-level BPE tokenizer (320 ids, EOS = 0)."""
+    from _tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    """A 2-layer random-weight tiny Llama (seed 0), the engine tests' verifier."""
+    from _tiny import tiny_llama
+
+    return tiny_llama(layers=2, seed=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _tiny import tiny_llama, tiny_tokenizer
+from _tiny import tiny_llama
 from bd_ray.config import SamplingConfig, SpecConfig
 from bd_ray.spec.adaptive import GammaController, expected_tokens
 from bd_ray.spec.engine import ARGenerator, SpeculativeGenerator
@@ -99,16 +99,6 @@ def test_bad_arguments_raise(kw):
 
 
 # ---- the engine with adaptive γ ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def verifier():
-    return tiny_llama(layers=2, seed=0)
-
-
 def _greedy(n):
     return SamplingConfig(temperature=0.0, max_new_tokens=n, eos_token_ids=[])
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from _tiny import tiny_llama, tiny_tokenizer
+from _tiny import tiny_llama
 from bd_ray import kvcache
 from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
 from bd_ray.spec.engine import ARGenerator, ContextLengthError, SpeculativeGenerator
@@ -21,16 +21,6 @@ POLICIES = [
     SparsePolicyConfig(name="streaming", sink=4),
     SparsePolicyConfig(name="snapkv", sink=4, window=8, pool_kernel=3),
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def verifier():
-    return tiny_llama(layers=2, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -197,9 +197,9 @@ def use_attention(model: Any, attn_implementation: str | None) -> None:
     """Switch ``model`` to ``attn_implementation`` (``None`` leaves it as loaded).
 
     The default for both generators is ``bd_ray_sparse`` (:mod:`bd_ray.attention`): Triton on
-    CUDA; on CPU torch's fused kernel for one token and a grouped matmul for γ+1-token blocks,
-    which measured 1.4x cheaper than transformers' masked sdpa for a 5-token verify step at 4K
-    (benchmarks/step_costs.py). AR and speculative decoding always share the setting, so
+    CUDA; on CPU torch's fused flash kernel, with the query heads of a KV head stacked for
+    γ+1-token blocks: T_v(5)/T_v(1) 1.46 at 4K against 2.25 for transformers' masked sdpa
+    (benchmarks/step_costs.py, results/speed/). AR and speculative decoding always share the setting, so
     speedups compare like with like.
     """
     if attn_implementation is None or model.config._attn_implementation == attn_implementation:
