@@ -107,7 +107,7 @@ def test_length_cap_inside_block(verifier, tok):
 
 # ---- case 5: sampling is lossless ---------------------------------------------------------------
 @pytest.mark.slow
-def test_case5_sampling_distribution_matches_verifier():
+def test_case5_sampling_distribution_matches_verifier(tok):
     """Marginal of the first *drafted-and-verified* token over 20,000 seeded runs equals p.
 
     The first output token comes from the verifier prefill; the second goes through rejection
@@ -116,7 +116,6 @@ def test_case5_sampling_distribution_matches_verifier():
     vocab, trials = 12, 20_000
     v = tiny_llama(vocab_size=vocab, layers=1, hidden=32, heads=2, kv_heads=1, seed=0, init_std=0.5)
     d = tiny_llama(vocab_size=vocab, layers=1, hidden=32, heads=2, kv_heads=1, seed=5, init_std=0.5)
-    tok = tiny_tokenizer()   # only decode() is used; ids < vocab decode to bytes
     # 3 tokens: the first from the prefill, then one cycle drafting 1 token (γ capped by the length)
     sampling = dict(temperature=0.7, top_p=0.9, max_new_tokens=3, eos_token_ids=[])
     prompt = [3, 7, 1, 4, 9, 2]
