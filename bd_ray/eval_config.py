@@ -86,6 +86,18 @@ class EvalDataConfig(StrictModel):
     seed: int = Field(1234, ge=0)
 
 
+def _check_gammas(v: list[int], field: str) -> list[int]:
+    """Non-empty, unique, each within 1..128 (raises ``ValueError`` naming ``field``)."""
+    if not v:
+        raise ValueError(f"{field}: at least one gamma is needed")
+    for g in v:
+        if not 1 <= g <= 128:
+            raise ValueError(f"{field} must be within 1..128, got {g}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"{field}: duplicate gammas in {v}")
+    return v
+
+
 class DecodeMode(StrictModel):
     """One decoding mode: ``temperature == 0`` is greedy (the lossless check applies), else sampling.
 
@@ -93,6 +105,8 @@ class DecodeMode(StrictModel):
     so sampled AR and SD outputs differ token-wise; they follow the same distribution).
     ``adaptive``: the cell's γ caps a per-cycle choice and speculation stops when it cannot pay
     (:mod:`bd_ray.spec.adaptive`); off = every cycle drafts exactly γ (the paper's protocol).
+    ``gammas``: the γ values (caps, for adaptive modes) run in this mode instead of
+    ``matrix.gammas``, e.g. an adaptive mode run only at the largest cap.
     """
 
     name: str = "greedy"
@@ -101,6 +115,12 @@ class DecodeMode(StrictModel):
     top_k: int = Field(0, ge=0, le=1_000_000)
     seed: int = Field(0, ge=0)
     adaptive: bool = False
+    gammas: list[int] | None = None
+
+    @field_validator("gammas")
+    @classmethod
+    def _gammas(cls, v: list[int] | None) -> list[int] | None:
+        return None if v is None else _check_gammas(v, "modes[].gammas")
 
     @property
     def greedy(self) -> bool:
@@ -161,14 +181,7 @@ class MatrixConfig(StrictModel):
     @field_validator("gammas")
     @classmethod
     def _gammas(cls, v: list[int]) -> list[int]:
-        if not v:
-            raise ValueError("at least one gamma is needed")
-        for g in v:
-            if not 1 <= g <= 128:
-                raise ValueError(f"gammas must be within 1..128, got {g}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate gammas in {v}")
-        return v
+        return _check_gammas(v, "matrix.gammas")
 
     @field_validator("policies")
     @classmethod

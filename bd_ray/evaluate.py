@@ -266,11 +266,13 @@ def _budget_policies(cfg: EvalJobConfig) -> list[tuple[str, int | None]]:
 
 def build_items(cfg: EvalJobConfig, prompts: dict[int, list[PromptSpec]],
                 needles: dict[int, PromptSpec] | None = None) -> list[dict]:
-    """All measurements in run order: per prompt, AR per mode, then SD cells grouped by drafter.
+    """All measurements in run order: per prompt and mode, for each drafter an AR baseline run
+    followed by that drafter's SD cells (γ from ``mode.gammas`` when set, else ``matrix.gammas``).
 
     Each item is a plain dict (sent to a worker): ``kind`` (``ar`` | ``sd`` | ``needle_ar`` |
-    ``needle_sd``), ``prompt`` (:meth:`PromptSpec.meta` plus ``token_ids``), ``mode`` and, for SD,
-    ``drafter``, ``policy``, ``budget`` (``None`` = full), ``gamma`` and ``cell_id``.
+    ``needle_sd``), ``prompt`` (:meth:`PromptSpec.meta` plus ``token_ids``), ``mode``, ``drafter``
+    (for ``ar``: the group it is the baseline of) and, for SD, ``policy``, ``budget`` (``None`` =
+    full), ``gamma`` and ``cell_id``.
     """
     m = cfg.matrix
     items: list[dict] = []
@@ -289,16 +291,40 @@ def build_items(cfg: EvalJobConfig, prompts: dict[int, list[PromptSpec]],
                                   "policy": pol, "budget": b, "gamma": cfg.needle_gamma, "group": p.prompt_id,
                                   "cell_id": cell_id(p.context, pol, b, cfg.needle_gamma, d, md.name)})
             continue
+        # Modes outermost, so fixed-γ cells of every drafter come before the adaptive ones; an AR
+        # baseline right before each drafter's cells, so slow drift in machine load (a shared
+        # box) shifts SD and its AR together instead of biasing one drafter against another.
         for md in m.modes:
-            items.append({"kind": "ar", "prompt": pm, "mode": md.model_dump(), "group": p.prompt_id})
-        for d in cfg.models.drafters:
-            for md in m.modes:
+            mode = md.model_dump(exclude_none=True)
+            for d in cfg.models.drafters:
+                items.append({"kind": "ar", "prompt": pm, "mode": mode, "drafter": d, "group": p.prompt_id})
                 for pol, b in _budget_policies(cfg):
-                    for g in m.gammas:
-                        items.append({"kind": "sd", "prompt": pm, "mode": md.model_dump(), "drafter": d,
+                    for g in md.gammas or m.gammas:
+                        items.append({"kind": "sd", "prompt": pm, "mode": mode, "drafter": d,
                                       "policy": pol, "budget": b, "gamma": g, "group": p.prompt_id,
                                       "cell_id": cell_id(p.context, pol, b, g, d, md.name)})
     return items
+
+
+class _ARIndex:
+    """The AR baseline of each SD run: the AR run of the same prompt and mode measured for its
+    drafter's group (see :func:`build_items`), else any AR run of that prompt and mode (older
+    journals measured AR once per prompt)."""
+
+    def __init__(self, runs: Iterable[dict], kinds: tuple[str, ...] = ("ar",)) -> None:
+        self._by: dict[tuple, dict] = {}
+        for r in runs:
+            if r["kind"] in kinds and "error" not in r:
+                self._by[(r["prompt_id"], r["mode"], r.get("drafter"))] = r
+                self._by.setdefault((r["prompt_id"], r["mode"], None), r)
+
+    def add(self, r: dict) -> None:
+        self._by[(r["prompt_id"], r["mode"], r.get("drafter"))] = r
+        self._by.setdefault((r["prompt_id"], r["mode"], None), r)
+
+    def get(self, sd: dict) -> dict | None:
+        return (self._by.get((sd["prompt_id"], sd["mode"], sd.get("drafter")))
+                or self._by.get((sd["prompt_id"], sd["mode"], None)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -388,6 +414,7 @@ class EvalWorker:
         import torch
 
         from bd_ray import kvcache
+        from bd_ray.spec.adaptive import PROMPT_PROBE_TOKENS
 
         if item["group"] != self._group:
             self._group, self._vpre, self._dpre = item["group"], None, {}
@@ -396,13 +423,14 @@ class EvalWorker:
         if self._vpre is None:
             with torch.inference_mode():
                 t = _sync_clock(self.device)
-                pre = kvcache.prefill(self.verifier, ids, chunk_size=chunk)
+                pre = kvcache.prefill(self.verifier, ids, chunk_size=chunk, tail_argmax=PROMPT_PROBE_TOKENS)
                 self._vpre = (pre, _sync_clock(self.device) - t)
         d = item.get("drafter")
         if d is not None and d not in self._dpre:
             with torch.inference_mode():
                 t = _sync_clock(self.device)
-                pre = kvcache.prefill(self.drafters[d], ids, chunk_size=chunk, capture_queries_window=self._qwin)
+                pre = kvcache.prefill(self.drafters[d], ids, chunk_size=chunk, capture_queries_window=self._qwin,
+                                      tail_argmax=PROMPT_PROBE_TOKENS)
                 self._dpre[d] = (pre, _sync_clock(self.device) - t)
         return self._vpre, self._dpre.get(d)
 
@@ -429,6 +457,7 @@ class EvalWorker:
             n = len(res.token_ids)
             rec.update(_result_fields(res))
             rec["verify_step_s"] = res.timings.verify_s / max(n - 1, 1)
+            rec["drafter"] = item.get("drafter")     # the drafter group this AR run is the baseline of
             return rec
 
         d_pre, d_s = dp
@@ -436,7 +465,8 @@ class EvalWorker:
         policy = self.policies[label] if label != "none" else next(iter(self.policies.values()))
         w = _query_window(policy)
         queries = None if (w == 0 or d_pre.queries is None) else [q[:, :, -w:] for q in d_pre.queries]
-        dpre_p = kvcache.PrefillResult(cache=d_pre.cache, last_logits=d_pre.last_logits, queries=queries)
+        dpre_p = kvcache.PrefillResult(cache=d_pre.cache, last_logits=d_pre.last_logits, queries=queries,
+                                       tail_argmax=d_pre.tail_argmax)
         spec = SpecConfig(gamma=gamma, budget=budget, policy=policy, prefill_chunk=m.prefill_chunk)
         gen = SpeculativeGenerator(self.verifier, self.drafters[item["drafter"]], self.tok, spec)
         pre = Prefilled(prompt, vpre, dpre_p, verifier_s=v_s, drafter_s=d_s)
@@ -516,7 +546,7 @@ def aggregate_cells(runs: list[dict], cfg: EvalJobConfig) -> list[dict]:
     seconds per AR verifier forward. ``drafter_cache``: largest peak drafter cache (entries per
     layer and KV head). ``lossless``: ``ok`` / ``FAIL`` (greedy) or ``n/a`` (sampled).
     """
-    ar = {(r["prompt_id"], r["mode"]): r for r in runs if r["kind"] == "ar" and "error" not in r}
+    ar = _ARIndex(runs)
     cells: dict[str, list[dict]] = {}
     for r in runs:
         if r["kind"] == "sd" and "error" not in r:
@@ -535,7 +565,7 @@ def aggregate_cells(runs: list[dict], cfg: EvalJobConfig) -> list[dict]:
         drafted = sum(r["drafted"] for r in rs)
         accepted = sum(r["accepted"] for r in rs)
         cycles = sum(r["cycles"] for r in rs)
-        ars = [ar.get((r["prompt_id"], r["mode"])) for r in rs]
+        ars = [ar.get(r) for r in rs]
         have_ar = all(a is not None for a in ars)
         sd_tps = _pooled_rate((r["n_tokens"] for r in rs), (r["decode_s"] for r in rs))
         ar_tps = _pooled_rate((a["n_tokens"] for a in ars), (a["decode_s"] for a in ars)) if have_ar else None
@@ -592,12 +622,12 @@ def best_gammas(cells: list[dict]) -> list[dict]:
 
 def lossless_failures(runs: list[dict]) -> list[dict]:
     """Greedy SD runs whose token ids differ from the AR run of the same prompt and mode."""
-    ar = {(r["prompt_id"], r["mode"]): r for r in runs if r["kind"] in ("ar", "needle_ar") and "error" not in r}
+    ar = _ARIndex(runs, kinds=("ar", "needle_ar"))
     bad = []
     for r in runs:
         if r["kind"] not in ("sd", "needle_sd") or not r.get("greedy") or "error" in r:
             continue
-        a = ar.get((r["prompt_id"], r["mode"]))
+        a = ar.get(r)
         if a is None:
             continue
         if a["token_ids"] != r["token_ids"]:
@@ -849,7 +879,8 @@ def item_key(item: dict) -> str:
 
     toks = hashlib.sha256(json.dumps(item["prompt"]["token_ids"]).encode()).hexdigest()[:12]
     mode = json.dumps(item["mode"], sort_keys=True)
-    return f"{item['kind']}|{item['prompt']['prompt_id']}|{toks}|{mode}|{item.get('cell_id')}"
+    cell = item.get("cell_id") or item.get("drafter")      # AR runs: the drafter group they baseline
+    return f"{item['kind']}|{item['prompt']['prompt_id']}|{toks}|{mode}|{cell}"
 
 
 class _Journal:
@@ -915,7 +946,7 @@ class _Progress:
             if it["kind"] == "sd":
                 self.cell_need[it["cell_id"]] = self.cell_need.get(it["cell_id"], 0) + 1
         self.cell_runs: dict[str, list[dict]] = {}
-        self.ar: dict[tuple, dict] = {}
+        self.ar = _ARIndex(())
 
     def update(self, item: dict, rec: dict) -> None:
         self.done += 1
@@ -925,11 +956,11 @@ class _Progress:
         if "error" in rec:
             msg = f"ERROR {rec['error'].splitlines()[0][:200]}"
         elif item["kind"] in ("ar", "needle_ar"):
-            self.ar[(rec["prompt_id"], rec["mode"])] = rec
+            self.ar.add(rec)
             msg = f"{rec['tokens_per_s']:.1f} tok/s (prefill {rec['verifier_prefill_s']:.1f}s)"
         else:
             what += f" {item['drafter']} {item['policy']} B={budget_label(item['budget'])} γ={item['gamma']}"
-            a = self.ar.get((rec["prompt_id"], rec["mode"]))
+            a = self.ar.get(rec)
             sp = f" {rec['tokens_per_s'] / a['tokens_per_s']:.2f}x" if a and a["tokens_per_s"] else ""
             msg = f"α {rec['acceptance_rate']:.2f} τ {rec['mean_accepted_length']:.2f} {rec['tokens_per_s']:.1f} tok/s{sp}"
         self.log(f"[{self.done:>4}/{self.total}] {what}: {msg} | {_fmt_s(el)} elapsed, ETA {_fmt_s(eta)}")
@@ -937,7 +968,7 @@ class _Progress:
             rs = self.cell_runs.setdefault(item["cell_id"], [])
             rs.append(rec)
             if len(rs) == self.cell_need[item["cell_id"]]:
-                ars = [self.ar.get((r["prompt_id"], r["mode"])) for r in rs]
+                ars = [self.ar.get(r) for r in rs]
                 dr = sum(r["drafted"] for r in rs)
                 alpha = sum(r["accepted"] for r in rs) / dr if dr else 0.0
                 sd = _pooled_rate((r["n_tokens"] for r in rs), (r["decode_s"] for r in rs))
@@ -1078,7 +1109,7 @@ def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
             journal.append(item, rec)
         progress.update(item, rec)
         if item["kind"] in ("sd", "needle_sd") and "error" not in rec and rec["greedy"]:
-            a = progress.ar.get((rec["prompt_id"], rec["mode"]))
+            a = progress.ar.get(rec)
             if a is not None and a["token_ids"] != rec["token_ids"]:
                 log(f"!!! LOSSLESS FAILURE: cell {rec['cell_id']} prompt {rec['prompt_id']}: greedy SD tokens differ "
                     f"from AR")

@@ -193,11 +193,16 @@ class PrefillResult:
         queries: ``None`` or one tensor per layer ``[b, q_heads, W, head_dim]``: post-RoPE queries
             of the last ``W`` valid positions of each row (row ``r``'s entry ``i`` is position
             ``lengths[r] - W + i``; entries before position 0 are zero).
+        tail_argmax: ``None`` or ``[b, T]`` long: the model's argmax next token at each row's last
+            ``T`` valid positions (entry ``i`` = position ``lengths[r] - T + i``; ``-1`` before
+            position 0). Comparing a drafter's with the verifier's gives their greedy agreement on
+            the prompt's own text (:mod:`bd_ray.spec.adaptive` uses it as a free acceptance prior).
     """
 
     cache: KVCache
     last_logits: torch.Tensor
     queries: list[torch.Tensor] | None = None
+    tail_argmax: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -427,7 +432,7 @@ def forward_with_cache(model, cache, input_ids: torch.Tensor, start_position, hi
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, cache: KVCache | None = None, chunk_size: int = 512,
             start_position: int = 0, capture_queries_window: int = 0,
-            lengths: torch.Tensor | None = None) -> PrefillResult:
+            lengths: torch.Tensor | None = None, tail_argmax: int = 0) -> PrefillResult:
     """Chunked no-grad prefill with explicit positions; bounded memory (only last logits).
 
     Args:
@@ -441,11 +446,13 @@ def prefill(model, input_ids: torch.Tensor, cache: KVCache | None = None, chunk_
         capture_queries_window: ``W > 0`` records the post-RoPE queries of each row's last ``W``
             valid positions per layer (for ``snapkv`` and ``chunk_topk`` with ``last_query``).
         lengths: ``[b]`` valid length per row; ``None`` = all ``seq``.
+        tail_argmax: ``T > 0`` also returns the argmax token at each row's last ``T`` valid
+            positions (the head runs on ``T`` hidden states per row, never on the whole prompt).
 
     Returns:
         :class:`PrefillResult` (cache with ``prefix_len = start_position + lengths``,
         ``kept_len`` = its length, ``kept_valid`` when rows are ragged; last-position logits
-        ``[b, vocab]``; captured queries or ``None``).
+        ``[b, vocab]``; captured queries or ``None``; tail argmax ``[b, T]`` or ``None``).
 
     Raises:
         ValueError: bad shapes, ``chunk_size < 1``, ``lengths`` out of ``[1, seq]``.
@@ -493,6 +500,9 @@ def prefill(model, input_ids: torch.Tensor, cache: KVCache | None = None, chunk_
         buffers[layer_idx] = torch.where(inside.view(b, 1, W, 1), got.detach(), buf)
 
     last_hidden = None
+    T = max(int(tail_argmax), 0)
+    tail_pos = (lengths - T).view(b, 1) + torch.arange(T, device=dev).view(1, -1)       # [b, T]
+    tail_hidden: torch.Tensor | None = None
     ctx = capture_queries(model, on_query) if W > 0 else None
     try:
         if ctx is not None:
@@ -509,10 +519,20 @@ def prefill(model, input_ids: torch.Tensor, cache: KVCache | None = None, chunk_
             if bool(inside.any()):
                 got = h.gather(1, last.clamp(0, n - 1).view(b, 1, 1).expand(b, 1, h.shape[-1])).squeeze(1)
                 last_hidden = got if last_hidden is None else torch.where(inside.view(b, 1), got, last_hidden)
+            if T:
+                t_in = (tail_pos >= s0) & (tail_pos < s0 + n)                          # [b, T]
+                if bool(t_in.any()):
+                    src = (tail_pos - s0).clamp(0, n - 1).view(b, T, 1).expand(b, T, h.shape[-1])
+                    got = h.gather(1, src)
+                    tail_hidden = got if tail_hidden is None else torch.where(t_in.view(b, T, 1), got, tail_hidden)
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
     logits = _apply_head(model, head, last_hidden).float()
+    tail = None
+    if T:
+        tail = _apply_head(model, head, tail_hidden).argmax(-1)                            # [b, T]
+        tail = torch.where(tail_pos >= 0, tail, torch.full_like(tail, -1))
 
     cache.kept_len = cache_len(cache)
     cache.prefix_len = (start_position + lengths) if not past else torch.full_like(lengths, start_position + s)
@@ -520,7 +540,7 @@ def prefill(model, input_ids: torch.Tensor, cache: KVCache | None = None, chunk_
     queries = [buffers[i] for i in sorted(buffers)] if W > 0 else None
     if queries is not None and len(queries) != len(cache.layers):
         raise RuntimeError(f"captured queries for {len(queries)} layers, cache has {len(cache.layers)}")
-    return PrefillResult(cache=cache, last_logits=logits, queries=queries)
+    return PrefillResult(cache=cache, last_logits=logits, queries=queries, tail_argmax=tail)
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ import torch
 
 from _tiny import tiny_llama
 from bd_ray.config import SamplingConfig, SpecConfig
-from bd_ray.spec.adaptive import GammaController, expected_tokens
+from bd_ray import kvcache
+from bd_ray.spec.adaptive import PROMPT_PROBE_TOKENS, GammaController, expected_tokens, prompt_agreement
 from bd_ray.spec.engine import ARGenerator, SpeculativeGenerator
 
 
@@ -91,6 +92,48 @@ def test_never_drafts_past_the_remaining_tokens():
     assert ctrl.next_gamma(remaining=1) == 0
 
 
+def test_hopeless_prompt_agreement_starts_plain_without_warmup():
+    ctrl = GammaController(max_gamma=8, probe_every=8, max_probe_every=128)
+    ctrl.observe_prompt_agreement(0.0, 32)
+    assert not ctrl.speculating and "prompt check" in ctrl.stats.stopped_reason
+    chosen = _run(ctrl, accept_p=0.0, steps=128)
+    # no warm-up cycles: the first speculative cycle is the first probe, 4 * probe_every tokens in
+    assert chosen[:33] == [0] * 32 + [1]
+    assert ctrl.stats.probes == sum(c > 0 for c in chosen) <= 3
+    assert ctrl.stats.prompt_agreement == 0.0
+
+
+def test_promising_prompt_agreement_warms_up_and_speculates():
+    ctrl = GammaController(max_gamma=8)
+    ctrl.observe_prompt_agreement(0.9, 32)
+    assert ctrl.speculating and ctrl.acceptance > 0.8
+    chosen = _run(ctrl, accept_p=0.9, steps=40)
+    assert chosen[:3] == [0, 2, 2] and ctrl.speculating and max(chosen) >= 4
+
+
+def test_prompt_agreement_counts_only_valid_positions():
+    v = torch.tensor([[-1, -1, 5, 6, 7, 8]])
+    d = torch.tensor([[-1, -1, 5, 0, 7, 0]])
+    assert prompt_agreement(v, d) == (0.5, 4)
+    assert prompt_agreement(v, None) is None
+    assert prompt_agreement(torch.tensor([[-1]]), torch.tensor([[-1]])) is None
+    with pytest.raises(ValueError):
+        GammaController(max_gamma=2).observe_prompt_agreement(1.5, 4)
+
+
+def test_prefill_tail_argmax_equals_full_forward_argmax(verifier):
+    ids = torch.randint(1, 320, (1, 50), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = verifier(ids).logits[0, -20:].argmax(-1)
+        # chunks of 16: the 20 tail positions span two chunks
+        pre = kvcache.prefill(verifier, ids, chunk_size=16, tail_argmax=20)
+        short = kvcache.prefill(verifier, ids[:, :5], chunk_size=16, tail_argmax=8)
+    assert torch.equal(pre.tail_argmax[0], want)
+    assert short.tail_argmax[0, :3].tolist() == [-1, -1, -1]
+    assert torch.equal(short.tail_argmax[0, 3:], verifier(ids[:, :5]).logits[0].argmax(-1))
+    assert kvcache.prefill(verifier, ids, chunk_size=16).tail_argmax is None
+
+
 @pytest.mark.parametrize("kw", [dict(max_gamma=0), dict(max_gamma=4, min_gain=0), dict(max_gamma=4, decay=0),
                                 dict(max_gamma=4, probe_every=0)])
 def test_bad_arguments_raise(kw):
@@ -113,6 +156,12 @@ def test_adaptive_engine_is_lossless_and_reports(verifier, tok):
         assert res.token_ids == want
         assert res.adaptive is not None and res.adaptive["plain_steps"] >= 1
         assert res.as_dict()["adaptive"] == res.adaptive
+    # the prompt check saw the unrelated drafter disagree and the self-drafter agree everywhere
+    res_self = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4, adaptive=True)
+                                    ).generate(prompt, _greedy(12))
+    assert res_self.adaptive["prompt_agreement"] == 1.0 and res_self.metrics.cycles > 0
+    pre = SpeculativeGenerator(verifier, unrelated, tok, SpecConfig(budget=64, gamma=6)).prefill(prompt)
+    assert pre.verifier.tail_argmax.shape == (1, PROMPT_PROBE_TOKENS)
     # fixed γ reports no controller
     assert SpeculativeGenerator(verifier, unrelated, tok, SpecConfig(gamma=2)).generate(
         prompt, _greedy(8)).adaptive is None

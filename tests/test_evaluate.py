@@ -83,7 +83,8 @@ def _config(assets: dict, out: Path, **run) -> dict:
                    "policies": {"chunk": {"name": "chunk_topk", "chunk_size": 4, "recent": 4},
                                 "stream": {"name": "streaming", "sink": 4}},
                    "budgets": [16, "full"], "gammas": [2, 3],
-                   "modes": [{"name": "greedy"}, {"name": "t08", "temperature": 0.8, "top_p": 0.9, "seed": 1}],
+                   "modes": [{"name": "greedy"},
+                             {"name": "t08", "temperature": 0.8, "top_p": 0.9, "seed": 1, "gammas": [3]}],
                    "max_new_tokens": 8, "prefill_chunk": 64},
         "needle": {"enabled": True, "depth": 0.3, "max_new_tokens": 6},
         "run": {"output_dir": str(out), "torch_threads": 1, **run},
@@ -186,8 +187,9 @@ def test_eval_job_tiny_ray_writes_all_outputs(tiny_assets, tmp_path, ray_cluster
     res = json.loads((out / "results.json").read_text())
     check_results_schema(res)
 
-    # 2 drafters x 2 modes x (2 policies x budget 16 + full once) x 2 gammas
-    assert len(res["cells"]) == 2 * 2 * 3 * 2
+    # 2 drafters x (2 policies x budget 16 + full once) x (greedy: 2 gammas + t08: its own 1 gamma)
+    assert len(res["cells"]) == 2 * 3 * (2 + 1)
+    assert {c["gamma"] for c in res["cells"] if c["mode"] == "t08"} == {3}
     assert all(c["n_prompts"] == 2 for c in res["cells"])
     assert {c["budget"] for c in res["cells"]} == {"16", "full"}
     assert {c["policy"] for c in res["cells"] if c["budget"] == "full"} == {"none"}
@@ -195,9 +197,15 @@ def test_eval_job_tiny_ray_writes_all_outputs(tiny_assets, tmp_path, ray_cluster
     assert {c["lossless"] for c in res["cells"] if c["greedy"]} == {"ok"}
     assert {c["lossless"] for c in res["cells"] if not c["greedy"]} == {"n/a"}
     assert res["lossless"]["failures"] == [] and res["lossless"]["checked"] > 0
-    # AR ran once per prompt and mode, and its prefill was shared by the SD cells of the prompt
+    # AR ran once per prompt, mode and drafter group (its prefill shared by the SD cells of the
+    # prompt), and each cell's speedup is against the AR runs of its own drafter group
     ar = [r for r in res["runs"] if r["kind"] == "ar"]
-    assert len(ar) == 2 * 2
+    assert len(ar) == 2 * 2 * 2
+    for c in res["cells"]:
+        own = [r for r in ar if (r["drafter"], r["mode"]) == (c["drafter"], c["mode"])
+               and r["prompt_id"] in c["prompt_ids"]]
+        assert len(own) == 2
+        assert c["ar_tokens_per_s"] == pytest.approx(sum(r["n_tokens"] for r in own) / sum(r["decode_s"] for r in own))
     # every request decoded exactly max_new_tokens (EOS ignored: equal work per cell)
     assert {r["n_tokens"] for r in res["runs"] if r["kind"] in ("ar", "sd")} == {8}
     # the drafter cache respects the budget: compact prefix (16) + at most max_new_tokens + gamma

@@ -12,6 +12,14 @@ forward over n tokens, modelled as T_v(1) + (n-1)·s. Plain decoding emits 1 tok
 (so a loaded machine, a long context or a weak drafter are all seen as they are), picks the γ that
 maximises E(γ)/C(γ), and decodes plainly when no γ beats plain decoding by ``min_gain``.
 
+Before the first cycle the controller can take a free look at the drafter: the verifier's and the
+drafter's prefills also give their argmax at the prompt's last :data:`PROMPT_PROBE_TOKENS`
+positions (:func:`bd_ray.kvcache.prefill` ``tail_argmax``), and their agreement there is the
+greedy acceptance of a first draft on this very text (full drafter cache, so an upper estimate
+under a KV budget). It seeds the acceptance estimate, and when even a drafter and a verify slope
+nearly free (:data:`OPTIMISTIC_COST_RATIO` of a plain step) could not make that agreement pay, the
+request starts plainly, with no warm-up cycles, and only probes (from ``4 * probe_every`` tokens on).
+
 While decoding plainly it probes again now and then with one γ = 1 cycle (the drafter first
 catches up on the tokens it missed in one forward); each probe that does not pay doubles the
 interval (``probe_every`` .. ``max_probe_every`` tokens), so a hopeless drafter costs a few percent
@@ -26,8 +34,32 @@ how the random stream is consumed); use ``SpecConfig(adaptive=False)`` where tha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["GammaController", "AdaptiveStats", "expected_tokens"]
+__all__ = ["GammaController", "AdaptiveStats", "expected_tokens", "prompt_agreement", "PROMPT_PROBE_TOKENS"]
+
+#: Prompt positions (tokens) at which both prefills report their argmax, for the acceptance prior.
+PROMPT_PROBE_TOKENS = 32
+#: t_d / T_v(1) and s / T_v(1) assumed when asking "could this agreement pay at all?".
+OPTIMISTIC_COST_RATIO = 0.05
+
+
+def prompt_agreement(verifier_tail: Any, drafter_tail: Any) -> tuple[float, int] | None:
+    """(fraction of prompt positions where the drafter's argmax equals the verifier's, positions).
+
+    Args:
+        verifier_tail, drafter_tail: ``[1, T]`` (or ``[T]``) long tensors from
+            ``kvcache.prefill(..., tail_argmax=T)``; ``-1`` marks positions before the prompt start.
+
+    Returns ``None`` when either is missing or no position is valid.
+    """
+    if verifier_tail is None or drafter_tail is None or verifier_tail.shape != drafter_tail.shape:
+        return None
+    valid = verifier_tail >= 0
+    n = int(valid.sum())
+    if n == 0:
+        return None
+    return float(((verifier_tail == drafter_tail) & valid).sum()) / n, n
 
 
 def expected_tokens(p: float, gamma: int) -> float:
@@ -51,6 +83,8 @@ class AdaptiveStats:
         draft_step_ratio: t_d / T_v(1) as measured (None before both were measured).
         verify_slope_ratio: s / T_v(1), the extra verifier cost per extra token (None before measured).
         stopped_reason: why speculation was switched off, the last time it was (None if never).
+        prompt_agreement: drafter/verifier greedy agreement on the prompt's last positions, the
+            acceptance prior (None when the prefills did not report it).
     """
 
     plain_steps: int = 0
@@ -60,6 +94,7 @@ class AdaptiveStats:
     draft_step_ratio: float | None = None
     verify_slope_ratio: float | None = None
     stopped_reason: str | None = None
+    prompt_agreement: float | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -70,6 +105,7 @@ class AdaptiveStats:
             "draft_step_ratio": self.draft_step_ratio,
             "verify_slope_ratio": self.verify_slope_ratio,
             "stopped_reason": self.stopped_reason,
+            "prompt_agreement": self.prompt_agreement,
         }
 
 
@@ -172,6 +208,38 @@ class GammaController:
         """The γ in 1..min(max_gamma, limit) with the highest expected tokens/s."""
         top = self.max_gamma if limit is None else max(1, min(self.max_gamma, limit))
         return max(range(1, top + 1), key=self.rate)
+
+    # -- the prompt prior ---------------------------------------------------------------------
+    def observe_prompt_agreement(self, agreement: float, positions: int, weight: float = 0.5) -> None:
+        """Seed the acceptance estimate from greedy agreement on the prompt (see the module doc).
+
+        Args:
+            agreement: fraction in [0, 1] of ``positions`` prompt positions where the drafter's
+                argmax equalled the verifier's.
+            weight: pseudo-observations per position (0.5: 32 positions count as 16 cycles' worth).
+
+        Raises:
+            ValueError: ``agreement`` outside [0, 1] or ``positions < 1``.
+        """
+        if not 0.0 <= agreement <= 1.0 or positions < 1:
+            raise ValueError(f"need agreement in [0, 1] and positions >= 1, got {agreement}, {positions}")
+        n = weight * positions
+        self._accept = self._prior[0] + agreement * n
+        self._reject = self._prior[1] + (1.0 - agreement) * n
+        self.stats.prompt_agreement = agreement
+        self._refresh_stats()
+        p, r = self.acceptance, OPTIMISTIC_COST_RATIO
+        best = max(expected_tokens(p, g) / (1.0 + g * 2 * r) for g in range(1, self.max_gamma + 1))
+        if best < self.min_gain:
+            # Hopeless even with a free drafter: no warm-up, decode plainly, probe now and then.
+            self.warmup_cycles = 0
+            self._speculating = False
+            self._plain_run = 0
+            self._probe_every = min(4 * self.base_probe_every, self.max_probe_every)
+            self.stats.stopped_reason = (
+                f"prompt check: the drafter agreed with the verifier on {agreement:.0%} of the last "
+                f"{positions} prompt positions; speculation cannot pay even with a drafter step and "
+                f"each extra verified token at {r:.2f}x of a plain step (best {best:.2f}x plain decoding)")
 
     # -- decisions --------------------------------------------------------------------------------
     def next_gamma(self, remaining: int) -> int:

@@ -29,7 +29,7 @@ import torch
 
 from bd_ray import kvcache
 from bd_ray.config import SamplingConfig, SpecConfig
-from bd_ray.spec.adaptive import GammaController
+from bd_ray.spec.adaptive import PROMPT_PROBE_TOKENS, GammaController, prompt_agreement
 from bd_ray.spec.metrics import SpecMetrics, Timings
 from bd_ray.spec.rejection import verify_greedy, verify_sampling
 from bd_ray.spec.sampling import filtered_probs, is_greedy, sample_from
@@ -263,24 +263,26 @@ class ARGenerator:
 
 
 def _verifier_prefill(gen: ARGenerator | "SpeculativeGenerator", req: _Request,
-                      prefilled: kvcache.PrefillResult | None) -> tuple[kvcache.KVCache, torch.Tensor]:
-    """(a private shallow clone of the verifier prefill cache, its last logits ``[vocab]``)."""
+                      prefilled: kvcache.PrefillResult | None,
+                      tail: int = 0) -> tuple[kvcache.KVCache, torch.Tensor, torch.Tensor | None]:
+    """(a private shallow clone of the verifier prefill cache, its last logits ``[vocab]``, the
+    argmax at the prompt's last ``tail`` positions ``[1, tail]`` or ``None``)."""
     if prefilled is None:
         t = _clock(gen.device)
         prefilled = kvcache.prefill(gen.verifier, torch.tensor([req.prompt], device=gen.device),
-                                    chunk_size=gen.prefill_chunk)
+                                    chunk_size=gen.prefill_chunk, tail_argmax=tail)
         req.timings.verifier_prefill_s += _clock(gen.device) - t
     elif kvcache.cache_len(prefilled.cache) != len(req.prompt):
         raise ValueError(f"prefilled verifier cache holds {kvcache.cache_len(prefilled.cache)} tokens, "
                          f"prompt has {len(req.prompt)}")
-    return kvcache.clone_cache(prefilled.cache), prefilled.last_logits[0]
+    return kvcache.clone_cache(prefilled.cache), prefilled.last_logits[0], prefilled.tail_argmax
 
 
 def _ar_loop(gen: ARGenerator | "SpeculativeGenerator", req: _Request,
              prefilled: kvcache.PrefillResult | None = None) -> Iterator[StreamChunk]:
     """Plain decoding loop over the verifier (the shared cache/forward path of AR and SD)."""
     dev = gen.device
-    cache, logits = _verifier_prefill(gen, req, prefilled)
+    cache, logits, _ = _verifier_prefill(gen, req, prefilled)
     while True:
         before = req.checker.num_tokens
         done = req.checker.add(req.pick(logits))
@@ -387,10 +389,12 @@ class SpeculativeGenerator:
         prompt = _as_ids(prompt_ids)
         ids = torch.tensor([prompt], device=self.device)
         t = _clock(self.device)
-        v = kvcache.prefill(self.verifier, ids, chunk_size=self.prefill_chunk)
+        # The tail argmax (a few head rows) gives adaptive requests their acceptance prior.
+        v = kvcache.prefill(self.verifier, ids, chunk_size=self.prefill_chunk, tail_argmax=PROMPT_PROBE_TOKENS)
         t1 = _clock(self.device)
         d = kvcache.prefill(self.drafter, ids, chunk_size=self.prefill_chunk,
-                            capture_queries_window=_query_window(self.spec.policy))
+                            capture_queries_window=_query_window(self.spec.policy),
+                            tail_argmax=PROMPT_PROBE_TOKENS)
         return Prefilled(prompt, v, d, verifier_s=t1 - t, drafter_s=_clock(self.device) - t1)
 
     def generate(self, prompt_ids: Sequence[int] | torch.Tensor, sampling: SamplingConfig,
@@ -447,13 +451,13 @@ class SpeculativeGenerator:
         yield from self._speculate(req, gamma, budget, prefilled, inspect, controller)
 
     # ------------------------------------------------------------------------------------------
-    def _drafter_prefill(self, req: _Request, prefilled: Prefilled | None) -> kvcache.PrefillResult:
+    def _drafter_prefill(self, req: _Request, prefilled: Prefilled | None, tail: int = 0) -> kvcache.PrefillResult:
         if prefilled is not None:
             return prefilled.drafter
         t = _clock(self.device)
         pre = kvcache.prefill(self.drafter, torch.tensor([req.prompt], device=self.device),
                               chunk_size=self.prefill_chunk,
-                              capture_queries_window=_query_window(self.spec.policy))
+                              capture_queries_window=_query_window(self.spec.policy), tail_argmax=tail)
         req.timings.drafter_prefill_s += _clock(self.device) - t
         return pre
 
@@ -463,9 +467,13 @@ class SpeculativeGenerator:
         dev, n_prompt = self.device, len(req.prompt)
         greedy = is_greedy(req.sampling)
 
-        vcache, first_logits = _verifier_prefill(self, req, prefilled.verifier if prefilled else None)
+        tail = PROMPT_PROBE_TOKENS if controller is not None else 0
+        vcache, first_logits, v_tail = _verifier_prefill(self, req, prefilled.verifier if prefilled else None, tail)
         v_len = n_prompt                       # true tokens held by the verifier cache
-        dpre = self._drafter_prefill(req, prefilled)
+        dpre = self._drafter_prefill(req, prefilled, tail)
+        agreement = prompt_agreement(v_tail, dpre.tail_argmax) if controller is not None else None
+        if agreement is not None:
+            controller.observe_prompt_agreement(*agreement)
         t = _clock(dev)
         dcache = kvcache.compact_cache(dpre.cache, budget, self.spec.policy, queries=dpre.queries)
         req.timings.drafter_prefill_s += _clock(dev) - t
