@@ -12,8 +12,8 @@ works only) are decoded greedily by
   and ``hf-assisted`` (transformers' assisted generation with the same drafter, full drafter KV).
 
 Decode tokens/s exclude prefill (both models' prefills are reported apart). Each prompt runs every
-method back to back, so load drift on a shared machine hits all of them alike; the ratios are what
-to read. Greedy outputs are compared token for token with ``ar`` (``lossless``).
+method back to back, ``--rounds`` times in mirrored order (A B C, C B A, ...), so load drift on a
+shared machine that is linear in time hits all of them alike; the ratios are what to read. Greedy outputs are compared token for token with ``ar`` (``lossless``).
 
 Usage::
 
@@ -48,6 +48,7 @@ def _parse(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers reference rows")
+    p.add_argument("--rounds", type=int, default=2, help="runs of every method per prompt, in mirrored order")
     p.add_argument("--json", default=None, help="write every run and the summary here")
     return p.parse_args(argv)
 
@@ -119,26 +120,37 @@ def main(argv=None) -> int:
         rates: dict[str, list[tuple[int, float]]] = {}
         for p in prompts[ctx]:
             pre = sd.prefill(p.token_ids)
-            results = {"ar": ar.generate(p.token_ids, greedy, prefilled=pre.verifier),
-                       "sd": sd.generate(p.token_ids, greedy, prefilled=pre, adaptive=False),
-                       "sd-adaptive": sd.generate(p.token_ids, greedy, prefilled=pre, adaptive=True)}
+            want = ar.generate(p.token_ids, greedy, prefilled=pre.verifier).token_ids   # also a warm-up
+            methods = {
+                "ar": lambda: ar.generate(p.token_ids, greedy, prefilled=pre.verifier),
+                "sd": lambda: sd.generate(p.token_ids, greedy, prefilled=pre, adaptive=False),
+                "sd-adaptive": lambda: sd.generate(p.token_ids, greedy, prefilled=pre, adaptive=True)}
+            if hf_verifier is not None:
+                methods["hf-generate"] = lambda: _hf_generate(hf_verifier, p.token_ids, args.new_tokens)
+                methods["hf-assisted"] = lambda: _hf_generate(hf_verifier, p.token_ids, args.new_tokens, hf_drafter)
             row = {"context": ctx, "prompt_id": p.prompt_id, "verifier_prefill_s": pre.verifier_s,
                    "drafter_prefill_s": pre.drafter_s}
-            want = results["ar"].token_ids
-            for name, res in results.items():
-                decode_s = res.timings.total_s - res.timings.verifier_prefill_s - res.timings.drafter_prefill_s
-                rates.setdefault(name, []).append((len(res.token_ids), decode_s))
-                row[name] = {"tokens_per_s": res.tokens_per_s, "alpha": res.metrics.acceptance_rate,
-                             "tau": res.metrics.mean_accepted_length, "lossless": res.token_ids == want,
-                             "adaptive": res.adaptive}
-            if hf_verifier is not None:
-                for name, assistant in (("hf-generate", None), ("hf-assisted", hf_drafter)):
-                    ids, decode_s = _hf_generate(hf_verifier, p.token_ids, args.new_tokens, assistant)
+            for r in range(args.rounds):
+                for name in (list(methods) if r % 2 == 0 else list(methods)[::-1]):
+                    res = methods[name]()
+                    if isinstance(res, tuple):                       # transformers rows
+                        ids, decode_s = res
+                        rec = {"lossless": ids == want}
+                    else:
+                        ids = res.token_ids
+                        decode_s = res.timings.total_s - res.timings.verifier_prefill_s - res.timings.drafter_prefill_s
+                        rec = {"alpha": res.metrics.acceptance_rate, "tau": res.metrics.mean_accepted_length,
+                               "lossless": ids == want, "adaptive": res.adaptive}
                     rates.setdefault(name, []).append((len(ids), decode_s))
-                    row[name] = {"tokens_per_s": len(ids) / decode_s, "lossless": ids == want}
+                    prev = row.get(name)
+                    rec["tokens_per_s"] = len(ids) / decode_s
+                    rec["rounds_tokens_per_s"] = (prev["rounds_tokens_per_s"] if prev else []) + [rec["tokens_per_s"]]
+                    rec["lossless"] = rec["lossless"] and (prev["lossless"] if prev else True)
+                    row[name] = rec
             runs.append(row)
-            print(f"  {p.prompt_id}: " + ", ".join(f"{k} {row[k]['tokens_per_s']:.1f} tok/s"
-                                                   for k in rates), flush=True)
+            print(f"  {p.prompt_id}: " + ", ".join(
+                f"{k} " + "/".join(f"{x:.1f}" for x in row[k]["rounds_tokens_per_s"]) + " tok/s" for k in methods),
+                flush=True)
         pooled = {k: sum(n for n, _ in v) / sum(s for _, s in v) for k, v in rates.items()}
         summary[ctx] = {"tokens_per_s": pooled, "speedup_vs_ar": {k: r / pooled["ar"] for k, r in pooled.items()},
                         "alpha_sd": statistics.mean(r["sd"]["alpha"] for r in runs if r["context"] == ctx),

@@ -111,6 +111,26 @@ def test_promising_prompt_agreement_warms_up_and_speculates():
     assert chosen[:3] == [0, 2, 2] and ctrl.speculating and max(chosen) >= 4
 
 
+def test_measured_cycles_overrule_an_optimistic_estimate():
+    # the prompt promised 90 % agreement, but the continuation is unlike it: nothing is accepted
+    ctrl = GammaController(max_gamma=8)
+    ctrl.observe_prompt_agreement(0.9, 32)
+    chosen = _run(ctrl, accept_p=0.0, steps=2 + GammaController.MIN_REALIZED_CYCLES)
+    assert not ctrl.speculating and "did not pay" in ctrl.stats.stopped_reason
+    assert chosen[-1] == 0 and all(c > 0 for c in chosen[1:-1])
+    # stopped by the measurement, not by the estimate, which still promised a gain
+    assert ctrl.rate(ctrl.best_gamma()) >= ctrl.min_gain * ctrl.rate(0)
+
+
+def test_probe_catch_up_gives_no_drafter_step_sample():
+    ctrl = GammaController(max_gamma=4)
+    ctrl.observe_plain(0.1)
+    ctrl.observe_cycle(1, 0, draft_s=0.05, verify_s=0.12, catch_up_s=0.05)
+    assert ctrl.stats.draft_step_ratio is None         # the only drafter forward was a catch-up
+    ctrl.observe_cycle(3, 1, draft_s=0.05 + 2 * 0.01, verify_s=0.13, catch_up_s=0.05)
+    assert ctrl.stats.draft_step_ratio == pytest.approx(0.1)
+
+
 def test_prompt_agreement_counts_only_valid_positions():
     v = torch.tensor([[-1, -1, 5, 6, 7, 8]])
     d = torch.tensor([[-1, -1, 5, 0, 7, 0]])

@@ -17,7 +17,7 @@ drafter's prefills also give their argmax at the prompt's last :data:`PROMPT_PRO
 positions (:func:`bd_ray.kvcache.prefill` ``tail_argmax``), and their agreement there is the
 greedy acceptance of a first draft on this very text (full drafter cache, so an upper estimate
 under a KV budget). It seeds the acceptance estimate, and when even a drafter and a verify slope
-nearly free (:data:`OPTIMISTIC_COST_RATIO` of a plain step) could not make that agreement pay, the
+as cheap as any seen (:data:`OPTIMISTIC_COST_RATIO` of a plain step) could not make that agreement pay, the
 request starts plainly, with no warm-up cycles, and only probes (from ``4 * probe_every`` tokens on).
 
 While decoding plainly it probes again now and then with one γ = 1 cycle (the drafter first
@@ -40,8 +40,11 @@ __all__ = ["GammaController", "AdaptiveStats", "expected_tokens", "prompt_agreem
 
 #: Prompt positions (tokens) at which both prefills report their argmax, for the acceptance prior.
 PROMPT_PROBE_TOKENS = 32
-#: t_d / T_v(1) and s / T_v(1) assumed when asking "could this agreement pay at all?".
-OPTIMISTIC_COST_RATIO = 0.05
+#: t_d / T_v(1) and s / T_v(1) assumed when asking "could this agreement pay at all?": about the
+#: cheapest seen on CPU (2-layer drafter with a draft vocabulary 0.07; T_v(5)/T_v(1) = 1.46, i.e.
+#: 0.11 per extra verified token; results/speed/README.md). GPUs verify extra tokens more cheaply,
+#: so a GPU deployment may lower it (the probes correct a too-pessimistic start either way).
+OPTIMISTIC_COST_RATIO = 0.1
 
 
 def prompt_agreement(verifier_tail: Any, drafter_tail: Any) -> tuple[float, int] | None:
@@ -142,6 +145,10 @@ class GammaController:
         ValueError: ``max_gamma < 1``, ``min_gain <= 0``, ``probe_every < 1``, ``decay`` outside (0, 1].
     """
 
+    #: speculative cycles (since speculation last started) before their measured tokens/s may
+    #: overrule the model's estimate.
+    MIN_REALIZED_CYCLES = 4
+
     def __init__(self, max_gamma: int, min_gain: float = 1.05, probe_every: int = 8,
                  max_probe_every: int = 128, decay: float = 0.9, prior_accept: float = 1.0,
                  prior_reject: float = 1.0, prior_draft_ratio: float = 0.2,
@@ -171,6 +178,8 @@ class GammaController:
         self._plain = _Ema(timing_weight)        # T_v(1), seconds
         self._draft = _Ema(timing_weight)        # t_d, seconds per drafter step
         self._slope = _Ema(timing_weight)        # s, seconds per extra verified token
+        self._realized = _Ema(timing_weight)     # tokens/s actually achieved by speculative cycles
+        self._cycles_on = 0                      # cycles since speculation was (re)started
         self._speculating = True
         self._plain_run = 0                      # plain steps since speculation was switched off
         self._probe_every = probe_every
@@ -255,15 +264,24 @@ class GammaController:
             return min(self.warmup_gamma, limit)
         if self._speculating:
             g = self.best_gamma(limit)
-            if self.rate(g) >= self.min_gain * self.rate(0):
+            # The model's promise, checked against what the cycles actually delivered: a model
+            # fooled by noisy timings must not keep a request slower than plain decoding.
+            underdelivers = (self._cycles_on >= self.MIN_REALIZED_CYCLES and self._realized.value is not None
+                             and self._realized.value < self.rate(0))
+            if self.rate(g) >= self.min_gain * self.rate(0) and not underdelivers:
                 return g
             self._speculating = False
             self._plain_run = 0
             v1, td, slope = self._costs()
-            self.stats.stopped_reason = (
-                f"speculation cannot pay: estimated acceptance {self.acceptance:.2f}, drafter step "
-                f"{td / v1:.2f}x and each extra verified token {slope / v1:.2f}x of a plain step; "
-                f"best γ={g} expects {self.rate(g) / self.rate(0):.2f}x plain decoding")
+            if underdelivers:
+                self.stats.stopped_reason = (
+                    f"speculation did not pay: its cycles gave {self._realized.value * v1:.2f} tokens per "
+                    f"plain-step time (estimated acceptance {self.acceptance:.2f})")
+            else:
+                self.stats.stopped_reason = (
+                    f"speculation cannot pay: estimated acceptance {self.acceptance:.2f}, drafter step "
+                    f"{td / v1:.2f}x and each extra verified token {slope / v1:.2f}x of a plain step; "
+                    f"best γ={g} expects {self.rate(g) / self.rate(0):.2f}x plain decoding")
             return 0
         if self._plain_run >= self._probe_every:
             self._plain_run = 0
@@ -279,26 +297,37 @@ class GammaController:
         self.stats.plain_steps += 1
         self._refresh_stats()
 
-    def observe_cycle(self, gamma: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def observe_cycle(self, gamma: int, accepted: int, draft_s: float, verify_s: float,
+                      catch_up_s: float = 0.0) -> None:
         """One speculative cycle: ``gamma`` drafts, the first ``accepted`` kept.
 
         Args:
-            draft_s: seconds of the γ drafter steps (excluding a catch-up forward over missed tokens).
+            draft_s: seconds of the cycle's drafter forwards, including ``catch_up_s``.
             verify_s: seconds of the verifier forward over the γ + 1 (+1 after a full accept) tokens.
+            catch_up_s: seconds of the first drafter forward when it also fed tokens decoded
+                plainly since the last cycle (after plain steps); that forward is not a typical
+                drafter step, so it is left out of t_d (a γ = 1 probe then gives no t_d sample).
         """
         self.stats.cycles_by_gamma[gamma] = self.stats.cycles_by_gamma.get(gamma, 0) + 1
         self._cycles += 1
+        self._cycles_on += 1
         # Truncated-geometric evidence: `accepted` successes, one failure unless all were accepted.
         self._accept = self.decay * self._accept + accepted
         self._reject = self.decay * self._reject + (1 if accepted < gamma else 0)
-        self._draft.add(draft_s / gamma)
+        typical_steps = gamma - (1 if catch_up_s > 0 else 0)
+        if typical_steps > 0:
+            self._draft.add((draft_s - catch_up_s) / typical_steps)
         if self._plain.value is not None:
             self._slope.add((verify_s - self._plain.value) / gamma)
+        if catch_up_s == 0.0 and draft_s + verify_s > 0:
+            self._realized.add((accepted + 1) / (draft_s + verify_s))
         if not self._speculating:
             # A probe: resume speculating if it now pays, else wait twice as long before the next.
             g = self.best_gamma()
             if self.rate(g) >= self.min_gain * self.rate(0):
                 self._speculating = True
+                self._cycles_on = 0
+                self._realized.value = None
                 self._probe_every = self.base_probe_every
             else:
                 self._probe_every = min(2 * self._probe_every, self.max_probe_every)

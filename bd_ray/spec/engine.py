@@ -554,7 +554,7 @@ class SpeculativeGenerator:
             verify_s = _clock(dev) - t
             req.timings.verify_s += verify_s
             if controller is not None:
-                controller.observe_cycle(g, verdict.num_accepted, draft_s - catch_up_s, verify_s)
+                controller.observe_cycle(g, verdict.num_accepted, draft_s, verify_s, catch_up_s=catch_up_s)
 
             before = req.checker.num_tokens
             req.checker.extend(verdict.emitted(drafts))
