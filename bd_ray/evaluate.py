@@ -691,8 +691,9 @@ def render_markdown(results: dict) -> str:
               f"- isolation: {results['isolation']}",
               f"- wall time {results['wall_s']:.0f} s",
               "- α = accepted/drafted, τ = 1 + accepted/cycles; tokens/s = decode throughput after prefill "
-              "(pooled over prompts); speedup = SD tok/s / AR tok/s on the same prompts; "
-              "step times in ms per cycle; cache = peak drafter KV entries per layer and KV head", ""]
+              "(pooled over prompts); speedup = SD tok/s / AR tok/s on the same prompts, AR measured right "
+              "before each drafter's cells; step times in ms per cycle; cache = peak drafter KV entries per layer "
+              "and KV head; plain = steps decoded without speculation (adaptive modes)", ""]
     lines += ["## Best gamma (by measured SD tokens/s)", "",
               "| context | mode | drafter | policy | budget | best γ | α | τ | SD tok/s | AR tok/s | speedup |",
               "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -702,15 +703,15 @@ def render_markdown(results: dict) -> str:
                      f"{_f(b['ar_tokens_per_s'], '.1f')} | {_f(b['speedup'])}× |")
     lines += ["", "## All cells", "",
               "| context | mode | drafter | policy | budget | γ | α | τ | per-position acceptance | SD tok/s | "
-              "AR tok/s | speedup | draft ms | verify ms | cache | lossless |",
-              "|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+              "AR tok/s | speedup | draft ms | verify ms | cache | plain | lossless |",
+              "|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in results["cells"]:
         pp = " ".join(f"{x:.2f}" for x in c["per_position_acceptance"])
         ms = lambda s: _f(s * 1e3 if s is not None else None, ".1f")  # noqa: E731
         lines.append(f"| {c['context']} | {c['mode']} | {c['drafter']} | {c['policy']} | {c['budget']} | {c['gamma']} | "
                      f"{_f(c['alpha'])} | {_f(c['tau'])} | {pp} | {_f(c['sd_tokens_per_s'], '.1f')} | "
                      f"{_f(c['ar_tokens_per_s'], '.1f')} | {_f(c['speedup'])}× | {ms(c['draft_step_s'])} | "
-                     f"{ms(c['verify_step_s'])} | {c['drafter_cache']} | {c['lossless']} |")
+                     f"{ms(c['verify_step_s'])} | {c['drafter_cache']} | {c['plain_steps']} | {c['lossless']} |")
     if results.get("needle"):
         lines += ["", "## Needle (passkey) check", "",
                   "| context | drafter | policy | budget | γ | AR retrieved | SD retrieved | α needle | α ordinary | "
