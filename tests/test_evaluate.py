@@ -377,3 +377,18 @@ def test_interrupted_matrix_resumes_from_its_journal(tiny_assets, tmp_path, caps
     assert "resuming" not in capsys.readouterr().out
     assert job.main(["--config", str(path), "--set", "run.resume=false"]) == 0
     assert "resuming" not in capsys.readouterr().out
+
+
+def test_ar_baseline_is_the_drafter_groups_own_else_the_prompts():
+    from bd_ray.evaluate import _ARIndex
+
+    def ar(drafter, tps):
+        return {"kind": "ar", "prompt_id": "p0", "mode": "greedy", "drafter": drafter, "tokens_per_s": tps}
+
+    sd = {"kind": "sd", "prompt_id": "p0", "mode": "greedy", "drafter": "b"}
+    idx = _ARIndex([ar("a", 1.0), ar("b", 2.0)])
+    assert idx.get(sd)["tokens_per_s"] == 2.0                      # its own group's AR run
+    assert idx.get({**sd, "drafter": "c"})["tokens_per_s"] == 1.0  # no own run: the prompt's first
+    old = _ARIndex([{k: v for k, v in ar(None, 3.0).items() if k != "drafter"}])   # pre-group journals
+    assert old.get(sd)["tokens_per_s"] == 3.0
+    assert _ARIndex([]).get(sd) is None
