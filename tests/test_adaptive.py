@@ -122,6 +122,30 @@ def test_measured_cycles_overrule_an_optimistic_estimate():
     assert ctrl.rate(ctrl.best_gamma()) >= ctrl.min_gain * ctrl.rate(0)
 
 
+def test_probe_resumes_that_do_not_pay_make_probes_rarer():
+    # each probe is accepted (so speculation resumes), then the resumed cycles deliver less than
+    # plain decoding (so it stops again): the gap before the next probe must keep growing
+    # short memory (decay 0.2), so one accepted probe is enough to resume
+    ctrl = GammaController(max_gamma=4, probe_every=8, max_probe_every=128, decay=0.2,
+                           prior_draft_ratio=0.05, prior_slope_ratio=0.05)
+    ctrl.observe_plain(0.1)
+    while (g := ctrl.next_gamma(remaining=10_000)) > 0:                              # warm-up: poor
+        ctrl.observe_cycle(g, 0, draft_s=0.001 * g, verify_s=0.12)
+    gaps = []
+    for _ in range(3):
+        gap = 0
+        while (g := ctrl.next_gamma(remaining=10_000)) == 0:
+            ctrl.observe_plain(0.1)
+            gap += 1
+        gaps.append(gap)
+        ctrl.observe_cycle(g, g, draft_s=0.001, verify_s=0.101, catch_up_s=0.0005)   # probe: accepted
+        assert ctrl.speculating
+        while (g := ctrl.next_gamma(remaining=10_000)) > 0:
+            ctrl.observe_cycle(g, 0, draft_s=0.05 * g, verify_s=0.2)                  # resumed: poor
+        assert not ctrl.speculating
+    assert gaps == [8, 16, 32]
+
+
 def test_probe_catch_up_gives_no_drafter_step_sample():
     ctrl = GammaController(max_gamma=4)
     ctrl.observe_plain(0.1)
