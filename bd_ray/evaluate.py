@@ -315,8 +315,7 @@ class _ARIndex:
         self._by: dict[tuple, dict] = {}
         for r in runs:
             if r["kind"] in kinds and "error" not in r:
-                self._by[(r["prompt_id"], r["mode"], r.get("drafter"))] = r
-                self._by.setdefault((r["prompt_id"], r["mode"], None), r)
+                self.add(r)
 
     def add(self, r: dict) -> None:
         self._by[(r["prompt_id"], r["mode"], r.get("drafter"))] = r

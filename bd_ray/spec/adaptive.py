@@ -65,6 +65,13 @@ def prompt_agreement(verifier_tail: Any, drafter_tail: Any) -> tuple[float, int]
     return float(((verifier_tail == drafter_tail) & valid).sum()) / n, n
 
 
+def _tokens_per_time(p: float, gamma: int, v1: float, td: float, slope: float) -> float:
+    """E(γ) / C(γ): expected tokens per unit time (plain decoding: γ = 0, 1 token per ``v1``)."""
+    if gamma <= 0:
+        return 1.0 / v1
+    return expected_tokens(p, gamma) / (gamma * td + v1 + gamma * slope)
+
+
 def expected_tokens(p: float, gamma: int) -> float:
     """E(γ): expected tokens emitted by one cycle of γ drafts with i.i.d. acceptance ``p`` in [0, 1]."""
     if gamma <= 0:
@@ -209,10 +216,7 @@ class GammaController:
 
     def rate(self, gamma: int) -> float:
         """Expected tokens per second (per unit of T_v(1) before it is measured) at draft length γ."""
-        v1, td, slope = self._costs()
-        if gamma <= 0:
-            return 1.0 / v1
-        return expected_tokens(self.acceptance, gamma) / (gamma * td + v1 + gamma * slope)
+        return _tokens_per_time(self.acceptance, gamma, *self._costs())
 
     def best_gamma(self, limit: int | None = None) -> int:
         """The γ in 1..min(max_gamma, limit) with the highest expected tokens/s."""
@@ -238,18 +242,29 @@ class GammaController:
         self._reject = self._prior[1] + (1.0 - agreement) * n
         self.stats.prompt_agreement = agreement
         self._refresh_stats()
-        p, r = self.acceptance, OPTIMISTIC_COST_RATIO
-        best = max(expected_tokens(p, g) / (1.0 + g * 2 * r) for g in range(1, self.max_gamma + 1))
+        r = OPTIMISTIC_COST_RATIO
+        best = max(_tokens_per_time(self.acceptance, g, 1.0, r, r) for g in range(1, self.max_gamma + 1))
         if best < self.min_gain:
-            # Hopeless even with a free drafter: no warm-up, decode plainly, probe now and then.
+            # Hopeless even with a cheap drafter: no warm-up, decode plainly, probe now and then.
             self.warmup_cycles = 0
-            self._speculating = False
-            self._plain_run = 0
             self._probe_every = min(4 * self.base_probe_every, self.max_probe_every)
-            self.stats.stopped_reason = (
+            self._switch_off(
                 f"prompt check: the drafter agreed with the verifier on {agreement:.0%} of the last "
                 f"{positions} prompt positions; speculation cannot pay even with a drafter step and "
                 f"each extra verified token at {r:.2f}x of a plain step (best {best:.2f}x plain decoding)")
+
+    def _switch_off(self, reason: str) -> None:
+        """Decode plainly from now on (until a probe pays); ``reason`` goes to the stats."""
+        self._speculating = False
+        self._plain_run = 0
+        self.stats.stopped_reason = reason
+
+    def _measured_pays(self) -> bool | None:
+        """Whether the speculative cycles since speculation (re)started delivered at least plain
+        decoding's tokens/s; ``None`` before :attr:`MIN_REALIZED_CYCLES` of them were measured."""
+        if self._cycles_on < self.MIN_REALIZED_CYCLES or self._realized.value is None:
+            return None
+        return self._realized.value >= self.rate(0)
 
     # -- decisions --------------------------------------------------------------------------------
     def next_gamma(self, remaining: int) -> int:
@@ -267,12 +282,9 @@ class GammaController:
             g = self.best_gamma(limit)
             # The model's promise, checked against what the cycles actually delivered: a model
             # fooled by noisy timings must not keep a request slower than plain decoding.
-            underdelivers = (self._cycles_on >= self.MIN_REALIZED_CYCLES and self._realized.value is not None
-                             and self._realized.value < self.rate(0))
+            underdelivers = self._measured_pays() is False
             if self.rate(g) >= self.min_gain * self.rate(0) and not underdelivers:
                 return g
-            self._speculating = False
-            self._plain_run = 0
             if self._resumed_without_paying:
                 # A probe turned speculation back on and it did not pay off: wait twice as long
                 # before the next probe (otherwise a marginal drafter cycles probe/resume/stop
@@ -280,11 +292,11 @@ class GammaController:
                 self._probe_every = min(2 * self._probe_every, self.max_probe_every)
             v1, td, slope = self._costs()
             if underdelivers:
-                self.stats.stopped_reason = (
+                self._switch_off(
                     f"speculation did not pay: its cycles gave {self._realized.value * v1:.2f} tokens per "
                     f"plain-step time (estimated acceptance {self.acceptance:.2f})")
             else:
-                self.stats.stopped_reason = (
+                self._switch_off(
                     f"speculation cannot pay: estimated acceptance {self.acceptance:.2f}, drafter step "
                     f"{td / v1:.2f}x and each extra verified token {slope / v1:.2f}x of a plain step; "
                     f"best γ={g} expects {self.rate(g) / self.rate(0):.2f}x plain decoding")
@@ -327,8 +339,7 @@ class GammaController:
             self._slope.add((verify_s - self._plain.value) / gamma)
         if catch_up_s == 0.0 and draft_s + verify_s > 0:
             self._realized.add((accepted + 1) / (draft_s + verify_s))
-        if (self._speculating and self._resumed_without_paying and self._cycles_on >= self.MIN_REALIZED_CYCLES
-                and self._realized.value is not None and self._realized.value >= self.rate(0)):
+        if self._speculating and self._resumed_without_paying and self._measured_pays():
             # Speculation resumed by a probe has now paid off: probe eagerly again next time.
             self._resumed_without_paying = False
             self._probe_every = self.base_probe_every
