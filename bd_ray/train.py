@@ -876,6 +876,7 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
     # Everything that can be checked without Ray is checked here, in the driver, before any Ray
     # process starts: a mismatch is one clear error, not a crash inside a worker.
     verifier_path = str(models.resolve_model_path(cfg.models.verifier))
+    cfg = absolute_local_paths(cfg)
     check_models_compatible(cfg, verifier_path)
     eval_targets = None
     if cfg.teacher.mode == "offline":
@@ -934,6 +935,30 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
             m["data_stats"] = summary["data_stats"]
             atomic_write_json(mpath, m, indent=1)
     return summary
+
+
+def absolute_local_paths(cfg: TrainJobConfig) -> TrainJobConfig:
+    """A copy of ``cfg`` whose relative local paths (``models.drafter``, ``models.draft_vocab``,
+    ``teacher.targets_path``) are made absolute against the driver's working directory.
+
+    Why: Ray Train runs the training function in a worker whose working directory is not the
+    driver's, so ``runs/draft_vocab/x.json`` given on the command line would not be found there.
+    Registered names (``smollm2-135m``), ``from-verifier:N`` and URIs (``s3://``) are left alone;
+    so is a relative ``models.drafter`` that does not exist locally (it may be a registered name).
+    """
+    def local(path: str | None, must_exist: bool) -> str | None:
+        if not path or "://" in path or os.path.isabs(path) or path.startswith("from-verifier:"):
+            return path
+        if must_exist or os.path.exists(path):
+            return os.path.abspath(path)
+        return path
+
+    upd = cfg.model_copy(deep=True)
+    upd.models.drafter = local(upd.models.drafter, must_exist=False)
+    upd.models.draft_vocab = local(upd.models.draft_vocab, must_exist=True)
+    if upd.teacher.targets_path:
+        upd.teacher.targets_path = local(upd.teacher.targets_path, must_exist=True)
+    return upd
 
 
 def _ordered_data_config():
@@ -1003,3 +1028,14 @@ def check_models_compatible(cfg: TrainJobConfig, verifier_path: str) -> None:
     elif n_layers is not None and cfg.models.drafter_layers > n_layers:
         raise ModelCompatError(f"models.drafter_layers={cfg.models.drafter_layers}, but the verifier "
                                f"{cfg.models.verifier} has only {n_layers} layers to copy")
+    if cfg.models.draft_vocab:
+        from bd_ray.draft_vocab import load_draft_vocab
+
+        try:
+            dv = load_draft_vocab(cfg.models.draft_vocab)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise ModelCompatError(f"models.draft_vocab={cfg.models.draft_vocab!r} cannot be read: {e} "
+                                   f"(make one with jobs/draft_vocab.py)") from e
+        if getattr(vcfg, "vocab_size", None) is not None and dv.vocab_size != vcfg.vocab_size:
+            raise ModelCompatError(f"models.draft_vocab={cfg.models.draft_vocab!r} is a subset of a "
+                                   f"{dv.vocab_size}-token vocabulary, the verifier has {vcfg.vocab_size}")

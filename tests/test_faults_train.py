@@ -232,6 +232,41 @@ def test_model_mismatch_is_caught_in_the_driver_before_ray(tmp_path):
         {"models": {"verifier": vdir, "drafter": vdir}, "data": {"prefix_len": P, "continuation_len": T}}), vdir)
 
 
+def test_relative_paths_reach_ray_workers_absolute_and_a_missing_draft_vocab_fails_in_the_driver(tmp_path, monkeypatch):
+    """Ray Train workers do not run in the driver's working directory: a relative
+    ``models.draft_vocab`` / ``models.drafter`` from the command line must be shipped absolute,
+    and a draft vocabulary that is not there is a driver error naming the field (not a worker crash)."""
+    import ray
+
+    from bd_ray.draft_vocab import DraftVocab, save_draft_vocab
+    from bd_ray.train import absolute_local_paths, run_ray
+
+    tok = tiny_tokenizer()
+    vdir = _save(tiny_llama(vocab_size=len(tok), layers=2, max_positions=512), tok, tmp_path / "v")
+    (tmp_path / "dv").mkdir()
+    save_draft_vocab(DraftVocab(list(range(0, len(tok), 3)), len(tok)), tmp_path / "dv")
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainJobConfig.model_validate({
+        "models": {"verifier": vdir, "drafter": "v", "draft_vocab": "dv"},
+        "data": {"source": "nowhere.parquet", "prefix_len": P, "continuation_len": T},
+        "run": {"output_dir": str(tmp_path / "runs"), "ray_address": "local"}})
+    shipped = absolute_local_paths(cfg)
+    assert shipped.models.drafter == str(tmp_path / "v")
+    assert shipped.models.draft_vocab == str(tmp_path / "dv")
+    assert cfg.models.draft_vocab == "dv", "the caller's config is not changed"
+    named = absolute_local_paths(cfg.model_copy(update={"models": cfg.models.model_copy(
+        update={"drafter": "from-verifier:2", "draft_vocab": None})}))
+    assert named.models.drafter == "from-verifier:2" and named.models.draft_vocab is None
+    check_models_compatible(shipped, vdir)
+    missing = cfg.model_copy(update={"models": cfg.models.model_copy(update={"draft_vocab": "no/such/dir"})})
+    with pytest.raises(ModelCompatError, match=r"models.draft_vocab=.*no/such/dir.*jobs/draft_vocab.py"):
+        run_ray(missing)
+    assert not ray.is_initialized()
+    save_draft_vocab(DraftVocab([1, 2, 3], len(tok) + 7), tmp_path / "dv")
+    with pytest.raises(ModelCompatError, match=f"{len(tok) + 7}-token vocabulary, the verifier has {len(tok)}"):
+        check_models_compatible(shipped, vdir)
+
+
 # ------------------------------------------------------------------------------------------
 # Ray Train: a worker killed mid-run, on a hostile corpus
 # ------------------------------------------------------------------------------------------
