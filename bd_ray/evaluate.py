@@ -923,6 +923,36 @@ class _Journal:
                 done[entry["key"]] = entry["record"]
         return done
 
+    def merge_from(self, other_dir: str | Path) -> tuple[int, int]:
+        """Append the measurements journaled in ``other_dir`` (another process or machine that ran
+        part of the same matrix) that this journal lacks; lines of another fingerprint (another
+        config) and torn lines are left out. Returns ``(added, already_here)``.
+
+        Raises:
+            FileNotFoundError: ``other_dir`` has no journal.
+        """
+        src = Path(other_dir) / self.path.name
+        if not src.is_file():
+            raise FileNotFoundError(f"no {self.path.name} in {other_dir}")
+        here = self.load()
+        new: list[str] = []
+        for line in src.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("fingerprint") != self.fingerprint or entry.get("key") in here:
+                continue
+            here[entry["key"]] = entry["record"]
+            new.append(line)
+        if new:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write("\n".join(new) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return len(new), len(here) - len(new)
+
     def append(self, item: dict, rec: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"fingerprint": self.fingerprint, "key": item_key(item), "record": rec},
@@ -1045,13 +1075,16 @@ def _start_workers(cfg: EvalJobConfig, n_groups: int, log: Callable[[str], None]
 
 
 def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
-                   output_dir: str | Path | None = None) -> dict:
+                   output_dir: str | Path | None = None, merge_journals: Sequence[str | Path] = ()) -> dict:
     """Run the whole matrix and write the outputs; returns ``{"results": dict, "paths": dict}``.
 
     Args:
         cfg: the validated job config.
         log: where progress lines go (one per measurement, one per completed cell).
         output_dir: overrides ``cfg.run.output_dir``.
+        merge_journals: output directories of runs of part of the same matrix (same config, e.g.
+            one context per process or machine); their measurements are appended to this run's
+            journal first and reused, so only what none of them measured is run.
 
     Raises:
         ConfigError: a drafter path that does not exist, contexts beyond the verifier's positions.
@@ -1087,6 +1120,9 @@ def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
     runs: list[dict] = []
     errors: list[dict] = []
     journal = _Journal(out_dir, cfg)
+    for other in merge_journals:
+        added, present = journal.merge_from(other)
+        log(f"[bd-ray] merged {added} measurements from {other} ({present} already in {journal.path})")
     done = journal.load()                      # always: also repairs a torn last line
     if not cfg.run.resume:
         done = {}

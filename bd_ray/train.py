@@ -709,7 +709,9 @@ def train_loop_per_worker(config: dict) -> None:
         teacher, _teacher_engine = None, None
         del teacher_model
     else:
-        teacher, _teacher_engine = build_teacher(cfg, teacher_model, distributed)
+        # ZeRO-3 over a single rank partitions nothing and only adds per-module gather hooks
+        # (measured: eval-target forwards several times slower); one worker keeps a dense teacher.
+        teacher, _teacher_engine = build_teacher(cfg, teacher_model, distributed and world > 1)
     extra: dict[str, Any] = {"world_size": world, "data_stats": config.get("data_stats"),
                              "teacher_mode": cfg.teacher.mode}
     if cfg.run.check_teacher_dense and teacher is not None:

@@ -9,6 +9,9 @@ paths must be readable on every node):
     ray job submit --working-dir . -- python jobs/evaluate.py \
         --config jobs/configs/eval_reference.yaml --output /abs/path/results/reference
 
+Parts of one matrix run apart (one context per process or machine, each with its own --output)
+are joined by rerunning with --merge-journal DIR for each part: only what none measured is run.
+
 Prints one line per measurement (with elapsed time and ETA), one line per completed cell, then the
 best-gamma table and the output paths (results.json, results.md, PNG plots).
 
@@ -34,17 +37,24 @@ from bd_ray.eval_config import ConfigError, load_eval_config  # noqa: E402
 def main(argv=None) -> int:
     ap = job_parser(__doc__, "bd_ray.eval_config.EvalJobConfig", "matrix.gammas=[2,4]")
     ap.add_argument("--output", help="output directory (overrides run.output_dir)")
+    ap.add_argument("--merge-journal", action="append", default=[], metavar="DIR",
+                    help="output directory of a run of part of the same matrix (e.g. one context per "
+                         "process); its measurements are merged into this run's journal and reused")
     args = ap.parse_args(argv)
     cfg, code = load_job_config(args, load_eval_config)
     if cfg is None:
         return code
 
+    for d in args.merge_journal:
+        if not os.path.isfile(os.path.join(d, "runs.journal.jsonl")):
+            print(f"[bd-ray] --merge-journal {d}: no runs.journal.jsonl there", file=sys.stderr)
+            return 2
     from bd_ray.evaluate import EvalItemError, HeldOutError, LosslessError, run_evaluation
 
     t0 = time.time()
     log = lambda s: print(s, flush=True)  # noqa: E731
     try:
-        out = run_evaluation(cfg, log=log, output_dir=args.output)
+        out = run_evaluation(cfg, log=log, output_dir=args.output, merge_journals=args.merge_journal)
     except ConfigError as exc:
         print(f"[bd-ray] config error: {exc}", file=sys.stderr)
         return 2

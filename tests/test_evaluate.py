@@ -378,6 +378,25 @@ def test_interrupted_matrix_resumes_from_its_journal(tiny_assets, tmp_path, caps
     assert job.main(["--config", str(path), "--set", "run.resume=false"]) == 0
     assert "resuming" not in capsys.readouterr().out
 
+    # parts of one matrix measured apart (one process or machine each, own output dir) are joined
+    # by --merge-journal: overlaps counted once, torn lines and other configs' lines left out
+    part_a, part_b, joined = tmp_path / "a", tmp_path / "b", tmp_path / "joined"
+    part_a.mkdir(), part_b.mkdir()
+    foreign = json.dumps({**json.loads(lines[0]), "fingerprint": "0" * 16, "key": "other-config"})
+    (part_a / journal.name).write_text("\n".join(lines[:12] + [foreign]) + "\n")
+    (part_b / journal.name).write_text("\n".join(lines[8:]) + "\n" + lines[0][:30])
+    assert job.main(["--config", str(path), "--output", str(joined),
+                     "--merge-journal", str(part_a), "--merge-journal", str(part_b)]) == 0
+    log = capsys.readouterr().out
+    assert f"merged 12 measurements from {part_a} (0 already" in log
+    assert f"merged {len(lines) - 12} measurements from {part_b} (12 already" in log
+    assert f"resuming: {len(lines)} of {len(lines)} measurements reused" in log
+    merged = json.loads((joined / "results.json").read_text())
+    assert [r["token_ids"] for r in merged["runs"]] == [r["token_ids"] for r in first["runs"]]
+    assert len((joined / journal.name).read_text().splitlines()) == len(lines)
+    assert job.main(["--config", str(path), "--output", str(joined), "--merge-journal", str(tmp_path / "none")]) == 2
+    assert f"--merge-journal {tmp_path / 'none'}: no runs.journal.jsonl there" in capsys.readouterr().err
+
 
 def test_ar_baseline_is_the_drafter_groups_own_else_the_prompts():
     from bd_ray.evaluate import _ARIndex
