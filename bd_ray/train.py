@@ -710,7 +710,8 @@ def train_loop_per_worker(config: dict) -> None:
         del teacher_model
     else:
         # ZeRO-3 over a single rank partitions nothing and only adds per-module gather hooks
-        # (measured: eval-target forwards several times slower); one worker keeps a dense teacher.
+        # (the 16 held-out teacher forwards of the distillation run took over twice as long); one
+        # worker keeps a dense teacher.
         teacher, _teacher_engine = build_teacher(cfg, teacher_model, distributed and world > 1)
     extra: dict[str, Any] = {"world_size": world, "data_stats": config.get("data_stats"),
                              "teacher_mode": cfg.teacher.mode}
