@@ -447,9 +447,12 @@ class EvalWorker:
         sampling = mode.sampling(greedy_tokens, eos=[] if m.ignore_eos else None)
         prompt = item["prompt"]["token_ids"]
         (vpre, v_s), dp = self._prompt_state(item)
+        # when, and under what machine load, it was measured: a shared box's other work shows
+        # here, so disturbed measurements can be found and re-measured afterwards
         rec: dict[str, Any] = {"kind": item["kind"], "prompt_id": item["prompt"]["prompt_id"],
                                "context": item["prompt"]["context"], "mode": mode.name, "greedy": mode.greedy,
-                               "verifier_prefill_s": v_s, "host": socket.gethostname()}
+                               "verifier_prefill_s": v_s, "host": socket.gethostname(),
+                               "started_at": time.time(), "load_1m": os.getloadavg()[0]}
         if item["kind"] in ("ar", "needle_ar"):
             res = ARGenerator(self.verifier, self.tok, prefill_chunk=m.prefill_chunk).generate(
                 prompt, sampling, prefilled=vpre)
