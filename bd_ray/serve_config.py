@@ -24,7 +24,8 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, ValidationError, model_validator
 
-from bd_ray.config import ConfigError, SparsePolicyConfig, StrictModel, _format_validation_error, apply_overrides
+from bd_ray.config import (ConfigError, FieldError, SparsePolicyConfig, StrictModel, _format_validation_error,
+                           apply_overrides)
 from bd_ray.resources import CustomResources, MemoryBytes
 
 __all__ = [
@@ -79,7 +80,7 @@ class SpecDefaults(StrictModel):
     @model_validator(mode="after")
     def _gamma_within_max(self) -> "SpecDefaults":
         if self.gamma > self.max_gamma:
-            raise ValueError(f"gamma ({self.gamma}) must be <= max_gamma ({self.max_gamma})")
+            raise FieldError("gamma", f"must be <= max_gamma ({self.max_gamma})")
         return self
 
 
@@ -109,10 +110,10 @@ class AutoscalingSection(StrictModel):
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingSection":
         if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+            raise FieldError("min_replicas", f"must be <= max_replicas ({self.max_replicas})")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise ValueError(f"initial_replicas ({self.initial_replicas}) must lie in "
-                             f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
+            raise FieldError("initial_replicas", f"must lie in [min_replicas, max_replicas] = "
+                                                 f"[{self.min_replicas}, {self.max_replicas}]")
         return self
 
     def to_serve(self) -> dict[str, Any]:

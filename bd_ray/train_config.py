@@ -13,11 +13,11 @@ hard greedy-argmax teacher targets, 16,128-token prefix + 256-token continuation
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from bd_ray.config import ConfigError, SparsePolicyConfig, StrictModel, load_config
+from bd_ray.config import ConfigError, FieldError, SparsePolicyConfig, StrictModel, load_config
 from bd_ray.resources import CustomResources, MemoryBytes
 
 __all__ = [
@@ -35,6 +35,10 @@ __all__ = [
 ]
 
 PAPER_BUDGETS = {256: 0.4, 512: 0.3, 1024: 0.2, 2048: 0.1}
+
+# An Adam beta is a moving-average decay: 1 never forgets (the bias correction 1 - beta^t is then 0,
+# a division by zero) and above 1 diverges, so each lies in [0, 1) as torch.optim.AdamW requires.
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class ModelsConfig(StrictModel):
@@ -140,7 +144,7 @@ class OptimConfig(StrictModel):
 
     lr: float = Field(1e-5, gt=0.0, le=10.0)
     weight_decay: float = Field(0.01, ge=0.0, le=10.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1)")
     eps: float = Field(1e-8, gt=0.0, le=1.0)
     warmup_steps: int = Field(150, ge=0)
     max_steps: int = Field(5000, ge=1, description="optimizer steps")
@@ -153,7 +157,7 @@ class OptimConfig(StrictModel):
     @model_validator(mode="after")
     def _warmup_fits(self) -> "OptimConfig":
         if self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+            raise FieldError("warmup_steps", f"must be <= max_steps ({self.max_steps})")
         return self
 
 
@@ -186,7 +190,7 @@ class TeacherConfig(StrictModel):
     @model_validator(mode="after")
     def _offline_needs_path(self) -> "TeacherConfig":
         if self.mode == "offline" and not self.targets_path:
-            raise ValueError("teacher.targets_path is required when teacher.mode is offline")
+            raise FieldError("targets_path", "required when teacher.mode is offline")
         return self
 
 
@@ -249,10 +253,12 @@ class TrainJobConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> "TrainJobConfig":
         if self.loss.fixed_budget is not None and self.loss.full_cache_only:
-            raise ValueError("loss.fixed_budget and loss.full_cache_only are exclusive ablations")
+            raise FieldError("loss.fixed_budget", "exclusive with loss.full_cache_only (two different "
+                                                  "ablations): set one of them")
         if self.teacher.mode == "offline" and self.loss.lb_weight > 0:
-            raise ValueError("loss.lb_weight > 0 (L_B) needs the teacher's sparse-cache top-k at the sampled "
-                             "budget, which offline targets do not hold: use teacher.mode=online")
+            raise FieldError("loss.lb_weight", "must be 0 with teacher.mode=offline: L_B needs the teacher's "
+                                               "sparse-cache top-k at the sampled budget, which offline targets "
+                                               "do not hold (use teacher.mode=online)")
         return self
 
 
@@ -275,7 +281,7 @@ class TeacherTargetsJobConfig(StrictModel):
     @model_validator(mode="after")
     def _needs_path(self) -> "TeacherTargetsJobConfig":
         if not self.teacher.targets_path:
-            raise ValueError("teacher.targets_path (the output directory) is required")
+            raise FieldError("teacher.targets_path", "required (the output directory)")
         return self
 
 
