@@ -141,8 +141,8 @@ class EngineSection(StrictModel):
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    memory: MemoryBytes = Field(None, description="bytes of RAM reserved per replica (Ray's `memory` "
-                                "resource, a scheduling reservation); null = none")
+    memory: MemoryBytes = Field(None, description="RAM reserved per replica (Ray's `memory` resource, a "
+                                "scheduling reservation): bytes, or with a unit (12GiB, 12Gi, 12GB); null = none")
     resources: CustomResources = Field(default_factory=dict, description="custom Ray resources per replica, "
                                        "e.g. {gpu_a10g: 1}")
     max_ongoing_requests: int = Field(4, ge=1)
@@ -156,7 +156,8 @@ class IngressSection(StrictModel):
     """The FastAPI ingress deployment (OpenAI routes): cheap, CPU only, many concurrent connections."""
 
     num_cpus: float = Field(0.25, ge=0)
-    memory: MemoryBytes = Field(None, description="bytes of RAM reserved per ingress replica; null = none")
+    memory: MemoryBytes = Field(None, description="RAM reserved per ingress replica: bytes, or with a unit "
+                                "(1GiB); null = none")
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(256, ge=1)
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with 503 on overload (s)")

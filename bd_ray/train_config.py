@@ -212,8 +212,8 @@ class RunConfig(StrictModel):
     num_workers: int = Field(1, ge=1, le=4096)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
-    memory_per_worker: MemoryBytes = Field(None, description="bytes of RAM reserved per Train worker (Ray's "
-                                           "`memory` resource); null = none")
+    memory_per_worker: MemoryBytes = Field(None, description="RAM reserved per Train worker (Ray's `memory` "
+                                           "resource): bytes, or with a unit (20GiB, 20Gi, 20GB); null = none")
     resources_per_worker: CustomResources = Field(default_factory=dict, description="custom Ray resources per "
                                                   "Train worker, e.g. {gpu_a10g: 1}")
     checkpoint_every: int = Field(500, ge=1, description="optimizer steps between checkpoints")
