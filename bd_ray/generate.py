@@ -1,4 +1,4 @@
-"""``python -m bd_ray.generate``: one prompt through the speculative engine, text and metrics out.
+r"""``python -m bd_ray.generate``: one prompt through the speculative engine, text and metrics out.
 
 Example::
 

@@ -1,4 +1,4 @@
-"""Step costs of speculative decoding: verifier T_v(1), T_v(γ+1) and drafter T_d, as ratios.
+r"""Step costs of speculative decoding: verifier T_v(1), T_v(γ+1) and drafter T_d, as ratios.
 
 Speculative decoding pays only when verifying γ+1 tokens costs little more than decoding one and
 a drafter step is cheap next to a verifier step (issue "Speed", targets T_v(5)/T_v(1) <= 1.3 and

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a BudgetDraft drafter on Ray (Ray Data windows -> Ray Train + DeepSpeed workers).
+r"""Train a BudgetDraft drafter on Ray (Ray Data windows -> Ray Train + DeepSpeed workers).
 
 Local (starts a Ray instance when none is running, or joins one started with `ray start --head`):
     python jobs/train_drafter.py --config jobs/configs/pg_mini_2k.yaml [--set optim.max_steps=200]
