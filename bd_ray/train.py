@@ -866,7 +866,10 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
 
     Raises:
         bd_ray.models.TokenizerMismatchError, ModelCompatError: teacher/drafter/config mismatch,
-            found before Ray starts (:func:`check_models_compatible`).
+            found before Ray starts (:func:`check_models_compatible`; offline targets made for
+            other window lengths than ``data``'s).
+        FileNotFoundError: no verifier at ``models.verifier``, or ``teacher.targets_path`` is not
+            a finished jobs/teacher_targets.py output; also found before Ray starts.
         ray.train.TrainingFailedError: a worker failed more than ``run.max_failures`` times.
     """
     import ray
@@ -887,9 +890,11 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
 
         man = read_manifest(cfg.teacher.targets_path)
         if (man["prefix_len"], man["continuation_len"]) != (cfg.data.prefix_len, cfg.data.continuation_len):
-            raise ValueError(f"offline targets at {cfg.teacher.targets_path} are for windows of "
-                             f"{man['prefix_len']} + {man['continuation_len']} tokens, config says "
-                             f"{cfg.data.prefix_len} + {cfg.data.continuation_len}")
+            raise ModelCompatError(
+                f"teacher.targets_path={cfg.teacher.targets_path!r} holds targets for windows of "
+                f"{man['prefix_len']} + {man['continuation_len']} tokens, but data.prefix_len + "
+                f"data.continuation_len = {cfg.data.prefix_len} + {cfg.data.continuation_len}: set those to "
+                f"match, or rerun jobs/teacher_targets.py with this data config")
     _ensure_ray(cfg)
     out_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
     os.makedirs(out_dir, exist_ok=True)
