@@ -64,7 +64,7 @@ PolicyName = Literal["chunk_topk", "streaming", "snapkv"]
 class SparsePolicyConfig(StrictModel):
     """How the drafter's prefix KV is cut down to a budget of B positions per layer and KV head.
 
-    ``chunk_topk`` is the BudgetDraft/TriForce rule (DESIGN.md section 2): chunks of
+    ``chunk_topk`` is the BudgetDraft/TriForce rule (docs/DESIGN.md section 2): chunks of
     ``chunk_size`` tokens scored by ``query_proxy . mean(keys in chunk)``; chunk 0 (the sink) and
     the last ``recent`` positions are always kept (``recent=0`` reproduces the paper, which also
     drops the trailing partial chunk). ``streaming`` is StreamingLLM: ``sink`` first positions plus

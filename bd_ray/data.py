@@ -1,6 +1,6 @@
 """Ray Data pipeline: documents -> tokens -> (prefix, continuation) windows, split by work.
 
-Source: ../shared/DESIGN.md sections 2 (16,128 + 256 windows from PG-19 books) and 4 (pg-mini,
+Source: docs/DESIGN.md sections 2 (16,128 + 256 windows from PG-19 books) and 4 (pg-mini,
 user corpora as parquet / jsonl / txt, split train/test by work, never inside a book).
 
 Stages (all lazy / streaming; nothing is materialised except the small held-out set)::

@@ -1,6 +1,6 @@
 """KV caches for the drafter and the verifier: prefill, sparse (compact) views, growth and rollback.
 
-The model code stays oblivious (DESIGN.md section 3): every cache here is a transformers
+The model code stays oblivious (docs/DESIGN.md section 3): every cache here is a transformers
 ``DynamicCache`` (the subclass :class:`KVCache`, which only adds bookkeeping attributes) handed
 to an unmodified HF model.
 

@@ -1,6 +1,6 @@
 """BudgetDraft drafter training: Ray Train workers, DeepSpeed engines, teacher targets, metrics.
 
-Source: the BudgetDraft recipe, ../shared/DESIGN.md section 2; the stack, section 5.
+Source: the BudgetDraft recipe, docs/DESIGN.md section 2; the stack, section 5.
 
 One optimizer step, per worker (data parallel; every worker sees different windows)::
 
@@ -108,7 +108,7 @@ def _make_optimizer(cfg: TrainJobConfig, model: torch.nn.Module):
 def compute_teacher_targets(teacher: torch.nn.Module, window: torch.Tensor, prefix_len: int, top_k: int = 0,
                             prefill_chunk: int = 512, cont_chunk: int = 64, sparse_budgets: Iterable[int] = (),
                             policy=None, return_logits: bool = False):
-    """Teacher targets of one window (DESIGN.md sec 2): full-cache greedy argmax per continuation position.
+    """Teacher targets of one window (docs/DESIGN.md sec 2): full-cache greedy argmax per continuation position.
 
     Args:
         teacher: the frozen verifier (dense, or the module of a ZeRO-3 engine: then every rank must
@@ -752,7 +752,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _disable_deepspeed_shm_op() -> None:
     """Keep DeepSpeed from JIT-compiling its shared-memory comm op on CPU (~2 min per fresh machine,
-    DESIGN.md sec 5): gloo collectives are enough for these engines."""
+    docs/DESIGN.md sec 5): gloo collectives are enough for these engines."""
     try:
         import deepspeed.comm.torch as ds_torch
 

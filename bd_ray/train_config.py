@@ -4,7 +4,7 @@ Every section forbids unknown keys and bounds its numbers, so a typo or an out-o
 :class:`bd_ray.config.ConfigError` that names the dotted field (``loss.lambda``, ``optim.lr``...).
 Load with :func:`load_train_config` (YAML + ``--set section.key=value`` overrides).
 
-Defaults are the BudgetDraft recipe (../shared/DESIGN.md section 2): AdamW lr 1e-5, weight decay
+Defaults are the BudgetDraft recipe (docs/DESIGN.md section 2): AdamW lr 1e-5, weight decay
 0.01, 150 warm-up steps then cosine over 5,000 steps, grad clip 1.0, batch 1, seed 42,
 ``L = L_A + 0.5 L_C`` with the budget sampled per step from {256: .4, 512: .3, 1024: .2, 2048: .1},
 hard greedy-argmax teacher targets, 16,128-token prefix + 256-token continuation.
@@ -97,7 +97,7 @@ class DataConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """The BudgetDraft objective (bd_ray.losses; DESIGN.md section 2).
+    """The BudgetDraft objective (bd_ray.losses; docs/DESIGN.md section 2).
 
     ``L = L_A + lambda * L_C + lb_weight * L_B``. ``budgets`` maps a KV budget (tokens) to its
     sampling weight; ``fixed_budget`` replaces the sampler by one budget (ablation);
@@ -140,7 +140,7 @@ class LossConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    """AdamW with linear warm-up then cosine decay (DESIGN.md section 2)."""
+    """AdamW with linear warm-up then cosine decay (docs/DESIGN.md section 2)."""
 
     lr: float = Field(1e-5, gt=0.0, le=10.0)
     weight_decay: float = Field(0.01, ge=0.0, le=10.0)

@@ -1,4 +1,4 @@
-"""Training tests (DESIGN.md sec 2 recipe on tiny random Llamas):
+"""Training tests (docs/DESIGN.md sec 2 recipe on tiny random Llamas):
 
 - golden numerics: a seeded 20-step single-process run matches tests/golden/*.json (rel 1e-4), and a
   deliberate change of the loss (lambda 0.5 -> 0.6) fails that comparison;

@@ -1,6 +1,6 @@
 """Speculative decoding with a sparse-KV drafter and a full-KV verifier (batch 1 per request).
 
-One request runs as (DESIGN.md sections 1-2; vLLM ``v1/spec_decode`` for the split of roles):
+One request runs as (docs/DESIGN.md sections 1-2; vLLM ``v1/spec_decode`` for the split of roles):
 
 1. prefill: the verifier prefills the prompt into its full KV cache (in chunks, bounded memory);
    its last logits give the first output token, exactly as plain decoding would. The drafter
