@@ -66,8 +66,9 @@ class SparsePolicyConfig(StrictModel):
 
     ``chunk_topk`` is the BudgetDraft/TriForce rule (docs/DESIGN.md section 2): chunks of
     ``chunk_size`` tokens scored by ``query_proxy . mean(keys in chunk)``; chunk 0 (the sink) and
-    the last ``recent`` positions are always kept (``recent=0`` reproduces the paper, which also
-    drops the trailing partial chunk). ``streaming`` is StreamingLLM: ``sink`` first positions plus
+    the last ``recent`` positions are always kept. ``recent=0`` reproduces the paper only when the
+    prefix length and the budget B are both multiples of ``chunk_size``: otherwise bd-ray also keeps
+    the trailing partial chunk, which the paper drops (bd_ray/sparse.py). ``streaming`` is StreamingLLM: ``sink`` first positions plus
     the most recent ``B - sink``. ``snapkv`` is SnapKV: the last ``window`` queries' attention,
     max-pooled over ``pool_kernel`` positions, top-B per KV head (sink and window always kept).
     """

