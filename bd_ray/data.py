@@ -120,6 +120,19 @@ class DataStats:
             self._docs[(split, doc_id)] = (status, int(n))
 
     def summary(self) -> dict[str, Any]:
+        """Counts per split: the content of ``data_stats.json`` (and of ``metrics.json``'s
+        ``data_stats``, and the teacher-targets manifest's).
+
+        Returns:
+            ``{split: {...}}`` keyed by the documents' split (the ``data.train_split`` /
+            ``data.eval_split`` values, e.g. ``train``, ``test``), or ``?`` for shards that could
+            not be read at all; each value holds
+            ``documents`` (documents seen, each counted once), ``windows`` (windows cut from
+            them), one count per status -- ``ok``, ``too_short`` (fewer tokens than one window),
+            ``empty``, ``undecodable`` (not UTF-8), ``bad_json`` (a broken jsonl line),
+            ``unreadable`` (a shard whose file could not be read) -- and ``skipped_doc_ids``: the
+            first 50 doc ids (shard paths for ``unreadable``) whose status is not ``ok``.
+        """
         out: dict[str, Any] = {}
         for (split, doc_id), (status, n) in self._docs.items():
             s = out.setdefault(split, {"documents": 0, "windows": 0, "ok": 0, "too_short": 0,
