@@ -1,8 +1,8 @@
 """Drafter decode-step time: sparse (budget B) vs full KV cache at growing prefix lengths.
 
-The drafter's point is that its attention cost follows the KV budget B, not the context
-(issue 3): with B = 256 the 8K/1K step-time ratio should stay <= 1.2, while the full-cache
-drafter's ratio grows with the context.
+The drafter's point is that its attention cost follows the KV budget B, not the context:
+with B = 256 the 8K/1K step-time ratio should stay <= 1.2, while the full-cache drafter's
+ratio grows with the context.
 
 One decode step = one new token through ``bd_ray.kvcache.forward_with_cache`` (the function
 inference uses), logits for the new token included; the cache is cropped back after each step so
