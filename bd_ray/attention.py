@@ -13,7 +13,7 @@ Importing this module registers, under the name :data:`ATTN_IMPLEMENTATION` (``"
 That convention is exactly the HF causal mask in *cache index space*, so it is right both for a
 dense ``DynamicCache`` and for a compact cache holding only kept prefix positions (keys keep their
 original RoPE rotation; the new tokens get their true ``position_ids``), which is how the sparse
-drafter of BudgetDraft runs (DESIGN.md section 2). The model code stays oblivious.
+drafter of BudgetDraft runs (docs/DESIGN.md section 2). The model code stays oblivious.
 
 Use::
 

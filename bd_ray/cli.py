@@ -27,7 +27,10 @@ def job_parser(doc: str, config_model: str, set_example: str) -> argparse.Argume
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help=f"YAML config ({config_model})")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help=f"override a field, value parsed as YAML (repeatable): --set {set_example}")
+                    help=f"override a field, value parsed as YAML 1.1 (repeatable): --set {set_example}. "
+                         f"YAML 1.1 reads no/off/yes/on as booleans (quote for YAML inside the shell's quotes: "
+                         f"--set run.name=\"'no'\") and 1e3 as a string (a float field accepts it; an int "
+                         f"field needs 1000)")
     ap.add_argument("--print-config", action="store_true", help="print the validated config and exit")
     return ap
 

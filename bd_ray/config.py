@@ -3,10 +3,12 @@
 YAML in, validated pydantic models out. Every model forbids unknown keys, so a typo is an error that
 names the key, and every numeric field carries its limits, so an out-of-range value is an error
 that names the field and the limit (pydantic's messages give the dotted location, e.g.
-``train.lr``). CLI overrides use ``--set section.key=value`` with the value parsed as YAML
-(``--set train.lr=1e-4``, ``--set sparse.budgets=[256,512]``), as Hydra/OmegaConf users expect.
+``optim.lr``). NaN and infinities are rejected in every float field. CLI overrides use
+``--set section.key=value`` with the value parsed as YAML (``--set optim.lr=1e-4``,
+``--set loss.budgets='{256: 0.5, 512: 0.5}'`` for the training job), as Hydra/OmegaConf users
+expect; :func:`apply_overrides` lists the YAML 1.1 surprises and how to quote around them.
 
-Source of the defaults: the BudgetDraft recipe, ../shared/DESIGN.md section 2.
+Source of the defaults: the BudgetDraft recipe, docs/DESIGN.md section 2.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "ConfigError",
+    "FieldError",
     "StrictModel",
     "SparsePolicyConfig",
     "SamplingConfig",
@@ -32,10 +35,27 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the field and the limit."""
 
 
-class StrictModel(BaseModel):
-    """Base for all configs: unknown keys are errors, values are re-validated on assignment."""
+class FieldError(ValueError):
+    """A cross-field check failed; ``field`` is the dotted field it is about, relative to the model
+    that raised it, so the error is reported at ``optim.warmup_steps`` rather than at ``optim``
+    (a ``model_validator`` otherwise only knows the model's own location).
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    Args:
+        field: dotted path below the raising model, e.g. ``"warmup_steps"`` or ``"loss.lb_weight"``.
+        message: what is wrong and the limit, without the field name (the report prefixes it).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class StrictModel(BaseModel):
+    """Base for all configs: unknown keys are errors, values are re-validated on assignment, and
+    NaN / infinities are rejected by every float field (otherwise ``lr=.nan`` would be reported
+    against the field's upper bound, since NaN fails every comparison)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 PolicyName = Literal["chunk_topk", "streaming", "snapkv"]
@@ -44,10 +64,11 @@ PolicyName = Literal["chunk_topk", "streaming", "snapkv"]
 class SparsePolicyConfig(StrictModel):
     """How the drafter's prefix KV is cut down to a budget of B positions per layer and KV head.
 
-    ``chunk_topk`` is the BudgetDraft/TriForce rule (DESIGN.md section 2): chunks of
+    ``chunk_topk`` is the BudgetDraft/TriForce rule (docs/DESIGN.md section 2): chunks of
     ``chunk_size`` tokens scored by ``query_proxy . mean(keys in chunk)``; chunk 0 (the sink) and
-    the last ``recent`` positions are always kept (``recent=0`` reproduces the paper, which also
-    drops the trailing partial chunk). ``streaming`` is StreamingLLM: ``sink`` first positions plus
+    the last ``recent`` positions are always kept. ``recent=0`` reproduces the paper only when the
+    prefix length and the budget B are both multiples of ``chunk_size``: otherwise bd-ray also keeps
+    the trailing partial chunk, which the paper drops (bd_ray/sparse.py). ``streaming`` is StreamingLLM: ``sink`` first positions plus
     the most recent ``B - sink``. ``snapkv`` is SnapKV: the last ``window`` queries' attention,
     max-pooled over ``pool_kernel`` positions, top-B per KV head (sink and window always kept).
     """
@@ -64,7 +85,7 @@ class SparsePolicyConfig(StrictModel):
     @classmethod
     def _odd_kernel(cls, v: int) -> int:
         if v % 2 == 0:
-            raise ValueError(f"pool_kernel must be odd, got {v}")
+            raise ValueError("must be odd")
         return v
 
 
@@ -108,14 +129,40 @@ class SpecConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 
 
+_MAX_GOT_CHARS = 100  # a cross-field error's input is a whole section: show its start only
+
+
+def _short_repr(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= _MAX_GOT_CHARS else r[:_MAX_GOT_CHARS - 3] + "..."
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``dotted.field: reason (got value)``.
+
+    A :class:`FieldError` from a cross-field check is reported at its field, with that field's
+    value; other inputs are shown as a repr cut to ~100 characters (a model-level error's input is
+    the whole section), and an error about the whole config shows no input at all.
+    """
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = [str(p) for p in e["loc"]]
+        got: Any = e.get("input")
+        show_got = "input" in e
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            exc = (e.get("ctx") or {}).get("error")
+            if isinstance(exc, FieldError):
+                for part in exc.field.split("."):
+                    loc.append(part)
+                    got = got.get(part) if isinstance(got, Mapping) else None
+                show_got = got is not None
+        if not loc:
+            show_got = False  # the input is the whole config
+        lines.append(f"  {'.'.join(loc) or '<root>'}: {msg}" + (f" (got {_short_repr(got)})" if show_got else ""))
     return "\n".join(lines)
 
 
@@ -132,6 +179,13 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def apply_overrides(tree: dict[str, Any], overrides: Sequence[str] | None) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (value parsed as YAML) to a nested dict, in place.
+
+    Values follow PyYAML's YAML 1.1 rules, which surprise in a few places: ``1e3`` and ``1.0e3``
+    are strings (YAML 1.1 wants ``1.0e+3``; a float field still accepts them, an int field does
+    not: write ``1000``), ``no`` / ``off`` / ``yes`` / ``on`` are booleans, ``010`` is octal (8),
+    ``~``, ``null`` and an empty value are null. To pass such a word as a string, quote it for
+    YAML inside the shell's quotes: ``--set run.name="'no'"``. Lists and mappings use YAML flow
+    syntax, quoted for the shell: ``--set loss.budgets='{256: 0.5, 512: 0.5}'``.
 
     Raises:
         ConfigError: an override without ``=`` or with an empty key.
@@ -155,7 +209,7 @@ def load_config(model: type[BaseModel], path: str | Path | None = None,
     Args:
         model: the pydantic config class (e.g. ``TrainJobConfig``).
         path: YAML file; ``None`` starts from ``base`` or the model's defaults.
-        overrides: ``["train.lr=1e-4", ...]``.
+        overrides: ``["optim.lr=1e-4", ...]`` (see :func:`apply_overrides` for the value syntax).
         base: a dict merged under the file's content.
 
     Raises:

@@ -1,6 +1,6 @@
 """Ray Data pipeline: documents -> tokens -> (prefix, continuation) windows, split by work.
 
-Source: ../shared/DESIGN.md sections 2 (16,128 + 256 windows from PG-19 books) and 4 (pg-mini,
+Source: docs/DESIGN.md sections 2 (16,128 + 256 windows from PG-19 books) and 4 (pg-mini,
 user corpora as parquet / jsonl / txt, split train/test by work, never inside a book).
 
 Stages (all lazy / streaming; nothing is materialised except the small held-out set)::
@@ -120,6 +120,19 @@ class DataStats:
             self._docs[(split, doc_id)] = (status, int(n))
 
     def summary(self) -> dict[str, Any]:
+        """Counts per split: the content of ``data_stats.json`` (and of ``metrics.json``'s
+        ``data_stats``, and the teacher-targets manifest's).
+
+        Returns:
+            ``{split: {...}}`` keyed by the documents' split (the ``data.train_split`` /
+            ``data.eval_split`` values, e.g. ``train``, ``test``), or ``?`` for shards that could
+            not be read at all; each value holds
+            ``documents`` (documents seen, each counted once), ``windows`` (windows cut from
+            them), one count per status -- ``ok``, ``too_short`` (fewer tokens than one window),
+            ``empty``, ``undecodable`` (not UTF-8), ``bad_json`` (a broken jsonl line),
+            ``unreadable`` (a shard whose file could not be read) -- and ``skipped_doc_ids``: the
+            first 50 doc ids (shard paths for ``unreadable``) whose status is not ``ok``.
+        """
         out: dict[str, Any] = {}
         for (split, doc_id), (status, n) in self._docs.items():
             s = out.setdefault(split, {"documents": 0, "windows": 0, "ok": 0, "too_short": 0,

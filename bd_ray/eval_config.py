@@ -17,7 +17,7 @@ from typing import Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from bd_ray.config import ConfigError, SamplingConfig, SparsePolicyConfig, StrictModel, load_config
+from bd_ray.config import ConfigError, FieldError, SamplingConfig, SparsePolicyConfig, StrictModel, load_config
 
 __all__ = [
     "EvalModelsConfig",
@@ -297,15 +297,15 @@ class EvalJobConfig(StrictModel):
         from bd_ray.sparse import min_budget
 
         if self.report.alpha_gamma is not None and self.report.alpha_gamma not in self.matrix.gammas:
-            raise ValueError(f"report.alpha_gamma={self.report.alpha_gamma} is not one of matrix.gammas "
-                             f"{self.matrix.gammas}")
+            raise FieldError("report.alpha_gamma", f"{self.report.alpha_gamma} is not one of matrix.gammas "
+                                                   f"{self.matrix.gammas}")
         for label, pol in self.matrix.policies.items():
             for ctx in self.matrix.contexts:
                 need = min_budget(pol, ctx)
                 for b in self.matrix.int_budgets():
                     if b is not None and b < need:
-                        raise ValueError(
-                            f"matrix.budgets: budget {b} is below the minimum {need} of policy {label!r} "
+                        raise FieldError(
+                            "matrix.budgets", f"budget {b} is below the minimum {need} of policy {label!r} "
                             f"({pol.name}) at context {ctx}; raise the budget or lower the policy's "
                             f"chunk_size/recent/sink/window")
         return self

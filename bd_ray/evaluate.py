@@ -1,6 +1,6 @@
 """The evaluation matrix: acceptance and speedup of sparse-KV drafters against plain decoding.
 
-What is measured (names as in DESIGN.md section 1). For every cell
+What is measured (names as in docs/DESIGN.md section 1). For every cell
 ``(context, policy, budget, gamma, drafter, mode)`` and each of the N held-out prompts of that
 context, :class:`bd_ray.spec.engine.SpeculativeGenerator` decodes ``max_new_tokens`` tokens and
 :class:`bd_ray.spec.engine.ARGenerator` decodes the same prompt alone (AR, the speedup

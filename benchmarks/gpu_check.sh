@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check for the bd-ray kernels (issue 3), total < ~5 minutes on one GPU:
+# One short GPU check for the bd-ray kernels, total < ~5 minutes on one GPU:
 #   1. the kernel tests on CUDA (compiled Triton kernels vs the torch reference), then
 #   2. benchmarks/kernels_gpu.py (Triton sparse decode attention vs torch gather+SDPA, B in
 #      {256, 1024, 2048}, batch 1 and 32, n_new 1 and 5, fp16, head_dim 64/128).

@@ -1,4 +1,4 @@
-"""GPU benchmark: Triton sparse decode/verify attention vs torch gather + SDPA (issue 3).
+"""GPU benchmark: Triton sparse decode/verify attention vs torch gather + SDPA.
 
 For each (model shape, budget B, batch, n_new) it builds a full fp16 KV cache of ``--context``
 positions, B kept positions per (batch, KV head) (sorted random indices; chunk 0 style choice does

@@ -1,4 +1,4 @@
-"""End-to-end speedup of speculative decoding over bd-ray's own best AR, on held-out book prompts.
+r"""End-to-end speedup of speculative decoding over bd-ray's own best AR, on held-out book prompts.
 
 For each context length, the same held-out prompts (``bd_ray.evaluate.select_prompts``: test-split
 works only) are decoded greedily by

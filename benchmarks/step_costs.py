@@ -1,7 +1,7 @@
-"""Step costs of speculative decoding: verifier T_v(1), T_v(γ+1) and drafter T_d, as ratios.
+r"""Step costs of speculative decoding: verifier T_v(1), T_v(γ+1) and drafter T_d, as ratios.
 
 Speculative decoding pays only when verifying γ+1 tokens costs little more than decoding one and
-a drafter step is cheap next to a verifier step (issue "Speed", targets T_v(5)/T_v(1) <= 1.3 and
+a drafter step is cheap next to a verifier step (the targets: T_v(5)/T_v(1) <= 1.3 and
 T_d/T_v(1) <= 0.10 at B = 256, 4K context). Everything is measured in one run, interleaved step
 by step so that load drift on a shared machine hits every configuration alike; the printed
 figures are medians and the ratios are what to compare across machines.

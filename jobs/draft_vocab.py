@@ -3,11 +3,16 @@
 
 Counts the verifier tokenizer's ids over the training split of a corpus (never the held-out
 works), keeps the ``--size`` most frequent plus every special token, and writes
-``draft_vocab.json`` (bd_ray/draft_vocab.py) into ``--out``: put it next to a drafter checkpoint
-and the engine decodes with a head over those rows only (``load_drafter`` applies it); or pass
-the file to ``python -m bd_ray.generate --draft-vocab``.
+``draft_vocab.json`` (bd_ray/draft_vocab.py) into ``--out``. Use it in one of three ways:
 
-    python jobs/draft_vocab.py --size 8192 --out runs/draft_vocab/pg_mini_8k
+* train a subset head: ``--set models.draft_vocab=<out>`` for jobs/train_drafter.py; the drafter
+  exported to ``final/`` carries the file;
+* put it next to a drafter checkpoint: ``load_drafter`` (so ``python -m bd_ray.generate --drafter``,
+  evaluation and Serve) then decodes with a head over those rows only;
+* pass it explicitly: ``bd_ray.models.load_drafter(path, tokenizer, draft_vocab=<out>)``, or
+  ``benchmarks/step_costs.py --draft-vocab <out>``.
+
+    python jobs/draft_vocab.py --size 8192 --out runs/draft_vocab/pg_mini_8192
     ray job submit --working-dir . -- python jobs/draft_vocab.py --size 8192 --out /abs/path
 """
 

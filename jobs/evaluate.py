@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate drafters: the acceptance/speedup matrix on held-out books (bd_ray.evaluate).
+r"""Evaluate drafters: the acceptance/speedup matrix on held-out books (bd_ray.evaluate).
 
 Local (starts a private Ray instance; --set run.ray_address=auto joins a `ray start --head` cluster):
     python jobs/evaluate.py --config jobs/configs/eval_smoke.yaml [--set key=value ...] [--output DIR]

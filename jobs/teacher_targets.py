@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Offline teacher targets: run the frozen teacher once over the training windows (Ray Data batch
+r"""Offline teacher targets: run the frozen teacher once over the training windows (Ray Data batch
 inference, an actor pool holding the teacher) and write parquet shards that training reads with
 ``teacher.mode: offline`` (bd_ray/teacher_targets.py describes the layout).
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a BudgetDraft drafter on Ray (Ray Data windows -> Ray Train + DeepSpeed workers).
+r"""Train a BudgetDraft drafter on Ray (Ray Data windows -> Ray Train + DeepSpeed workers).
 
 Local (starts a Ray instance when none is running, or joins one started with `ray start --head`):
     python jobs/train_drafter.py --config jobs/configs/pg_mini_2k.yaml [--set optim.max_steps=200]
@@ -12,6 +12,9 @@ Ablations: --set loss.full_cache_only=true (naive, L_A only) | --set loss.fixed_
 --set loss.lambda=1.0. Outputs under run.output_dir/run.name: metrics.json, curves.png,
 data_stats.json, final/ (HF save_pretrained drafter + tokenizer), ray/ (checkpoints; rerunning the
 same run.name resumes from the latest).
+
+Exit status: 0 trained; 2 invalid config, models that do not fit together, or a missing path
+(verifier, drafter, teacher.targets_path; one line naming it, found before Ray starts).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main(argv=None) -> int:
     cfg, code = load_job_config(args, load_train_config)
     if cfg is None:
         return code
+    from bd_ray.config import ConfigError
     from bd_ray.models import TokenizerMismatchError
     from bd_ray.train import ModelCompatError, run_ray
 
@@ -42,6 +46,9 @@ def main(argv=None) -> int:
         summary = run_ray(cfg)
     except (TokenizerMismatchError, ModelCompatError) as exc:  # found in the driver, before Ray starts
         print(f"[bd-ray] error: the models do not fit together or the config: {exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, FileNotFoundError) as exc:  # a bad path in the config, also found in the driver
+        print(f"[bd-ray] error: {exc}", file=sys.stderr)
         return 2
     print(f"[bd-ray] training finished in {time.time() - t0:.0f}s; outputs in {summary['out_dir']}")
     if summary.get("data_stats"):

@@ -75,7 +75,7 @@ def tiny_llama_pair() -> Callable:
 @pytest.fixture
 def ray_cluster():
     """A new local Ray instance with 4 logical CPUs (Ray Train + Ray Data need more than the 2 cores,
-    DESIGN.md sec 5); shut down after the test."""
+    docs/DESIGN.md sec 5); shut down after the test."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)

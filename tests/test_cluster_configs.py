@@ -238,6 +238,26 @@ def test_resource_fields_validate_and_pass_through():
             load_train_config(None, [bad])
 
 
+def test_memory_fields_take_units_and_cross_field_errors_name_the_field():
+    # Kubernetes / Ray users write memory with units: binary (GiB, Gi) and decimal (GB, G)
+    for text, n in [("20GiB", 20 << 30), ("20Gi", 20 << 30), ("20GB", 20 * 10**9), ("20G", 20 * 10**9),
+                    ("512MiB", 512 << 20), ("1.5GiB", 3 << 29), ("64kb", 64_000), ("4096", 4096), ("4096B", 4096)]:
+        assert load_train_config(None, [f"run.memory_per_worker={text}"]).run.memory_per_worker == n, text
+    assert parse_app_args({"engine": {"memory": "12GiB"}}).engine.memory == 12 << 30
+    assert parse_app_args({"ingress": {"memory": "1Gi"}}).ingress.memory == 1 << 30
+    for bad in ("20 gigs", "12XB", "-5GB", "GiB"):
+        with pytest.raises(ConfigError, match=r"run\.memory_per_worker: must be bytes: an integer or a number "
+                                              r"with a unit \(B, KB/KiB, MB/MiB, GB/GiB"):
+            load_train_config(None, [f"run.memory_per_worker={bad}"])
+    with pytest.raises(ConfigError, match=r"engine\.memory: Input should be greater than or equal to 1"):
+        parse_app_args({"engine": {"memory": "0GiB"}})
+    # model-level checks of the serve config are reported at their field
+    with pytest.raises(ConfigError, match=r"spec\.gamma: must be <= max_gamma \(8\) \(got 20\)"):
+        parse_app_args({"spec": {"gamma": 20, "max_gamma": 8}})
+    with pytest.raises(ConfigError, match=r"engine\.autoscaling\.min_replicas: must be <= max_replicas \(2\)"):
+        parse_app_args({"engine": {"autoscaling": {"min_replicas": 5, "max_replicas": 2}}})
+
+
 # ---------------------------------------------------------------------------------------------
 # Simulated cluster (Ray fake_multinode): autoscaling really happens
 # ---------------------------------------------------------------------------------------------

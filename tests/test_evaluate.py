@@ -330,7 +330,7 @@ def test_config_errors_name_the_field(tmp_path):
         load_eval_config(REPO / "jobs/configs/eval_smoke.yaml", ["matrix.budgets=[16,full]"])
     with pytest.raises(ConfigError, match=r"matrix.gamas: unknown key"):
         load_eval_config(None, ["matrix.gamas=[2]"])
-    with pytest.raises(ConfigError, match=r"report.alpha_gamma=3 is not one of matrix.gammas"):
+    with pytest.raises(ConfigError, match=r"report.alpha_gamma: 3 is not one of matrix.gammas"):
         load_eval_config(None, ["report.alpha_gamma=3"])
     with pytest.raises(ConfigError, match=r"matrix.budgets"):
         load_eval_config(None, ["matrix.budgets=[0]"])

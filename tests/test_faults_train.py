@@ -267,6 +267,42 @@ def test_relative_paths_reach_ray_workers_absolute_and_a_missing_draft_vocab_fai
         check_models_compatible(shipped, vdir)
 
 
+def test_bad_offline_targets_and_missing_paths_are_one_line_job_errors(tmp_path, capsys):
+    """jobs/train_drafter.py: offline targets made for other window lengths, a targets path that is
+    not a teacher_targets output and a missing verifier each end with exit 2 and one line naming
+    the field, before Ray starts (not a traceback)."""
+    import importlib.util
+
+    import ray
+
+    spec = importlib.util.spec_from_file_location("bd_ray_jobs_train_drafter",
+                                                  Path(__file__).resolve().parents[1] / "jobs" / "train_drafter.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    tok = tiny_tokenizer()
+    vdir = _save(tiny_llama(vocab_size=len(tok), layers=2, max_positions=512), tok, tmp_path / "v")
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    (targets / "manifest.json").write_text(json.dumps({"prefix_len": P + 8, "continuation_len": T}))
+    capsys.readouterr()  # drop the save progress bars
+    base = ["--set", f"models.verifier={vdir}", "--set", "models.drafter_layers=1",
+            "--set", f"data.prefix_len={P}", "--set", f"data.continuation_len={T}", "--set", "teacher.mode=offline",
+            "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "run.ray_address=local"]
+    for sets, expect in [
+        ([f"teacher.targets_path={targets}"],
+         f"teacher.targets_path='{targets}' holds targets for windows of {P + 8} + {T} tokens, but "
+         f"data.prefix_len + data.continuation_len = {P} + {T}"),
+        ([f"teacher.targets_path={tmp_path / 'nothing'}"], "is not a finished jobs/teacher_targets.py output"),
+        ([f"teacher.targets_path={targets}", f"models.verifier={tmp_path / 'no_verifier'}"], "no_verifier"),
+    ]:
+        argv = base + [a for s in sets for a in ("--set", s)]
+        assert job.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("[bd-ray] error:") and "\n" not in err and expect in err, err
+        assert "Traceback" not in err
+    assert not ray.is_initialized()
+
+
 # ------------------------------------------------------------------------------------------
 # Ray Train: a worker killed mid-run, on a hostile corpus
 # ------------------------------------------------------------------------------------------

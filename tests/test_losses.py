@@ -1,4 +1,4 @@
-"""Unit tests of bd_ray.losses (DESIGN.md sec 2): chunked CE, L_C = 0 at B >= prefix, no gradient
+"""Unit tests of bd_ray.losses (docs/DESIGN.md sec 2): chunked CE, L_C = 0 at B >= prefix, no gradient
 into the prefix cache, soft targets, L_B, the seeded budget sampler."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """bd_ray.models: tokenizer compatibility at load, drafter initialisation from the verifier, and the
-`kernels` name clash with Hugging Face's `kernels` library (DESIGN.md section 3).
+`kernels` name clash with Hugging Face's `kernels` library (docs/DESIGN.md section 3).
 
 Fast tests use tiny real tokenizers (the `tokenizers` library) and random-weight transformers models;
 the one test on the real SmolLM2 tokenizer is marked slow.

@@ -1,4 +1,4 @@
-"""Training tests (DESIGN.md sec 2 recipe on tiny random Llamas):
+"""Training tests (docs/DESIGN.md sec 2 recipe on tiny random Llamas):
 
 - golden numerics: a seeded 20-step single-process run matches tests/golden/*.json (rel 1e-4), and a
   deliberate change of the loss (lambda 0.5 -> 0.6) fails that comparison;
@@ -129,6 +129,39 @@ def test_schedule_and_config_errors():
     assert cfg.loss.lam == 0.6 and cfg.loss.fixed_budget == 1024
     d = TrainJobConfig().model_dump(by_alias=True)
     assert d["loss"]["lambda"] == 0.5 and d["optim"]["lr"] == 1e-5 and d["optim"]["warmup_steps"] == 150
+
+
+def test_config_errors_point_at_the_field_and_limit():
+    # a cross-field check is reported at the field it is about, with that field's value, not as
+    # "<root>: Value error, ..." followed by the whole config
+    with pytest.raises(ConfigError) as ei:
+        load_train_config(None, ["optim.warmup_steps=6000"])
+    assert "optim.warmup_steps: must be <= max_steps (5000) (got 6000)" in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        load_train_config(None, ["loss.fixed_budget=256", "loss.full_cache_only=true"])
+    msg = str(ei.value)
+    assert "loss.fixed_budget: exclusive with loss.full_cache_only" in msg and "(got 256)" in msg
+    assert "<root>" not in msg and "Value error" not in msg and "'models'" not in msg, msg
+    with pytest.raises(ConfigError, match=r"teacher\.targets_path: required when teacher\.mode is offline"):
+        load_train_config(None, ["teacher.mode=offline"])
+    # a long input (a whole mapping) is cut to ~100 characters
+    many = "{" + ", ".join(f"{b}: 1" for b in range(100, 160)) + ", 300: 0}"
+    with pytest.raises(ConfigError) as ei:
+        load_train_config(None, [f"loss.budgets={many}"])
+    line = next(x for x in str(ei.value).splitlines() if "loss.budgets" in x)
+    assert line.endswith("...)") and len(line.split("(got ", 1)[1]) <= 101, line
+    # NaN and infinities are "not finite", not a bound they fail
+    for bad, field in [("optim.lr=.nan", "optim.lr"), ("optim.lr=.inf", "optim.lr"),
+                       ("loss.lambda=.nan", "loss.lambda"), ("optim.grad_clip=.inf", "optim.grad_clip")]:
+        with pytest.raises(ConfigError, match=rf"{field.replace('.', r'[.]')}: Input should be a finite number"):
+            load_train_config(None, [bad])
+    # each Adam beta lies in [0, 1) (torch.optim.AdamW's own rule)
+    for bad, field, limit in [("optim.betas=[0.9, 1.5]", "optim.betas.1", "less than 1"),
+                              ("optim.betas=[0.9, 1.0]", "optim.betas.1", "less than 1"),
+                              ("optim.betas=[-0.1, 0.999]", "optim.betas.0", "greater than or equal to 0")]:
+        with pytest.raises(ConfigError, match=rf"{field.replace('.', r'[.]')}: Input should be {limit}"):
+            load_train_config(None, [bad])
+    assert load_train_config(None, ["optim.betas=[0.8, 0.99]"]).optim.betas == (0.8, 0.99)
 
 
 def test_paper_configs_load():

@@ -1,6 +1,6 @@
 """Speculative decoding with a sparse-KV drafter and a full-KV verifier (batch 1 per request).
 
-One request runs as (DESIGN.md sections 1-2; vLLM ``v1/spec_decode`` for the split of roles):
+One request runs as (docs/DESIGN.md sections 1-2; vLLM ``v1/spec_decode`` for the split of roles):
 
 1. prefill: the verifier prefills the prompt into its full KV cache (in chunks, bounded memory);
    its last logits give the first output token, exactly as plain decoding would. The drafter
@@ -105,6 +105,15 @@ class GenerationResult:
         return len(self.token_ids) / decode_s if decode_s > 0 else float("inf")
 
     def as_dict(self) -> dict:
+        """JSON-ready result: the attributes above plus two derived values.
+
+        Keys: ``token_ids`` (list of ids), ``text``, ``finish_reason``, ``prompt_tokens`` and
+        ``completion_tokens`` (token counts), ``speculative``, ``fallback_reason``,
+        ``tokens_per_s`` (emitted tokens per second of decoding: prefills excluded, ``inf`` when
+        no decode time was measured), ``peak_drafter_cache`` / ``peak_verifier_cache`` (cache
+        entries per layer and KV head), ``adaptive`` (dict or ``None``), ``spec_metrics``
+        (:meth:`SpecMetrics.as_dict`) and ``timings`` (:meth:`Timings.as_dict`, seconds).
+        """
         return {
             "token_ids": self.token_ids,
             "text": self.text,
@@ -425,7 +434,15 @@ class SpeculativeGenerator:
         """Like :meth:`generate`, yielding a :class:`StreamChunk` per verification cycle.
 
         ``inspect`` (tests, debugging) is called after every cycle's rollback; ``adaptive``
-        overrides ``spec.adaptive`` for this request.
+        overrides ``spec.adaptive`` for this request. A drafter with fewer positions than
+        prompt + ``max_new_tokens`` is not an error: the request is decoded plainly and the last
+        chunk's result says why (``fallback_reason``).
+
+        Raises (a generator: on the first ``next()``, before any chunk):
+            ValueError: ``gamma < 1``; an empty prompt; ``prefilled`` from another prompt; a
+                budget below the sparse policy's minimum for this prompt (names the minimum,
+                :func:`bd_ray.sparse.min_budget`).
+            ContextLengthError: prompt + ``max_new_tokens`` beyond the verifier's positions.
         """
         gamma = self.spec.gamma if gamma is None else int(gamma)
         if gamma < 1:

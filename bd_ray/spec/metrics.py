@@ -1,6 +1,6 @@
 """Speculative-decoding metrics in one place (as vLLM's ``SpecDecodingStats``).
 
-Definitions (DESIGN.md section 1, ../shared/cases/spec-decoding.md case 9):
+Definitions (docs/DESIGN.md section 1, ../shared/cases/spec-decoding.md case 9):
 
 * α (``acceptance_rate``) = accepted drafts / drafted tokens;
 * τ (``mean_accepted_length``) = tokens per verifier forward = 1 + accepted / cycles (the
@@ -36,6 +36,9 @@ class Timings:
     total_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
+        """The fields as a JSON-ready dict, all in seconds: ``verifier_prefill_s``,
+        ``drafter_prefill_s``, ``draft_s`` (drafter decode steps), ``verify_s``, ``plain_s`` and
+        ``total_s`` (the whole request, prefills included; the parts need not add up to it)."""
         return dict(self.__dict__)
 
 
@@ -81,6 +84,14 @@ class SpecMetrics:
 
     @property
     def per_position_acceptance(self) -> list[float]:
+        """``accepted_at[k] / drafted_at[k]`` for each draft position k = 1.. (index 0 is k = 1).
+
+        Unconditional: the denominator is every cycle that drafted a k-th token, including cycles
+        whose earlier draft was already rejected (the k-th draft then counts as not accepted); it
+        is not P(k-th accepted | drafts 1..k-1 accepted). The list is as long as the largest γ
+        drafted in any cycle (cycles that drafted fewer, e.g. with adaptive γ or near
+        ``max_new_tokens``, do not count at the later positions); empty when nothing was drafted.
+        """
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
 
     def merge(self, other: "SpecMetrics") -> "SpecMetrics":
@@ -94,6 +105,10 @@ class SpecMetrics:
         return out
 
     def as_dict(self) -> dict:
+        """JSON-ready counters and rates: ``cycles`` (verification cycles), ``drafted`` and
+        ``accepted`` (draft tokens), ``acceptance_rate`` (α, a fraction in [0, 1]),
+        ``mean_accepted_length`` (τ, tokens per verifier forward, >= 1) and
+        ``per_position_acceptance`` (a list of fractions, see :attr:`per_position_acceptance`)."""
         return {
             "cycles": self.cycles,
             "drafted": self.drafted,

@@ -160,7 +160,7 @@ def chunk_scores(
         chunk_size: positions per chunk (paper: 8).
         num_chunks: full chunks to score, default ``seq // chunk_size``.
 
-    Raises ValueError / TypeError on bad shapes. Source: TriForce / BudgetDraft (DESIGN.md s. 2).
+    Raises ValueError / TypeError on bad shapes. Source: TriForce / BudgetDraft (docs/DESIGN.md s. 2).
     """
     if use_triton(keys.device, backend):
         from .chunk_select import chunk_scores_triton

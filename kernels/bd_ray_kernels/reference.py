@@ -1,6 +1,6 @@
 """Torch reference implementations of the bd-ray kernels (the ground truth for the Triton code).
 
-Two operations, both used by the drafter (see ../../../shared/DESIGN.md sections 2-3):
+Two operations, both used by the drafter (see docs/DESIGN.md sections 2-3):
 
 * :func:`sparse_attention_reference` -- decode / verify attention of ``n_new`` new query tokens
   against a *compact* KV cache (the kept prefix positions, then the new tokens themselves),

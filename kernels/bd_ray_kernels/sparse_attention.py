@@ -245,7 +245,7 @@ def sparse_attention_triton(
     On CUDA the first call per dtype / head_dim / split mode JIT-compiles (a few seconds).
 
     Source: FlashAttention-2 online softmax and FlashDecoding split-KV (Dao et al. 2023); the
-    compact-cache convention of TriForce / BudgetDraft (DESIGN.md section 2).
+    compact-cache convention of TriForce / BudgetDraft (docs/DESIGN.md section 2).
     """
     b, qh, n_new, d, kvh, kv_len = check_sparse_attention_args(q, k, v, kv_lens, out)
     if scale is None:
