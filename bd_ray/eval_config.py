@@ -231,7 +231,8 @@ class EvalRunConfig(StrictModel):
     ``executor``: ``ray`` (default: one worker actor per node, see :mod:`bd_ray.evaluate`) or
     ``local`` (in this process, sequentially; debugging and tests).
     ``ray_address``: ``null`` = the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else a new
-    local instance; ``auto`` = a running local cluster (``ray start --head``); or ``host:port``.
+    private instance; ``auto`` = a running local cluster (``ray start --head``); ``local`` = always a
+    private one; or ``host:port`` (the rule of every bd-ray job: :mod:`bd_ray.ray_connect`).
     ``ray_num_cpus``: logical CPUs when starting a local instance (``null`` = all cores).
     ``num_workers``: worker actors; ``auto`` = one per alive node (capped by the number of prompts).
     ``worker_cpus``: CPUs each worker reserves; ``node`` = all CPUs of the node it is placed on, so

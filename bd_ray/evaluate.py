@@ -1023,18 +1023,9 @@ def _isolation(cfg: EvalJobConfig, n_workers: int) -> str:
 
 
 def _ensure_ray(cfg: EvalJobConfig):
-    import ray
+    from bd_ray.ray_connect import connect
 
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    addr = cfg.run.ray_address
-    if addr is None and os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env)  # inside `ray job submit`, or a user-set cluster
-    elif addr is None:
-        ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, runtime_env=env)
-    else:
-        ray.init(address=addr, runtime_env=env)
+    connect(cfg.run.ray_address, cfg.run.ray_num_cpus, {"TOKENIZERS_PARALLELISM": "false"})
 
 
 def _start_workers(cfg: EvalJobConfig, n_groups: int, log: Callable[[str], None]) -> list:

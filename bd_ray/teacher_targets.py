@@ -174,12 +174,10 @@ def write_teacher_targets(cfg: TeacherTargetsJobConfig, overwrite: bool = False,
     out = os.path.abspath(cfg.teacher.targets_path)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists (pass --overwrite to recompute)")
-    if not ray.is_initialized():
-        env = {"env_vars": {"OMP_NUM_THREADS": str(cfg.threads_per_actor), "TOKENIZERS_PARALLELISM": "false"}}
-        if cfg.ray_address:
-            ray.init(address=cfg.ray_address, runtime_env=env)
-        else:
-            ray.init(num_cpus=cfg.ray_num_cpus, runtime_env=env)
+    from bd_ray.ray_connect import connect
+
+    connect(cfg.ray_address, cfg.ray_num_cpus,
+            {"OMP_NUM_THREADS": str(cfg.threads_per_actor), "TOKENIZERS_PARALLELISM": "false"})
     verifier_path = str(models.resolve_model_path(cfg.models.verifier))
     tmp = f"{out}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)

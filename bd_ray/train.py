@@ -832,24 +832,10 @@ def run_local(cfg: TrainJobConfig, windows: Iterable[dict] | Callable[[int], Ite
 
 
 def _ensure_ray(cfg: TrainJobConfig):
-    import ray
+    from bd_ray.ray_connect import connect
 
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"OMP_NUM_THREADS": str(cfg.run.threads_per_worker), "TOKENIZERS_PARALLELISM": "false"}}
-    if cfg.run.ray_address == "local":  # always a new private cluster (never join another job's)
-        ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, runtime_env=env)
-        return
-    if cfg.run.ray_address:
-        ray.init(address=cfg.run.ray_address, runtime_env=env)
-        return
-    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or a user-set cluster
-        ray.init(runtime_env=env)
-        return
-    try:
-        ray.init(address="auto", runtime_env=env)
-    except (ConnectionError, RuntimeError):
-        ray.init(num_cpus=cfg.run.ray_num_cpus, runtime_env=env)
+    connect(cfg.run.ray_address, cfg.run.ray_num_cpus,
+            {"OMP_NUM_THREADS": str(cfg.run.threads_per_worker), "TOKENIZERS_PARALLELISM": "false"})
 
 
 def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,

@@ -207,8 +207,9 @@ class RunConfig(StrictModel):
 
     name: str = "budgetdraft"
     output_dir: str = "runs"
-    ray_address: str | None = Field(None, description="null = connect to a running cluster if any, else start "
-                                    "one; 'local' = always start a private one (ray_num_cpus logical CPUs)")
+    ray_address: str | None = Field(None, description="null = the cluster in RAY_ADDRESS (ray job submit), else a "
+                                    "new private one; 'auto' = the `ray start` cluster on this machine; 'local' = "
+                                    "always a private one (bd_ray.ray_connect)")
     ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs when starting a local cluster")
     num_workers: int = Field(1, ge=1, le=4096)
     use_gpu: bool = False
@@ -276,7 +277,7 @@ class TeacherTargetsJobConfig(StrictModel):
     threads_per_actor: int = Field(1, ge=1, le=256, description="torch intra-op threads per teacher actor")
     ray_num_cpus: int | None = Field(4, ge=1, description="logical CPUs when starting a local cluster "
                                      "(more than the cores: the read/tokenize tasks need a free one)")
-    ray_address: str | None = None
+    ray_address: str | None = Field(None, description="as run.ray_address of training (bd_ray.ray_connect)")
     max_windows: int | None = Field(None, ge=1, description="train windows to label (after the seeded shuffle); null = all")
 
     @model_validator(mode="after")

@@ -146,6 +146,24 @@ def test_probe_resumes_that_do_not_pay_make_probes_rarer():
     assert gaps == [8, 16, 32]
 
 
+def test_a_probe_resumed_speculation_that_underdelivers_is_stopped_after_two_cycles():
+    # the probe is accepted, the resumed cycles accept 1 token each but verify slowly: 2 tokens in
+    # 0.2 s against a 0.1 s plain step is a loss the estimate does not see yet (acceptance ~0.5)
+    ctrl = GammaController(max_gamma=4, probe_every=8, decay=0.2, prior_draft_ratio=0.05, prior_slope_ratio=0.05)
+    ctrl.observe_plain(0.1)
+    while (g := ctrl.next_gamma(remaining=10_000)) > 0:                              # warm-up: poor
+        ctrl.observe_cycle(g, 0, draft_s=0.001 * g, verify_s=0.12)
+    while (g := ctrl.next_gamma(remaining=10_000)) == 0:
+        ctrl.observe_plain(0.1)
+    ctrl.observe_cycle(g, g, draft_s=0.001, verify_s=0.101, catch_up_s=0.0005)   # probe: accepted
+    resumed = 0
+    while (g := ctrl.next_gamma(remaining=10_000)) > 0:
+        ctrl.observe_cycle(g, 1, draft_s=0.001 * g, verify_s=0.2)
+        resumed += 1
+    assert resumed == GammaController.MIN_REALIZED_CYCLES_AFTER_PROBE == 2
+    assert "did not pay" in ctrl.stats.stopped_reason and ctrl.acceptance > 0.4
+
+
 def test_probe_catch_up_gives_no_drafter_step_sample():
     ctrl = GammaController(max_gamma=4)
     ctrl.observe_plain(0.1)

@@ -155,3 +155,39 @@ def test_filtered_probs_top_p_and_top_k():
     assert p.tolist() == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="temperature"):
         filtered_probs(logits, SamplingConfig(temperature=0.0))
+
+
+# ---- incremental detokenization ------------------------------------------------------------------
+def test_incremental_text_equals_a_full_decode_and_the_stream_adds_up(verifier_dir):
+    """The real SmolLM2 tokenizer on real text with multi-byte characters (split across byte-level
+    tokens) and on random ids, fed in random block sizes: the checker's text equals
+    ``tokenizer.decode`` of its ids, the streamed deltas add up to it, and a stop string is cut at
+    the same token as a full decode would cut it."""
+    import random
+
+    from bd_ray.models import load_tokenizer
+
+    tok = load_tokenizer(str(verifier_dir))
+    text = ("Naïve façades — “quoted” ünïcödé, 東京 and emoji 🎉🎉 in 1850; the end.\n" * 3)
+    rng = random.Random(0)
+    sequences = [tok.encode(text, add_special_tokens=False)]
+    sequences += [[rng.randrange(len(tok)) for _ in range(200)] for _ in range(3)]
+    for ids in sequences:
+        chk = StopChecker(tok, max_new_tokens=len(ids))
+        streamed, i = "", 0
+        while i < len(ids):
+            n = rng.randint(1, 6)
+            chk.extend(ids[i: i + n])
+            i += n
+            streamed += chk.text_delta()
+            assert tok.decode(ids[:i], skip_special_tokens=True).startswith(streamed)
+        assert chk.finish_reason == "length"
+        assert chk.text == tok.decode(ids, skip_special_tokens=True)
+        assert streamed == chk.text
+    ids = sequences[0]
+    chk = StopChecker(tok, max_new_tokens=len(ids), stop=["emoji"])
+    chk.extend(ids)
+    cut = text.index("emoji")
+    assert chk.finish_reason == "stop" and chk.text == text[:cut]
+    kept = max(k for k in range(len(ids) + 1) if len(tok.decode(ids[:k])) <= cut)
+    assert chk.token_ids == ids[:kept]

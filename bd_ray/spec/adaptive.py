@@ -155,6 +155,9 @@ class GammaController:
     #: speculative cycles (since speculation last started) before their measured tokens/s may
     #: overrule the model's estimate.
     MIN_REALIZED_CYCLES = 4
+    #: the same after a probe restarted speculation: the drafter's costs were measured before it
+    #: stopped, so fewer cycles suffice (a marginal drafter otherwise spends 4 cycles per failed resume).
+    MIN_REALIZED_CYCLES_AFTER_PROBE = 2
 
     def __init__(self, max_gamma: int, min_gain: float = 1.05, probe_every: int = 8,
                  max_probe_every: int = 128, decay: float = 0.9, prior_accept: float = 1.0,
@@ -261,8 +264,10 @@ class GammaController:
 
     def _measured_pays(self) -> bool | None:
         """Whether the speculative cycles since speculation (re)started delivered at least plain
-        decoding's tokens/s; ``None`` before :attr:`MIN_REALIZED_CYCLES` of them were measured."""
-        if self._cycles_on < self.MIN_REALIZED_CYCLES or self._realized.value is None:
+        decoding's tokens/s; ``None`` before :attr:`MIN_REALIZED_CYCLES` (after a probe's restart:
+        :attr:`MIN_REALIZED_CYCLES_AFTER_PROBE`) of them were measured."""
+        need = self.MIN_REALIZED_CYCLES_AFTER_PROBE if self._resumed_without_paying else self.MIN_REALIZED_CYCLES
+        if self._cycles_on < need or self._realized.value is None:
             return None
         return self._realized.value >= self.rate(0)
 

@@ -16,6 +16,7 @@ vLLM:
 
 from __future__ import annotations
 
+import bisect
 from typing import Any, Sequence
 
 __all__ = ["StopChecker"]
@@ -23,6 +24,13 @@ __all__ = ["StopChecker"]
 
 class StopChecker:
     """Accumulates emitted tokens and decides when generation is over.
+
+    Text is detokenized incrementally, as vLLM and TGI do: each new group of tokens is decoded
+    together with the previous group (so context-dependent pieces such as SentencePiece's leading
+    spaces render as in a full decode) and a trailing incomplete UTF-8 character waits for its
+    next bytes. Emitting a token costs two decodes of a few tokens, not a decode of the whole
+    output (which took 0.5 ms at 1K output tokens and 4.5 ms at 8K per chunk, and three times
+    that per token with stop strings).
 
     Args:
         tokenizer: a transformers tokenizer (``decode`` is used for stop strings and text).
@@ -46,6 +54,12 @@ class StopChecker:
         self._kept = 0                     # how many of _ids are part of the output
         self._text: str | None = None      # final text once a stop string truncated it
         self._streamed = 0                 # characters already handed out by text_delta()
+        # incremental detokenization: _decoded is the text of _ids[:_read]; _ids[_prefix:_read]
+        # is the last decoded group, re-decoded with the new tokens for context
+        self._decoded = ""
+        self._prefix = 0
+        self._read = 0
+        self._ends: list[int] = []         # _ends[i]: len(_decoded) once token i was decoded
         self.finish_reason: str | None = None
 
     # ---- state ---------------------------------------------------------------------------------
@@ -64,10 +78,12 @@ class StopChecker:
 
     @property
     def text(self) -> str:
-        """Output text: special tokens skipped, truncated before a stop string."""
+        """Output text: special tokens skipped, truncated before a stop string (a trailing
+        incomplete UTF-8 character shows as U+FFFD, as in a full decode)."""
         if self._text is not None:
             return self._text
-        return self._decode(self._ids[: self._kept])
+        self._flush()
+        return self._decoded + self._pending_text()
 
     def remaining(self) -> int:
         """Tokens still allowed by ``max_new_tokens``."""
@@ -131,20 +147,38 @@ class StopChecker:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def _pending_text(self) -> str:
+        """Text of the kept tokens after ``_read`` (not yet decodable to complete characters)."""
+        if self._kept <= self._read:
+            return ""
+        group = self._decode(self._ids[self._prefix: self._read])
+        return self._decode(self._ids[self._prefix: self._kept])[len(group):]
+
+    def _flush(self) -> None:
+        """Decode the kept tokens after ``_read`` into ``_decoded`` unless they end mid-character
+        (or add no text yet, e.g. a skipped special token)."""
+        if self._kept <= self._read:
+            return
+        group = self._decode(self._ids[self._prefix: self._read])
+        both = self._decode(self._ids[self._prefix: self._kept])
+        if len(both) > len(group) and not both.endswith("\ufffd"):
+            self._decoded += both[len(group):]
+            self._prefix, self._read = self._read, self._kept
+            self._ends.extend([len(self._decoded)] * (self._kept - len(self._ends)))
+
     def _apply_stop_strings(self) -> bool:
-        full = self._decode(self._ids)
-        # The stop string can only complete in the newest token, so search from where it could
+        prev_len = len(self._decoded)
+        self._flush()
+        if len(self._decoded) == prev_len:
+            return False
+        # A stop string can only complete in the newly decoded text, so search from where it could
         # have started: the longest stop string before the previous text end.
-        prev_len = len(self._decode(self._ids[:-1])) if len(self._ids) > 1 else 0
         start = max(0, prev_len - max(len(s) for s in self.stop) + 1)
-        hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
+        hits = [i for i in (self._decoded.find(s, start) for s in self.stop) if i >= 0]
         if not hits:
             return False
         cut = min(hits)
         # keep the tokens whose text ends at or before the stop string's first character
-        kept = len(self._ids)
-        while kept > 0 and len(self._decode(self._ids[:kept])) > cut:
-            kept -= 1
-        self._kept = kept
-        self._text = full[:cut]
+        self._kept = bisect.bisect_right(self._ends, cut)
+        self._text = self._decoded[:cut]
         return True
