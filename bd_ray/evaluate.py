@@ -688,10 +688,15 @@ def render_markdown(results: dict) -> str:
               f"split test, seed {cfg['data']['seed']}), {cfg['matrix']['max_new_tokens']} new tokens, "
               f"contexts {cfg['matrix']['contexts']} tokens",
               f"- machine: {mach['driver']['cpu_count']} CPUs, torch {mach['driver']['torch']}, "
-              f"device {w.get('device', '?')} ({w.get('device_name', '')}), {w.get('torch_threads', '?')} torch threads "
-              f"per worker, {len(mach.get('workers') or [])} worker(s)",
+              + (f"device {w.get('device', '?')} ({w.get('device_name', '')}), {w.get('torch_threads', '?')} torch "
+                 f"threads per worker, {len(mach['workers'])} worker(s)" if mach.get("workers") else
+                 f"torch threads {cfg['run']['torch_threads']}; no worker started in this run (every "
+                 f"measurement from the journal; each run records its host and load)"),
               f"- isolation: {results['isolation']}",
-              f"- wall time {results['wall_s']:.0f} s",
+              f"- wall time of this run {results['wall_s']:.0f} s; decoding measured over all runs "
+              f"{sum(r.get('decode_s') or 0.0 for r in results['runs']):.0f} s"
+              + (f"; report only: {results['missing']} measurements of the matrix not measured yet (left out)"
+                 if results.get("missing") else ""),
               "- α = accepted/drafted, τ = 1 + accepted/cycles; tokens/s = decode throughput after prefill "
               "(pooled over prompts); speedup = SD tok/s / AR tok/s on the same prompts, AR measured right "
               "before each drafter's cells; step times in ms per cycle; cache = peak drafter KV entries per layer "
@@ -1015,6 +1020,8 @@ def _isolation(cfg: EvalJobConfig, n_workers: int) -> str:
     r = cfg.run
     if r.executor == "local":
         return "local executor: one process, measurements strictly sequential"
+    if n_workers == 0:
+        return "no worker started in this run: every measurement comes from the journal"
     cpus = "all CPUs of its node" if r.worker_cpus == "node" else f"{r.worker_cpus} CPUs"
     return (f"{n_workers} Ray worker actor(s), each reserving {cpus}"
             + (f" and {r.worker_gpus} GPU(s)" if r.worker_gpus else "")
@@ -1069,7 +1076,8 @@ def _start_workers(cfg: EvalJobConfig, n_groups: int, log: Callable[[str], None]
 
 
 def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
-                   output_dir: str | Path | None = None, merge_journals: Sequence[str | Path] = ()) -> dict:
+                   output_dir: str | Path | None = None, merge_journals: Sequence[str | Path] = (),
+                   report_only: bool = False) -> dict:
     """Run the whole matrix and write the outputs; returns ``{"results": dict, "paths": dict}``.
 
     Args:
@@ -1079,6 +1087,9 @@ def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
         merge_journals: output directories of runs of part of the same matrix (same config, e.g.
             one context per process or machine); their measurements are appended to this run's
             journal first and reused, so only what none of them measured is run.
+        report_only: measure nothing: write the outputs from the journaled measurements (a snapshot
+            of a matrix still being measured); cells report the prompts they have, ``missing`` counts
+            the rest.
 
     Raises:
         ConfigError: a drafter path that does not exist, contexts beyond the verifier's positions.
@@ -1130,6 +1141,11 @@ def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
             runs.append(done[k])
             progress.update(it, done[k])
     items_left = [it for it, k in zip(items, keys) if k not in done]
+    missing = 0
+    if report_only:
+        missing, items_left = len(items_left), []
+        log(f"[bd-ray] report only: {len(items) - missing} of {len(items)} measurements journaled, "
+            f"{missing} left out")
 
     def finish(item: dict, rec: dict) -> None:
         if item["kind"].startswith("needle"):
@@ -1150,7 +1166,10 @@ def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
         return {"kind": item["kind"], "prompt_id": item["prompt"]["prompt_id"], "mode": item["mode"]["name"],
                 "cell_id": item.get("cell_id"), "error": f"{type(exc).__name__}: {exc}"}
 
-    if cfg.run.executor == "local":
+    workers_info: list[dict] = []
+    if not items_left:
+        pass                       # everything journaled (or report only): no models to load
+    elif cfg.run.executor == "local":
         import torch
 
         if cfg.run.torch_threads:
@@ -1213,6 +1232,7 @@ def run_evaluation(cfg: EvalJobConfig, log: Callable[[str], None] = print,
         "errors": errors,
         "runs": runs,
         "wall_s": time.perf_counter() - t_start,
+        "missing": missing,
     }
     paths = write_outputs(results, out_dir, plots=cfg.report.plots, alpha_gamma=cfg.alpha_gamma)
     if failures:

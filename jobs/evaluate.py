@@ -37,6 +37,9 @@ from bd_ray.eval_config import ConfigError, load_eval_config  # noqa: E402
 def main(argv=None) -> int:
     ap = job_parser(__doc__, "bd_ray.eval_config.EvalJobConfig", "matrix.gammas=[2,4]")
     ap.add_argument("--output", help="output directory (overrides run.output_dir)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: write results.json/.md and plots from the journaled measurements "
+                         "(a snapshot of a matrix still being measured)")
     ap.add_argument("--merge-journal", action="append", default=[], metavar="DIR",
                     help="output directory of a run of part of the same matrix (e.g. one context per "
                          "process); its measurements are merged into this run's journal and reused")
@@ -54,7 +57,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     log = lambda s: print(s, flush=True)  # noqa: E731
     try:
-        out = run_evaluation(cfg, log=log, output_dir=args.output, merge_journals=args.merge_journal)
+        out = run_evaluation(cfg, log=log, output_dir=args.output, merge_journals=args.merge_journal,
+                             report_only=args.report_only)
     except ConfigError as exc:
         print(f"[bd-ray] config error: {exc}", file=sys.stderr)
         return 2

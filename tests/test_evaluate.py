@@ -112,7 +112,7 @@ OPT_NUM = (int, float, type(None))
 SCHEMA = {
     "top": {"schema_version": int, "created": str, "command": str, "config": dict, "machine": dict,
             "isolation": str, "prompts": list, "cells": list, "best_gamma": list, "needle": (list, type(None)),
-            "lossless": dict, "errors": list, "runs": list, "wall_s": NUM, "plots": list},
+            "lossless": dict, "errors": list, "runs": list, "wall_s": NUM, "plots": list, "missing": int},
     "cell": {"cell_id": str, "context": int, "policy": str, "budget": str, "gamma": int, "drafter": str,
              "mode": str, "greedy": bool, "n_prompts": int, "prompt_ids": list, "alpha": NUM, "tau": NUM,
              "per_position_acceptance": list, "cycles": int, "drafted": int, "accepted": int,
@@ -395,6 +395,15 @@ def test_interrupted_matrix_resumes_from_its_journal(tiny_assets, tmp_path, caps
     merged = json.loads((joined / "results.json").read_text())
     assert [r["token_ids"] for r in merged["runs"]] == [r["token_ids"] for r in first["runs"]]
     assert len((joined / journal.name).read_text().splitlines()) == len(lines)
+    # a snapshot of a matrix still being measured: --report-only measures nothing, reports what is there
+    (part_a / "results.json").unlink(missing_ok=True)
+    assert job.main(["--config", str(path), "--output", str(part_a), "--report-only"]) == 0
+    log = capsys.readouterr().out
+    assert f"report only: 12 of {len(lines)} measurements journaled, {len(lines) - 12} left out" in log
+    snap = json.loads((part_a / "results.json").read_text())
+    assert snap["missing"] == len(lines) - 12 and len(snap["runs"]) == 12
+    assert snap["machine"]["workers"] == [] and "no worker started" in (part_a / "results.md").read_text()
+    assert len((part_a / journal.name).read_text().splitlines()) == 13     # nothing measured or dropped
     assert job.main(["--config", str(path), "--output", str(joined), "--merge-journal", str(tmp_path / "none")]) == 2
     assert f"--merge-journal {tmp_path / 'none'}: no runs.journal.jsonl there" in capsys.readouterr().err
 
