@@ -81,6 +81,15 @@ class SpecDefaults(StrictModel):
     def _gamma_within_max(self) -> "SpecDefaults":
         if self.gamma > self.max_gamma:
             raise FieldError("gamma", f"must be <= max_gamma ({self.max_gamma})")
+        if self.kv_budget is not None:
+            from bd_ray.sparse import min_budget_any_length
+
+            need = min_budget_any_length(self.sparse_policy)
+            if self.kv_budget < need:
+                # caught at deploy time: otherwise every prompt longer than the budget gets a 400
+                raise FieldError("kv_budget", f"{self.kv_budget} is below the minimum {need} that sparse_policy "
+                                              f"{self.sparse_policy.name} keeps for prompts longer than the budget; "
+                                              f"raise kv_budget or lower the policy's mandatory positions")
         return self
 
 

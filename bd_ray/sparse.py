@@ -48,6 +48,7 @@ from bd_ray.config import SparsePolicyConfig
 
 __all__ = [
     "min_budget",
+    "min_budget_any_length",
     "select_positions",
     "gather_kv",
     "kept_valid_mask",
@@ -87,6 +88,16 @@ def min_budget(policy: SparsePolicyConfig, seq: int) -> int:
     everything and is always valid).
     """
     return max(1, min(seq, _mandatory_count(policy, seq)))
+
+
+def min_budget_any_length(policy: SparsePolicyConfig) -> int:
+    """Smallest KV budget ``policy`` accepts for every prefix longer than the budget: the largest
+    :func:`min_budget` over prefix lengths (for ``chunk_topk`` it depends on the length's trailing
+    partial chunk, so one full chunk of lengths is checked). A default budget below it would make
+    long prompts fail at request time (Serve config validation, training budgets)."""
+    span = policy.chunk_size if policy.name == "chunk_topk" else 1
+    base = 1 << 20                       # longer than any mandatory set: min_budget is not capped
+    return max(min_budget(policy, base + r) for r in range(span))
 
 
 def _mandatory_description(policy: SparsePolicyConfig, seq: int) -> str:

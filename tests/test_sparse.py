@@ -247,3 +247,26 @@ def test_gather_kv():
     k, v = gather_kv(keys, values, pos)
     assert k.shape == (2, 2, 12, 8) and v.shape == (2, 2, 12, 5)
     assert torch.equal(k[1, 0, 3], keys[1, 0, 21]) and torch.equal(v[0, 1, 0], values[0, 1, 0])
+
+
+@pytest.mark.parametrize("policy", [SparsePolicyConfig(), SparsePolicyConfig(chunk_size=8, recent=0),
+                                    SparsePolicyConfig(chunk_size=16, recent=5),
+                                    SparsePolicyConfig(name="streaming", sink=4),
+                                    SparsePolicyConfig(name="snapkv", sink=4, window=32)])
+def test_min_budget_any_length_is_the_smallest_budget_every_long_prefix_accepts(policy):
+    from bd_ray.sparse import min_budget_any_length
+
+    need = min_budget_any_length(policy)
+    lengths = range(need + 1, need + 200)
+    assert all(need >= min_budget(policy, s) for s in lengths)
+    assert any(need - 1 < min_budget(policy, s) for s in lengths)    # one less fails some prefix
+
+
+def test_serve_config_rejects_a_default_budget_long_prompts_cannot_use():
+    from bd_ray.config import ConfigError
+    from bd_ray.serve_config import parse_app_args
+
+    with pytest.raises(ConfigError, match=r"spec\.kv_budget.*8 is below the minimum 40 .*chunk_topk"):
+        parse_app_args({"spec": {"kv_budget": 8}})
+    assert parse_app_args({"spec": {"kv_budget": 40}}).spec.kv_budget == 40
+    assert parse_app_args({"spec": {"kv_budget": None}}).spec.kv_budget is None
