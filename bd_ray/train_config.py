@@ -257,11 +257,32 @@ class TrainJobConfig(StrictModel):
         if self.loss.fixed_budget is not None and self.loss.full_cache_only:
             raise FieldError("loss.fixed_budget", "exclusive with loss.full_cache_only (two different "
                                                   "ablations): set one of them")
+        if not self.loss.full_cache_only:
+            self._check_view_budgets()
         if self.teacher.mode == "offline" and self.loss.lb_weight > 0:
             raise FieldError("loss.lb_weight", "must be 0 with teacher.mode=offline: L_B needs the teacher's "
                                                "sparse-cache top-k at the sampled budget, which offline targets "
                                                "do not hold (use teacher.mode=online)")
         return self
+
+
+    def _check_view_budgets(self) -> None:
+        """Sparse-view budgets must be usable at this prefix length (caught before Ray starts, not
+        in a worker after the models load) and at least one must be sparse (else L_C is 0)."""
+        from bd_ray.sparse import min_budget
+
+        L, P = self.loss, self.data.prefix_len
+        field = "loss.fixed_budget" if L.fixed_budget is not None else "loss.budgets"
+        budgets = [L.fixed_budget] if L.fixed_budget is not None else sorted(L.budgets)
+        need = min_budget(L.policy, P)
+        low = [b for b in budgets if b < need]
+        if low:
+            raise FieldError(field, f"{low[0]} is below the minimum {need} that loss.policy {L.policy.name} "
+                                    f"keeps at data.prefix_len {P}; raise it or lower the policy's mandatory positions")
+        if all(b >= P for b in budgets):
+            raise FieldError(field, f"every budget ({', '.join(map(str, budgets))}) keeps the whole prefix of "
+                                    f"data.prefix_len {P} tokens, so L_C would compare the full cache with "
+                                    f"itself; use budgets below the prefix length (or loss.full_cache_only)")
 
 
 class TeacherTargetsJobConfig(StrictModel):

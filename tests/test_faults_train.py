@@ -37,6 +37,8 @@ from bd_ray.models import TokenizerMismatchError
 from bd_ray.train import ModelCompatError, check_models_compatible, run_local
 from bd_ray.train_config import TrainJobConfig
 from _tiny import TRAIN_P as P, TRAIN_T as T
+
+SPARSE_VIEWS = {"budgets": {48: 1.0}}   # a budget below the tiny prefix (default paper budgets exceed it)
 from _tiny import TINY_TEXT, own_ray_processes, tiny_llama, tiny_tokenizer, write_tiny_world
 from _tiny import tiny_train_cfg as tiny_cfg, tiny_train_models as fresh_models, tiny_train_rows as random_rows
 
@@ -207,7 +209,7 @@ def test_model_mismatch_is_caught_in_the_driver_before_ray(tmp_path):
     for drafter, exc, msg in cases:
         cfg = TrainJobConfig.model_validate({
             "models": {"verifier": vdir, "drafter": drafter},
-            "data": {"source": str(tmp_path / "nowhere.parquet"), "prefix_len": P, "continuation_len": T},
+            "loss": SPARSE_VIEWS, "data": {"source": str(tmp_path / "nowhere.parquet"), "prefix_len": P, "continuation_len": T},
             "run": {"output_dir": str(tmp_path / "runs"), "ray_address": "local"}})
         with pytest.raises(exc, match=msg):
             run_ray(cfg)
@@ -216,20 +218,20 @@ def test_model_mismatch_is_caught_in_the_driver_before_ray(tmp_path):
     short = _save(tiny_llama(vocab_size=len(tok), layers=2, max_positions=100), tok, tmp_path / "v_short")
     with pytest.raises(ModelCompatError, match=r"verifier \(teacher\).*max_position_embeddings=100"):
         check_models_compatible(TrainJobConfig.model_validate(
-            {"models": {"verifier": short}, "data": {"prefix_len": P, "continuation_len": T}}), short)
+            {"models": {"verifier": short}, "loss": SPARSE_VIEWS, "data": {"prefix_len": P, "continuation_len": T}}), short)
     with pytest.raises(ModelCompatError, match="drafter_layers=3.*only 2 layers"):
         check_models_compatible(TrainJobConfig.model_validate(
-            {"models": {"verifier": vdir, "drafter_layers": 3}, "data": {"prefix_len": P, "continuation_len": T}}),
+            {"models": {"verifier": vdir, "drafter_layers": 3}, "loss": SPARSE_VIEWS, "data": {"prefix_len": P, "continuation_len": T}}),
             vdir)
     with pytest.raises(ModelCompatError, match="from-verifier:5.*only 2 layers"):
         check_models_compatible(TrainJobConfig.model_validate(
-            {"models": {"verifier": vdir, "drafter": "from-verifier:5"}, "data": {"prefix_len": P, "continuation_len": T}}),
+            {"models": {"verifier": vdir, "drafter": "from-verifier:5"}, "loss": SPARSE_VIEWS, "data": {"prefix_len": P, "continuation_len": T}}),
             vdir)
     check_models_compatible(TrainJobConfig.model_validate(
-        {"models": {"verifier": vdir, "drafter": "from-verifier:2"}, "data": {"prefix_len": P, "continuation_len": T}}),
+        {"models": {"verifier": vdir, "drafter": "from-verifier:2"}, "loss": SPARSE_VIEWS, "data": {"prefix_len": P, "continuation_len": T}}),
         vdir)
     check_models_compatible(TrainJobConfig.model_validate(  # a compatible pair passes
-        {"models": {"verifier": vdir, "drafter": vdir}, "data": {"prefix_len": P, "continuation_len": T}}), vdir)
+        {"models": {"verifier": vdir, "drafter": vdir}, "loss": SPARSE_VIEWS, "data": {"prefix_len": P, "continuation_len": T}}), vdir)
 
 
 def test_relative_paths_reach_ray_workers_absolute_and_a_missing_draft_vocab_fails_in_the_driver(tmp_path, monkeypatch):
@@ -248,7 +250,7 @@ def test_relative_paths_reach_ray_workers_absolute_and_a_missing_draft_vocab_fai
     monkeypatch.chdir(tmp_path)
     cfg = TrainJobConfig.model_validate({
         "models": {"verifier": vdir, "drafter": "v", "draft_vocab": "dv"},
-        "data": {"source": "nowhere.parquet", "prefix_len": P, "continuation_len": T},
+        "loss": SPARSE_VIEWS, "data": {"source": "nowhere.parquet", "prefix_len": P, "continuation_len": T},
         "run": {"output_dir": str(tmp_path / "runs"), "ray_address": "local"}})
     shipped = absolute_local_paths(cfg)
     assert shipped.models.drafter == str(tmp_path / "v")
@@ -286,7 +288,7 @@ def test_bad_offline_targets_and_missing_paths_are_one_line_job_errors(tmp_path,
     (targets / "manifest.json").write_text(json.dumps({"prefix_len": P + 8, "continuation_len": T}))
     capsys.readouterr()  # drop the save progress bars
     base = ["--set", f"models.verifier={vdir}", "--set", "models.drafter_layers=1",
-            "--set", f"data.prefix_len={P}", "--set", f"data.continuation_len={T}", "--set", "teacher.mode=offline",
+            "--set", f"data.prefix_len={P}", "--set", f"data.continuation_len={T}", "--set", "teacher.mode=offline", "--set", "loss.budgets={48: 1.0}",
             "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "run.ray_address=local"]
     for sets, expect in [
         ([f"teacher.targets_path={targets}"],

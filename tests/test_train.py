@@ -162,6 +162,17 @@ def test_config_errors_point_at_the_field_and_limit():
         with pytest.raises(ConfigError, match=rf"{field.replace('.', r'[.]')}: Input should be {limit}"):
             load_train_config(None, [bad])
     assert load_train_config(None, ["optim.betas=[0.8, 0.99]"]).optim.betas == (0.8, 0.99)
+    # sparse-view budgets are checked against the prefix before Ray starts, not in a worker
+    with pytest.raises(ConfigError, match=r"loss\.budgets: 16 is below the minimum 40 that loss\.policy "
+                                          r"chunk_topk keeps at data\.prefix_len 16128"):
+        load_train_config(None, ["loss.budgets={16: 1, 256: 1}"])
+    with pytest.raises(ConfigError, match=r"loss\.fixed_budget: 32 is below the minimum 40"):
+        load_train_config(None, ["loss.fixed_budget=32"])
+    with pytest.raises(ConfigError, match=r"loss\.budgets: every budget \(2048\) keeps the whole prefix of "
+                                          r"data\.prefix_len 1024 tokens"):
+        load_train_config(None, ["data.prefix_len=1024", "loss.budgets={2048: 1}"])
+    # L_A only: the budgets are never used, so nothing to check
+    assert load_train_config(None, ["loss.full_cache_only=true", "loss.budgets={16: 1}"]).loss.full_cache_only
 
 
 def test_paper_configs_load():
