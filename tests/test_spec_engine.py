@@ -1,6 +1,6 @@
 """The speculative engine on tiny random-weight Llamas with a real BPE tokenizer.
 
-Covers ../shared/cases/spec-decoding.md cases 1, 4, 5, 6, 7, 10 and 11 at the engine level
+Covers docs/cases/spec-decoding.md cases 1, 4, 5, 6, 7, 10 and 11 at the engine level
 (cases 2, 3, 9 at the unit level in test_spec_units.py; case 8 in test_kvcache.py).
 """
 

@@ -1,6 +1,6 @@
 """Engine end to end on the embedded SmolLM2 verifier, a held-out book prompt at 2K context.
 
-Case 4 of ../shared/cases/spec-decoding.md on a real pretrained verifier: for every sparse
+Case 4 of docs/cases/spec-decoding.md on a real pretrained verifier: for every sparse
 policy, budgets {64, 256, full} and γ {1, 4, 8}, greedy speculative output equals plain greedy
 decoding token for token (fp32). The drafter is the verifier's first 4 layers (untrained).
 """

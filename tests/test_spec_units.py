@@ -1,6 +1,6 @@
 """Unit tests of the engine's pure parts: metrics, stopping rules, rejection sampler, filters.
 
-Cases 2, 3 and 9 of ../shared/cases/spec-decoding.md are checked here at the unit level, with
+Cases 2, 3 and 9 of docs/cases/spec-decoding.md are checked here at the unit level, with
 the exact expected values; the engine-level versions are in test_spec_engine.py.
 """
 

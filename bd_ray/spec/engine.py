@@ -10,7 +10,7 @@ One request runs as (docs/DESIGN.md sections 1-2; vLLM ``v1/spec_decode`` for th
    scores the γ+1 positions in one forward on its full cache; :mod:`bd_ray.spec.rejection` keeps
    the accepted prefix and adds the recovered or bonus token; both caches drop the rejected
    entries, so the drafter cache holds exactly what a fresh drafter pass over the accepted tokens
-   would (case 10 of ../shared/cases/spec-decoding.md).
+   would (case 10 of docs/cases/spec-decoding.md).
 3. every emitted token, inside a block too, goes through :class:`StopChecker` (EOS list, stop
    strings across tokens and blocks, ``max_new_tokens``).
 

@@ -1,6 +1,6 @@
 """Speculative-decoding metrics in one place (as vLLM's ``SpecDecodingStats``).
 
-Definitions (docs/DESIGN.md section 1, ../shared/cases/spec-decoding.md case 9):
+Definitions (docs/DESIGN.md section 1, docs/cases/spec-decoding.md case 9):
 
 * α (``acceptance_rate``) = accepted drafts / drafted tokens;
 * τ (``mean_accepted_length``) = tokens per verifier forward = 1 + accepted / cycles (the

@@ -1,7 +1,7 @@
 """Stopping rules checked on every emitted token, including tokens inside an accepted block.
 
 A speculative cycle can emit up to γ+1 tokens at once; EOS, stop strings and ``max_new_tokens``
-must still be honoured token by token (../shared/cases/spec-decoding.md cases 1-3), which the
+must still be honoured token by token (docs/cases/spec-decoding.md cases 1-3), which the
 reference BudgetDraft code and several engines got wrong. Conventions follow the OpenAI API and
 vLLM:
 
