@@ -18,27 +18,27 @@ import sys
 from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
 
 
+def _positive_int(text: str, alternative: str = "") -> int:
+    """An argparse value that must be a whole number >= 1; ``alternative`` names another accepted
+    spelling in the messages (e.g. ``" (or 'full')"``).
+
+    Raises:
+        argparse.ArgumentTypeError: not a whole number, or below 1.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number{alternative}, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1{alternative}, got {value}")
+    return value
+
+
 def _budget(text: str) -> int | None:
     """``--budget`` value: a whole number of tokens >= 1, or ``full`` (``None``: no sparsity)."""
     if text.strip().lower() == "full":
         return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of tokens or 'full', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (or 'full'), got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _positive_int(text, " (or 'full')")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -82,8 +82,8 @@ class StopChecker:
         incomplete UTF-8 character shows as U+FFFD, as in a full decode)."""
         if self._text is not None:
             return self._text
-        self._flush()
-        return self._decoded + self._pending_text()
+        pending = self._flush()  # first: it may move text into _decoded
+        return self._decoded + pending
 
     def remaining(self) -> int:
         """Tokens still allowed by ``max_new_tokens``."""
@@ -147,24 +147,20 @@ class StopChecker:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _pending_text(self) -> str:
-        """Text of the kept tokens after ``_read`` (not yet decodable to complete characters)."""
+    def _flush(self) -> str:
+        """Decode the kept tokens after ``_read`` into ``_decoded`` unless they end mid-character
+        (or add no text yet, e.g. a skipped special token). Returns the text still pending (the
+        held-back tail, as a full decode would show it; ``""`` once flushed)."""
         if self._kept <= self._read:
             return ""
-        group = self._decode(self._ids[self._prefix: self._read])
-        return self._decode(self._ids[self._prefix: self._kept])[len(group):]
-
-    def _flush(self) -> None:
-        """Decode the kept tokens after ``_read`` into ``_decoded`` unless they end mid-character
-        (or add no text yet, e.g. a skipped special token)."""
-        if self._kept <= self._read:
-            return
         group = self._decode(self._ids[self._prefix: self._read])
         both = self._decode(self._ids[self._prefix: self._kept])
         if len(both) > len(group) and not both.endswith("\ufffd"):
             self._decoded += both[len(group):]
             self._prefix, self._read = self._read, self._kept
             self._ends.extend([len(self._decoded)] * (self._kept - len(self._ends)))
+            return ""
+        return both[len(group):]
 
     def _apply_stop_strings(self) -> bool:
         prev_len = len(self._decoded)
