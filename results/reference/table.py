@@ -18,7 +18,7 @@ def main(path: str = "results/reference/results.json") -> int:
     budgets = ["128", "256", "512", "full"]
     print("| context | drafter | prompts | " + " | ".join(f"α B={b}" for b in budgets)
           + " | first-draft acc. B=256 | best fixed-γ speedup | adaptive (γ cap 8) |")
-    print("|---" * (7 + len(budgets)) + "|")
+    print("|---" * (6 + len(budgets)) + "|")
     for ctx in sorted({c["context"] for c in cells}):
         for d in ("budgetdraft", "naive", "init4"):
             mine = [c for c in cells if c["context"] == ctx and c["drafter"] == d]
