@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bd_ray.train_config import DataConfig
+from bd_ray.config.train import TrainDataConfig
 
 __all__ = [
     "DataStats",
@@ -151,7 +151,7 @@ class DataStats:
 # ------------------------------------------------------------------------------------------
 
 
-def resolve_source(cfg: DataConfig) -> tuple[str, str]:
+def resolve_source(cfg: TrainDataConfig) -> tuple[str, str]:
     """(uri_or_path, format) for ``cfg.source``; ``pg-mini`` is built by ``bd_ray.assets``.
 
     Raises:
@@ -278,7 +278,7 @@ def check_parquet_shards(src: str) -> tuple[list[str], Any, list[tuple[str, str]
     return good, fs, bad
 
 
-def read_documents(cfg: DataConfig, stats=None):
+def read_documents(cfg: TrainDataConfig, stats=None):
     """Lazy Ray Dataset of documents ``{text, doc_id, split, malformed}`` from ``cfg.source``.
 
     ``stats``: a :class:`DataStats` (actor handle or object) that receives unreadable parquet
@@ -405,7 +405,7 @@ def _stats_actor():
     return ray.remote(num_cpus=0)(DataStats).remote()
 
 
-def build_window_dataset(cfg: DataConfig, tokenizer_path: str, split: str | list[str] | None = None, stats=None,
+def build_window_dataset(cfg: TrainDataConfig, tokenizer_path: str, split: str | list[str] | None = None, stats=None,
                          shuffle: bool = True, max_windows_per_doc: int | None = None):
     """Lazy Ray Dataset of windows of one split (default ``cfg.train_split``).
 
@@ -444,7 +444,7 @@ def build_window_dataset(cfg: DataConfig, tokenizer_path: str, split: str | list
     return wins, stats
 
 
-def eval_windows(cfg: DataConfig, tokenizer_path: str, n: int | None = None, stats=None) -> list[np.ndarray]:
+def eval_windows(cfg: TrainDataConfig, tokenizer_path: str, n: int | None = None, stats=None) -> list[np.ndarray]:
     """The first ``n`` (default ``cfg.eval_windows``) held-out windows (``cfg.eval_split``),
     at most 2 per document, in a deterministic order; ``[]`` when there are none."""
     n = cfg.eval_windows if n is None else n

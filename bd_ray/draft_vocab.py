@@ -8,7 +8,7 @@ EAGLE-3's ``d2t`` draft vocabulary).
 
 Losslessness is kept: the verifier still scores the full vocabulary, and the drafter's logits
 outside the subset are ``-inf``, so its proposal distribution q is exactly zero there; rejection
-sampling (:mod:`bd_ray.spec.rejection`) stays exact for any q, and greedy verification compares
+sampling (:mod:`bd_ray.speculative.rejection`) stays exact for any q, and greedy verification compares
 against the verifier's full-vocabulary argmax.
 
 On disk a draft vocabulary is ``draft_vocab.json`` next to the drafter checkpoint::

@@ -2,8 +2,8 @@
 
 What is measured (names as in docs/DESIGN.md section 1). For every cell
 ``(context, policy, budget, gamma, drafter, mode)`` and each of the N held-out prompts of that
-context, :class:`bd_ray.spec.engine.SpeculativeGenerator` decodes ``max_new_tokens`` tokens and
-:class:`bd_ray.spec.engine.ARGenerator` decodes the same prompt alone (AR, the speedup
+context, :class:`bd_ray.speculative.engine.SpeculativeGenerator` decodes ``max_new_tokens`` tokens and
+:class:`bd_ray.speculative.engine.ARGenerator` decodes the same prompt alone (AR, the speedup
 denominator) through the same verifier code path. Per cell: α (accepted / drafted, pooled over the
 prompts), τ (1 + accepted / cycles), per-position acceptance, SD and AR decode tokens/s (emitted
 tokens / seconds of decoding after prefill, pooled: total tokens / total seconds), speedup = SD
@@ -55,8 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from bd_ray.eval_config import FULL, EvalJobConfig, budget_label
+from bd_ray.config.evaluate import FULL, EvalJobConfig, budget_label
 from bd_ray.config import ConfigError, SparsePolicyConfig
+from bd_ray.sparse import queries_needed
 
 __all__ = [
     "HeldOutError",
@@ -337,14 +338,6 @@ def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _query_window(policy: SparsePolicyConfig) -> int:
-    if policy.name == "snapkv":
-        return policy.window
-    if policy.name == "chunk_topk" and policy.query_proxy == "last_query":
-        return 1
-    return 0
-
-
 class EvalWorker:
     """Holds the verifier and every drafter; runs one measurement (:meth:`run`) at a time.
 
@@ -381,7 +374,7 @@ class EvalWorker:
             self.drafters[name] = d.eval()
         self.load_s = time.perf_counter() - t0
         self.policies = dict(self.cfg.matrix.policies)
-        self._qwin = max([_query_window(p) for p in self.policies.values()] + [0])
+        self._qwin = max([queries_needed(p) for p in self.policies.values()] + [0])
         self._group: str | None = None
         self._vpre = None
         self._dpre: dict[str, Any] = {}
@@ -413,7 +406,7 @@ class EvalWorker:
         import torch
 
         from bd_ray import kvcache
-        from bd_ray.spec.adaptive import PROMPT_PROBE_TOKENS
+        from bd_ray.speculative.adaptive import PROMPT_PROBE_TOKENS
 
         if item["group"] != self._group:
             self._group, self._vpre, self._dpre = item["group"], None, {}
@@ -438,8 +431,8 @@ class EvalWorker:
         """Run one item (see :func:`build_items`); returns its record (see ``results.json`` ``runs``)."""
         from bd_ray import kvcache
         from bd_ray.config import SpecConfig
-        from bd_ray.eval_config import DecodeMode
-        from bd_ray.spec.engine import ARGenerator, Prefilled, SpeculativeGenerator
+        from bd_ray.config.evaluate import DecodeMode
+        from bd_ray.speculative.engine import ARGenerator, Prefilled, SpeculativeGenerator
 
         mode = DecodeMode.model_validate(item["mode"])
         m = self.cfg.matrix
@@ -465,7 +458,7 @@ class EvalWorker:
         d_pre, d_s = dp
         label, budget, gamma = item["policy"], item["budget"], int(item["gamma"])
         policy = self.policies[label] if label != "none" else next(iter(self.policies.values()))
-        w = _query_window(policy)
+        w = queries_needed(policy)
         queries = None if (w == 0 or d_pre.queries is None) else [q[:, :, -w:] for q in d_pre.queries]
         dpre_p = kvcache.PrefillResult(cache=d_pre.cache, last_logits=d_pre.last_logits, queries=queries,
                                        tail_argmax=d_pre.tail_argmax)

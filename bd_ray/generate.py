@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--prompt-file {args.prompt_file}: {exc}")
     from bd_ray import models
     from bd_ray.sparse import min_budget
-    from bd_ray.spec.engine import ARGenerator, SpeculativeGenerator
+    from bd_ray.speculative.engine import ARGenerator, SpeculativeGenerator
 
     verifier, tok = models.load_verifier(args.verifier)
     if args.drafter:

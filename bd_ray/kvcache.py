@@ -213,7 +213,7 @@ class PrefillResult:
         tail_argmax: ``None`` or ``[b, T]`` long: the model's argmax next token at each row's last
             ``T`` valid positions (entry ``i`` = position ``lengths[r] - T + i``; ``-1`` before
             position 0). Comparing a drafter's with the verifier's gives their greedy agreement on
-            the prompt's own text (:mod:`bd_ray.spec.adaptive` uses it as a free acceptance prior).
+            the prompt's own text (:mod:`bd_ray.speculative.adaptive` uses it as a free acceptance prior).
     """
 
     cache: KVCache

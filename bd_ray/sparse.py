@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bd_ray.config import SparsePolicyConfig
+from bd_ray.config.decoding import SparsePolicyConfig
 
 __all__ = [
     "min_budget",
@@ -53,6 +53,7 @@ __all__ = [
     "gather_kv",
     "kept_valid_mask",
     "chunk_scores_torch",
+    "queries_needed",
 ]
 
 
@@ -98,6 +99,19 @@ def min_budget_any_length(policy: SparsePolicyConfig) -> int:
     span = policy.chunk_size if policy.name == "chunk_topk" else 1
     base = 1 << 20                       # longer than any mandatory set: min_budget is not capped
     return max(min_budget(policy, base + r) for r in range(span))
+
+
+def queries_needed(policy: SparsePolicyConfig) -> int:
+    """How many of the last prefix positions' post-RoPE queries ``policy`` needs captured during the
+    drafter's prefill: ``window`` for ``snapkv`` (its observation window), 1 for ``chunk_topk`` with
+    ``query_proxy="last_query"`` (the last real query is the proxy), 0 otherwise (the ``last_key``
+    proxy and ``streaming`` read keys only). The one rule used by the engine, training views and
+    evaluation (:func:`select_positions` reads ``queries[:, :, -1]`` / ``queries[:, :, -window:]``)."""
+    if policy.name == "snapkv":
+        return policy.window
+    if policy.name == "chunk_topk" and policy.query_proxy == "last_query":
+        return 1
+    return 0
 
 
 def _mandatory_description(policy: SparsePolicyConfig, seq: int) -> str:

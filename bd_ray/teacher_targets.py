@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bd_ray.train_config import TeacherTargetsJobConfig
+from bd_ray.config.train import TeacherTargetsJobConfig
 
 __all__ = ["TeacherPredictor", "MANIFEST", "read_manifest", "read_target_rows", "write_teacher_targets"]
 

@@ -52,7 +52,8 @@ import torch
 from bd_ray.checkpoints import (atomic_write_json, publish_dir, replace_dir, restorable_checkpoint_dir,
                                 select_local_checkpoint, write_manifest)
 from bd_ray.losses import BudgetSampler, TeacherTargets, budgetdraft_loss, head_params
-from bd_ray.train_config import TrainJobConfig
+from bd_ray.config.train import TrainJobConfig
+from bd_ray.sparse import queries_needed
 
 __all__ = [
     "lr_factor",
@@ -399,10 +400,6 @@ def _all_true(flag: bool, world: int) -> bool:
     return bool(t.item())
 
 
-def _query_window(policy) -> int:
-    return policy.window if (policy.name == "snapkv" or policy.query_proxy == "last_query") else 0
-
-
 def _row_targets(row: dict) -> TeacherTargets | None:
     if "argmax" not in row:
         return None
@@ -450,7 +447,7 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
     P, T = cfg.data.prefix_len, cfg.data.continuation_len
     sampler = BudgetSampler(L.budgets, seed=O.seed, fixed=L.fixed_budget)
     eval_budgets = sorted(set(L.budgets) | ({L.fixed_budget} if L.fixed_budget else set()))
-    qwin = _query_window(L.policy)
+    qwin = queries_needed(L.policy)
     need_topk = L.top_k if (L.target != "hard" or L.lb_weight > 0) else 0
     draft_vocab = None
     if cfg.models.draft_vocab:

@@ -157,7 +157,7 @@ def run_serve(model_root: Path, clients: int = 4, max_replicas: int = 3, log=pri
 def train_config(root: Path, num_workers: int = 2):
     """A tiny ``TrainJobConfig`` (data under ``root``): ``num_workers`` workers, each asking for 1 CPU,
     512 MiB and ``sim_gpu: 1``; DeepSpeed ZeRO-3 teacher sharded across them; 2 steps, no eval/export."""
-    from bd_ray.train_config import TrainJobConfig
+    from bd_ray.config.train import TrainJobConfig
 
     return TrainJobConfig.model_validate({
         "models": {"verifier": str(root / "verifier"), "drafter_layers": 1},

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     from bd_ray import assets
     from bd_ray.models import load_tokenizer
-    from bd_ray.spec.stopping import StopChecker
+    from bd_ray.speculative.stopping import StopChecker
 
     tok = load_tokenizer(str(assets.ensure_verifier("smollm2-135m")))
     ids_all = _book_ids(tok, max(args.tokens))

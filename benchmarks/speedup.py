@@ -3,7 +3,7 @@ r"""End-to-end speedup of speculative decoding over bd-ray's own best AR, on hel
 For each context length, the same held-out prompts (``bd_ray.evaluate.select_prompts``: test-split
 works only) are decoded greedily by
 
-* ``ar``: :class:`bd_ray.spec.engine.ARGenerator` -- the denominator. It runs the verifier through
+* ``ar``: :class:`bd_ray.speculative.engine.ARGenerator` -- the denominator. It runs the verifier through
   exactly the code the speculative verifier uses (same KV buffers, same ``bd_ray_sparse``
   attention, same threads), so the speedup is against our own best plain decoding;
 * ``sd``: :class:`SpeculativeGenerator` with a fixed γ (the paper's protocol);
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from bd_ray import assets, models
     from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
     from bd_ray.evaluate import select_prompts
-    from bd_ray.spec.engine import ARGenerator, SpeculativeGenerator
+    from bd_ray.speculative.engine import ARGenerator, SpeculativeGenerator
 
     cmd = "python benchmarks/speedup.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"# {cmd}")

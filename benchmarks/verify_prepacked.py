@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     from bd_ray import kvcache
-    from bd_ray.spec.engine import use_attention
+    from bd_ray.speculative.engine import use_attention
 
     t_start = time.perf_counter()
     cmd = "python benchmarks/verify_prepacked.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -31,11 +31,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ray job working dir
 
 from bd_ray.cli import job_parser, load_job_config  # noqa: E402
-from bd_ray.eval_config import ConfigError, load_eval_config  # noqa: E402
+from bd_ray.config.evaluate import ConfigError, load_eval_config  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = job_parser(__doc__, "bd_ray.eval_config.EvalJobConfig", "matrix.gammas=[2,4]")
+    ap = job_parser(__doc__, "bd_ray.config.evaluate.EvalJobConfig", "matrix.gammas=[2,4]")
     ap.add_argument("--output", help="output directory (overrides run.output_dir)")
     ap.add_argument("--report-only", action="store_true",
                     help="measure nothing: write results.json/.md and plots from the journaled measurements "

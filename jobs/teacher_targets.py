@@ -22,11 +22,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ray job working dir
 
 from bd_ray.cli import job_parser, load_job_config  # noqa: E402
-from bd_ray.train_config import TeacherTargetsJobConfig, load_train_config  # noqa: E402
+from bd_ray.config.train import TeacherTargetsJobConfig, load_train_config  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = job_parser(__doc__, "bd_ray.train_config.TeacherTargetsJobConfig", "max_windows=64")
+    ap = job_parser(__doc__, "bd_ray.config.train.TeacherTargetsJobConfig", "max_windows=64")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = ap.parse_args(argv)
     cfg, code = load_job_config(args, lambda path, ov: load_train_config(path, ov, model=TeacherTargetsJobConfig))

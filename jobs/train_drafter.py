@@ -29,11 +29,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ray job working dir
 
 from bd_ray.cli import job_parser, load_job_config  # noqa: E402
-from bd_ray.train_config import load_train_config  # noqa: E402
+from bd_ray.config.train import load_train_config  # noqa: E402
 
 
 def main(argv=None) -> int:
-    args = job_parser(__doc__, "bd_ray.train_config.TrainJobConfig", "optim.lr=1e-4").parse_args(argv)
+    args = job_parser(__doc__, "bd_ray.config.train.TrainJobConfig", "optim.lr=1e-4").parse_args(argv)
     cfg, code = load_job_config(args, load_train_config)
     if cfg is None:
         return code

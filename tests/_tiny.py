@@ -113,7 +113,7 @@ TRAIN_V, TRAIN_P, TRAIN_T = 256, 96, 16  # vocabulary, prefix and continuation t
 def tiny_train_cfg(**over):
     """A seeded single-process ``TrainJobConfig`` on windows of ``TRAIN_P + TRAIN_T`` tokens (no
     DeepSpeed, no evals/checkpoints/export unless overridden). ``over``: ``section__key=value``."""
-    from bd_ray.train_config import TrainJobConfig
+    from bd_ray.config.train import TrainJobConfig
 
     tree = {
         "models": {"drafter_layers": 1},

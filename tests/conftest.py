@@ -99,7 +99,7 @@ def serve_reference(serve_model_dirs):
     verifier's own greedy decoding (the engine's ARGenerator), the text a lossless server must return."""
     from bd_ray.config import SamplingConfig
     from bd_ray.models import load_verifier
-    from bd_ray.spec.engine import ARGenerator
+    from bd_ray.speculative.engine import ARGenerator
 
     verifier, tok = load_verifier(str(serve_model_dirs[0]))
     gen = ARGenerator(verifier, tok)

@@ -1,4 +1,4 @@
-"""Adaptive γ (bd_ray/spec/adaptive.py): the controller's decisions and the engine with it on.
+"""Adaptive γ (bd_ray/speculative/adaptive.py): the controller's decisions and the engine with it on.
 
 The controller is tested on synthetic costs and acceptance (its decisions are a pure function of
 what it observed); the engine tests use tiny random-weight Llamas, where a drafter that *is* the
@@ -13,8 +13,8 @@ import torch
 from _tiny import tiny_llama
 from bd_ray.config import SamplingConfig, SpecConfig
 from bd_ray import kvcache
-from bd_ray.spec.adaptive import PROMPT_PROBE_TOKENS, GammaController, expected_tokens, prompt_agreement
-from bd_ray.spec.engine import ARGenerator, SpeculativeGenerator
+from bd_ray.speculative.adaptive import PROMPT_PROBE_TOKENS, GammaController, expected_tokens, prompt_agreement
+from bd_ray.speculative.engine import ARGenerator, SpeculativeGenerator
 
 
 def test_expected_tokens_matches_the_geometric_formula():

@@ -30,8 +30,8 @@ import yaml
 
 from bd_ray.config import ConfigError
 from bd_ray.serve.app import engine_options, ingress_options
-from bd_ray.serve_config import parse_app_args
-from bd_ray.train_config import load_train_config
+from bd_ray.config.serve import load_serve_config
+from bd_ray.config.train import load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "serve_configs"
@@ -103,7 +103,7 @@ def test_cluster_serve_config_is_valid_and_serves_gpu_yaml():
     ServeDeploySchema.model_validate(cluster)  # what `serve deploy` / KubeRay submit
     gpu = load("serve_configs/gpu.yaml")
     for app, gapp in zip(cluster["applications"], gpu["applications"]):
-        cfg = parse_app_args(app["args"])
+        cfg = load_serve_config(app["args"])
         # same models and speculative settings as the single-machine GPU config; placement added
         for section in ("model", "spec", "defaults"):
             assert app["args"][section] == gapp["args"][section], section
@@ -123,7 +123,7 @@ def test_rayservice_embeds_cluster_yaml_and_its_groups_hold_the_app():
     assert rc["enableInTreeAutoscaling"] is True
     types = kuberay_node_types(m, "rayClusterConfig")
     for app in embedded["applications"]:
-        cfg = parse_app_args(app["args"])
+        cfg = load_serve_config(app["args"])
         check_placement(actor_demand(engine_options(cfg)["ray_actor_options"]), cfg.engine.autoscaling.max_replicas,
                         types, "headgroup", MEM_ADVERTISED, "engine replica")
         check_placement(actor_demand(ingress_options(cfg)["ray_actor_options"]), cfg.ingress.num_replicas,
@@ -179,7 +179,7 @@ def test_vm_cluster_launcher_holds_serve_and_train():
     cfg = launcher_config("serve_configs/vm/aws.yaml")
     types, head = cfg["available_node_types"], cfg["head_node_type"]
     for app in load("serve_configs/cluster.yaml")["applications"]:
-        scfg = parse_app_args(app["args"])
+        scfg = load_serve_config(app["args"])
         check_placement(actor_demand(engine_options(scfg)["ray_actor_options"]),
                         scfg.engine.autoscaling.max_replicas, types, head, 1.0, "engine replica")
         check_placement(actor_demand(ingress_options(scfg)["ray_actor_options"]), scfg.ingress.num_replicas,
@@ -207,7 +207,7 @@ def test_sim_cluster_config_forces_new_nodes(tmp_path):
     bench = _bench()
     cfg = launcher_config("serve_configs/sim_cluster.yaml")
     types, head = cfg["available_node_types"], cfg["head_node_type"]
-    scfg = parse_app_args(bench.app_args(tmp_path, tmp_path, max_replicas=3))
+    scfg = load_serve_config(bench.app_args(tmp_path, tmp_path, max_replicas=3))
     demand = actor_demand(engine_options(scfg)["ray_actor_options"])
     assert per_node(demand, types[head]["resources"]) == 1  # the head holds min_replicas only
     check_placement(demand, 3, types, head, 1.0, "engine replica", head_may_hold=True)
@@ -217,18 +217,18 @@ def test_sim_cluster_config_forces_new_nodes(tmp_path):
 
 
 def test_resource_fields_validate_and_pass_through():
-    cfg = parse_app_args({"engine": {"memory": 1 << 30, "resources": {"gpu_a10g": 1}}, "ingress": {"memory": 1 << 28}})
+    cfg = load_serve_config({"engine": {"memory": 1 << 30, "resources": {"gpu_a10g": 1}}, "ingress": {"memory": 1 << 28}})
     assert engine_options(cfg)["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0, "memory": 1 << 30,
                                                         "resources": {"gpu_a10g": 1.0}}
     assert ingress_options(cfg)["ray_actor_options"] == {"num_cpus": 0.25, "num_gpus": 0.0, "memory": 1 << 28}
-    assert engine_options(parse_app_args({}))["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert engine_options(load_serve_config({}))["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
     for bad, field in [({"engine": {"resources": {"GPU": 1}}}, "engine.resources"),
                        ({"engine": {"resources": {"gpu_a10g": 1.5}}}, "engine.resources"),
                        ({"engine": {"resources": {"x": 0}}}, "engine.resources"),
                        ({"engine": {"memory": 0}}, "engine.memory"),
                        ({"ingress": {"memory": -5}}, "ingress.memory")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-            parse_app_args(bad)
+            load_serve_config(bad)
     t = load_train_config(None, ["run.memory_per_worker=1073741824", "run.resources_per_worker={gpu_a10g: 1}",
                                  "run.cpus_per_worker=4", "run.use_gpu=true"])
     assert t.run.worker_resources() == {"CPU": 4.0, "GPU": 1, "memory": 1 << 30, "gpu_a10g": 1.0}
@@ -243,19 +243,19 @@ def test_memory_fields_take_units_and_cross_field_errors_name_the_field():
     for text, n in [("20GiB", 20 << 30), ("20Gi", 20 << 30), ("20GB", 20 * 10**9), ("20G", 20 * 10**9),
                     ("512MiB", 512 << 20), ("1.5GiB", 3 << 29), ("64kb", 64_000), ("4096", 4096), ("4096B", 4096)]:
         assert load_train_config(None, [f"run.memory_per_worker={text}"]).run.memory_per_worker == n, text
-    assert parse_app_args({"engine": {"memory": "12GiB"}}).engine.memory == 12 << 30
-    assert parse_app_args({"ingress": {"memory": "1Gi"}}).ingress.memory == 1 << 30
+    assert load_serve_config({"engine": {"memory": "12GiB"}}).engine.memory == 12 << 30
+    assert load_serve_config({"ingress": {"memory": "1Gi"}}).ingress.memory == 1 << 30
     for bad in ("20 gigs", "12XB", "-5GB", "GiB"):
         with pytest.raises(ConfigError, match=r"run\.memory_per_worker: must be bytes: an integer or a number "
                                               r"with a unit \(B, KB/KiB, MB/MiB, GB/GiB"):
             load_train_config(None, [f"run.memory_per_worker={bad}"])
     with pytest.raises(ConfigError, match=r"engine\.memory: Input should be greater than or equal to 1"):
-        parse_app_args({"engine": {"memory": "0GiB"}})
+        load_serve_config({"engine": {"memory": "0GiB"}})
     # model-level checks of the serve config are reported at their field
     with pytest.raises(ConfigError, match=r"spec\.gamma: must be <= max_gamma \(8\) \(got 20\)"):
-        parse_app_args({"spec": {"gamma": 20, "max_gamma": 8}})
+        load_serve_config({"spec": {"gamma": 20, "max_gamma": 8}})
     with pytest.raises(ConfigError, match=r"engine\.autoscaling\.min_replicas: must be <= max_replicas \(2\)"):
-        parse_app_args({"engine": {"autoscaling": {"min_replicas": 5, "max_replicas": 2}}})
+        load_serve_config({"engine": {"autoscaling": {"min_replicas": 5, "max_replicas": 2}}})
 
 
 # ---------------------------------------------------------------------------------------------

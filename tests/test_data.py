@@ -15,7 +15,7 @@ import pytest
 
 from bd_ray.data import (DataStats, TokenizeWindows, _normalize, build_window_dataset, cut_windows, doc_split,
                          iter_rows, resolve_source)
-from bd_ray.train_config import DataConfig
+from bd_ray.config.train import TrainDataConfig
 from _tiny import TINY_TEXT, tiny_tokenizer
 
 W_P, W_T = 48, 16
@@ -28,8 +28,8 @@ def tok_dir(tmp_path_factory):
     return str(d)
 
 
-def cfg(source, **kw) -> DataConfig:
-    return DataConfig(source=str(source), prefix_len=W_P, continuation_len=W_T, tokenizer_num_cpus=0.25, **kw)
+def cfg(source, **kw) -> TrainDataConfig:
+    return TrainDataConfig(source=str(source), prefix_len=W_P, continuation_len=W_T, tokenizer_num_cpus=0.25, **kw)
 
 
 def test_cut_windows_and_split_hash():
@@ -60,7 +60,7 @@ def test_normalize_and_tokenize_count_malformed(tok_dir):
     tw(docs)  # a second epoch does not double-count
     assert stats.summary()["train"]["documents"] == 3
     with pytest.raises(ValueError, match="data.format"):
-        resolve_source(DataConfig(source="/nonexistent/thing"))
+        resolve_source(TrainDataConfig(source="/nonexistent/thing"))
 
 
 def test_truncated_parquet_shard_is_found_by_its_footer(tmp_path):

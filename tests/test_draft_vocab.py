@@ -15,7 +15,7 @@ from bd_ray.draft_vocab import (DRAFT_VOCAB_FILE, DraftVocab, SubsetLMHead, appl
                                 count_tokens, load_draft_vocab, save_draft_vocab)
 from bd_ray.losses import TeacherTargets, budgetdraft_loss
 from bd_ray.models import model_vocab_size
-from bd_ray.spec.engine import ARGenerator, SpeculativeGenerator
+from bd_ray.speculative.engine import ARGenerator, SpeculativeGenerator
 
 V = 320
 

@@ -240,7 +240,7 @@ def corrupt_one_cell(monkeypatch):
     """Test-only corruption of the SD verifier path for ONE cell (gamma 3, budget 16, drafter 'tiny'):
     greedy verification accepts every draft, so SD emits the drafter's tokens instead of the
     verifier's. AR and all other cells are untouched."""
-    from bd_ray.spec import engine
+    from bd_ray.speculative import engine
 
     state = {"on": False}
     real_verify, real_generate = engine.verify_greedy, engine.SpeculativeGenerator.generate
@@ -324,7 +324,7 @@ def test_prompts_come_only_from_held_out_split(tmp_path):
 
 
 def test_config_errors_name_the_field(tmp_path):
-    from bd_ray.eval_config import ConfigError, load_eval_config
+    from bd_ray.config.evaluate import ConfigError, load_eval_config
 
     with pytest.raises(ConfigError, match=r"matrix.budgets: budget 16 is below the minimum 72"):
         load_eval_config(REPO / "jobs/configs/eval_smoke.yaml", ["matrix.budgets=[16,full]"])

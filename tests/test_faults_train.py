@@ -35,7 +35,7 @@ from bd_ray.checkpoints import (NO_MANIFEST, CheckpointCorruptError, CheckpointI
                                 write_manifest)
 from bd_ray.models import TokenizerMismatchError
 from bd_ray.train import ModelCompatError, check_models_compatible, run_local
-from bd_ray.train_config import TrainJobConfig
+from bd_ray.config.train import TrainJobConfig
 from _tiny import TRAIN_P as P, TRAIN_T as T
 
 SPARSE_VIEWS = {"budgets": {48: 1.0}}   # a budget below the tiny prefix (default paper budgets exceed it)

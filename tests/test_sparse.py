@@ -264,9 +264,9 @@ def test_min_budget_any_length_is_the_smallest_budget_every_long_prefix_accepts(
 
 def test_serve_config_rejects_a_default_budget_long_prompts_cannot_use():
     from bd_ray.config import ConfigError
-    from bd_ray.serve_config import parse_app_args
+    from bd_ray.config.serve import load_serve_config
 
     with pytest.raises(ConfigError, match=r"spec\.kv_budget.*8 is below the minimum 40 .*chunk_topk"):
-        parse_app_args({"spec": {"kv_budget": 8}})
-    assert parse_app_args({"spec": {"kv_budget": 40}}).spec.kv_budget == 40
-    assert parse_app_args({"spec": {"kv_budget": None}}).spec.kv_budget is None
+        load_serve_config({"spec": {"kv_budget": 8}})
+    assert load_serve_config({"spec": {"kv_budget": 40}}).spec.kv_budget == 40
+    assert load_serve_config({"spec": {"kv_budget": None}}).spec.kv_budget is None

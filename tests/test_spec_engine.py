@@ -14,7 +14,7 @@ import torch
 from _tiny import tiny_llama
 from bd_ray import kvcache
 from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
-from bd_ray.spec.engine import ARGenerator, ContextLengthError, SpeculativeGenerator
+from bd_ray.speculative.engine import ARGenerator, ContextLengthError, SpeculativeGenerator
 
 POLICIES = [
     SparsePolicyConfig(name="chunk_topk", chunk_size=8, recent=16),
@@ -123,7 +123,7 @@ def test_case5_sampling_distribution_matches_verifier(tok):
     pre = sd.prefill(prompt)
 
     # expected marginal: sum_t1 p(t1) p(t2 | t1), both filtered exactly as the engine filters
-    from bd_ray.spec.sampling import filtered_probs
+    from bd_ray.speculative.sampling import filtered_probs
     cfg = SamplingConfig(**sampling)
     with torch.no_grad():
         p1 = filtered_probs(v(torch.tensor([prompt])).logits[0, -1], cfg)

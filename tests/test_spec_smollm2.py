@@ -12,7 +12,7 @@ import torch
 
 from bd_ray import kvcache
 from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
-from bd_ray.spec.engine import ARGenerator, Prefilled, SpeculativeGenerator
+from bd_ray.speculative.engine import ARGenerator, Prefilled, SpeculativeGenerator
 
 pytestmark = pytest.mark.slow
 

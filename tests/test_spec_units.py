@@ -13,10 +13,10 @@ import torch
 
 from _tiny import tiny_tokenizer
 from bd_ray.config import SamplingConfig
-from bd_ray.spec.metrics import SpecMetrics
-from bd_ray.spec.rejection import verify_greedy, verify_sampling
-from bd_ray.spec.sampling import filtered_probs
-from bd_ray.spec.stopping import StopChecker
+from bd_ray.speculative.metrics import SpecMetrics
+from bd_ray.speculative.rejection import verify_greedy, verify_sampling
+from bd_ray.speculative.sampling import filtered_probs
+from bd_ray.speculative.stopping import StopChecker
 
 
 # ---- case 9: honest metrics -------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_offline_targets_equal_online(tmp_path, ray_cluster):
     from bd_ray.models import load_verifier
     from bd_ray.teacher_targets import read_manifest, read_target_rows, write_teacher_targets
     from bd_ray.train import compute_teacher_targets
-    from bd_ray.train_config import TeacherTargetsJobConfig
+    from bd_ray.config.train import TeacherTargetsJobConfig
 
     write_tiny_world(tmp_path, P + T)
     out = tmp_path / "targets"
@@ -80,7 +80,7 @@ def test_loop_reads_offline_targets_without_teacher(tmp_path):
 
     from bd_ray.models import init_drafter_from_verifier
     from bd_ray.train import compute_teacher_targets, run_local
-    from bd_ray.train_config import TrainJobConfig
+    from bd_ray.config.train import TrainJobConfig
 
     cfg = TrainJobConfig.model_validate({
         "models": {"drafter_layers": 1},

@@ -1,6 +1,6 @@
 """Application builder: ``serve run serve_configs/default.yaml`` / ``serve deploy`` entry point.
 
-``import_path: bd_ray.serve.app:build_app`` with the :class:`bd_ray.serve_config.ServeAppConfig`
+``import_path: bd_ray.serve.app:build_app`` with the :class:`bd_ray.config.serve.ServeAppConfig`
 tree under ``args:`` (Ray Serve's "application builder" pattern, as Ray Serve LLM's
 ``build_openai_app``). From Python::
 
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from ray.serve import Application
 
-from bd_ray.serve_config import ServeAppConfig, parse_app_args
+from bd_ray.config.serve import ServeAppConfig, load_serve_config
 
 __all__ = ["build_app", "engine_options", "ingress_options", "actor_resources"]
 
@@ -73,7 +73,7 @@ def build_app(args: Mapping[str, Any] | ServeAppConfig | None = None) -> Applica
     """
     from bd_ray.serve.deployments import OpenAIIngress, SpecEngine
 
-    cfg = args if isinstance(args, ServeAppConfig) else parse_app_args(args)
+    cfg = args if isinstance(args, ServeAppConfig) else load_serve_config(args)
     tree = cfg.model_dump()
     engine = SpecEngine.options(**engine_options(cfg)).bind(tree)
     return OpenAIIngress.options(**ingress_options(cfg)).bind(engine, tree)

@@ -5,7 +5,7 @@ Two deployments (Ray Serve LLM's ``LLMServer`` + ``OpenAiIngress`` split):
 ``SpecEngine`` (the verifier deployment)
     Replicas under ``autoscaling_config``. Each replica holds the verifier (full KV caches) **and
     its own drafter in the same process**, and runs the speculative loop
-    (:class:`bd_ray.spec.engine.SpeculativeGenerator`) for the requests routed to it.
+    (:class:`bd_ray.speculative.engine.SpeculativeGenerator`) for the requests routed to it.
 
 ``OpenAIIngress``
     FastAPI through ``@serve.ingress``: ``/v1/completions``, ``/v1/chat/completions``,
@@ -66,7 +66,7 @@ from ray import serve
 
 from bd_ray.serve.protocol import (ChatCompletionRequest, CompletionRequest, error_body, max_request_bytes,
                                    validation_error_body)
-from bd_ray.serve_config import ServeAppConfig
+from bd_ray.config.serve import ServeAppConfig
 
 __all__ = ["SpecEngine", "OpenAIIngress", "fastapi_app"]
 
@@ -141,7 +141,7 @@ class SpecEngine:
     """One replica of the verifier deployment: verifier (full KV) + in-process drafter (sparse KV).
 
     Args:
-        config: a :class:`bd_ray.serve_config.ServeAppConfig` as a dict (``model_dump()``).
+        config: a :class:`bd_ray.config.serve.ServeAppConfig` as a dict (``model_dump()``).
 
     Raises (at replica start, so ``serve run``/``deploy`` report DEPLOY_FAILED with the reason):
         FileNotFoundError: unknown model name or path; ``TokenizerMismatchError``: drafter and
@@ -176,7 +176,7 @@ class SpecEngine:
             if from_verifier and attn != getattr(self.drafter.config, "_attn_implementation", None):
                 self.drafter.set_attn_implementation(attn)
             self.drafter_attn = attn
-        from bd_ray.spec.engine import max_positions
+        from bd_ray.speculative.engine import max_positions
 
         limit = max_positions(self.verifier)
         if m.max_model_len is not None:
@@ -235,7 +235,7 @@ class SpecEngine:
     # ---- generation ---------------------------------------------------------------------------
     def _make_stream(self, req: dict) -> tuple[Iterator, bool]:
         from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
-        from bd_ray.spec.engine import ARGenerator, SpeculativeGenerator
+        from bd_ray.speculative.engine import ARGenerator, SpeculativeGenerator
 
         sampling = SamplingConfig(**req["sampling"])
         prefill_chunk = self.cfg.spec.prefill_chunk
@@ -287,7 +287,7 @@ class SpecEngine:
         (client disconnect) included: the stream is closed on the model thread after any step in
         flight, then the request leaves the live table.
         """
-        from bd_ray.spec.engine import ContextLengthError
+        from bd_ray.speculative.engine import ContextLengthError
 
         rid = str(req.get("request_id") or uuid.uuid4().hex)
         t0 = time.perf_counter()
@@ -546,7 +546,7 @@ class OpenAIIngress:
 
     Args:
         engine: handle to the :class:`SpecEngine` deployment.
-        config: a :class:`bd_ray.serve_config.ServeAppConfig` as a dict.
+        config: a :class:`bd_ray.config.serve.ServeAppConfig` as a dict.
 
     Status codes: 200; 400 invalid parameter (``param`` names the field) or prompt + max_tokens
     beyond the context limit (the message names the limit, ``code`` =

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from bd_ray import models  # noqa: E402
 from bd_ray.teacher_targets import read_manifest, read_target_rows  # noqa: E402
 from bd_ray.train import load_models, run_local  # noqa: E402
-from bd_ray.train_config import load_train_config  # noqa: E402
+from bd_ray.config.train import load_train_config  # noqa: E402
 
 
 def main() -> int:

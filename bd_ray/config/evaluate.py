@@ -104,7 +104,7 @@ class DecodeMode(StrictModel):
     ``seed`` seeds the sampler of every request in this mode (AR and SD each draw their own stream,
     so sampled AR and SD outputs differ token-wise; they follow the same distribution).
     ``adaptive``: the cell's γ caps a per-cycle choice and speculation stops when it cannot pay
-    (:mod:`bd_ray.spec.adaptive`); off = every cycle drafts exactly γ (the paper's protocol).
+    (:mod:`bd_ray.speculative.adaptive`); off = every cycle drafts exactly γ (the paper's protocol).
     ``gammas``: the γ values (caps, for adaptive modes) run in this mode instead of
     ``matrix.gammas``, e.g. an adaptive mode run only at the largest cap.
     """

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bd_ray.spec.sampling import sample_from
+from bd_ray.speculative.sampling import sample_from
 
 __all__ = ["Verdict", "verify_greedy", "verify_sampling"]
 

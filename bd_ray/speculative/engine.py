@@ -7,7 +7,7 @@ One request runs as (docs/DESIGN.md sections 1-2; vLLM ``v1/spec_decode`` for th
    prefills the prompt too and keeps only a sparse view of ``budget`` positions per layer and KV
    head (:func:`bd_ray.kvcache.compact_cache`), selected once, right after prefill (the paper).
 2. cycle: the drafter proposes γ tokens on its compact cache (true RoPE positions); the verifier
-   scores the γ+1 positions in one forward on its full cache; :mod:`bd_ray.spec.rejection` keeps
+   scores the γ+1 positions in one forward on its full cache; :mod:`bd_ray.speculative.rejection` keeps
    the accepted prefix and adds the recovered or bonus token; both caches drop the rejected
    entries, so the drafter cache holds exactly what a fresh drafter pass over the accepted tokens
    would (case 10 of docs/cases/spec-decoding.md).
@@ -29,11 +29,12 @@ import torch
 
 from bd_ray import kvcache
 from bd_ray.config import SamplingConfig, SpecConfig
-from bd_ray.spec.adaptive import PROMPT_PROBE_TOKENS, GammaController, prompt_agreement
-from bd_ray.spec.metrics import SpecMetrics, Timings
-from bd_ray.spec.rejection import verify_greedy, verify_sampling
-from bd_ray.spec.sampling import filtered_probs, is_greedy, sample_from
-from bd_ray.spec.stopping import StopChecker
+from bd_ray.sparse import queries_needed
+from bd_ray.speculative.adaptive import PROMPT_PROBE_TOKENS, GammaController, prompt_agreement
+from bd_ray.speculative.metrics import SpecMetrics, Timings
+from bd_ray.speculative.rejection import verify_greedy, verify_sampling
+from bd_ray.speculative.sampling import filtered_probs, is_greedy, sample_from
+from bd_ray.speculative.stopping import StopChecker
 
 __all__ = [
     "ContextLengthError",
@@ -82,7 +83,7 @@ class GenerationResult:
         fallback_reason: why a speculative request fell back to plain decoding, else ``None``.
         peak_drafter_cache: largest drafter cache length (entries per layer and KV head).
         peak_verifier_cache: largest verifier cache length.
-        adaptive: what the adaptive γ controller did (:class:`bd_ray.spec.adaptive.AdaptiveStats`
+        adaptive: what the adaptive γ controller did (:class:`bd_ray.speculative.adaptive.AdaptiveStats`
             as a dict), ``None`` with a fixed γ.
     """
 
@@ -365,7 +366,7 @@ class SpeculativeGenerator:
             :func:`bd_ray.models.load_drafter`).
         tokenizer: the shared tokenizer.
         spec: γ, the KV budget B (``None`` = full drafter cache), the sparse policy, prefill chunk,
-            and ``adaptive`` (γ becomes the cap of a per-cycle choice, :mod:`bd_ray.spec.adaptive`).
+            and ``adaptive`` (γ becomes the cap of a per-cycle choice, :mod:`bd_ray.speculative.adaptive`).
         attn_implementation: attention for both models (see :func:`use_attention`).
 
     Raises:
@@ -402,7 +403,7 @@ class SpeculativeGenerator:
         v = kvcache.prefill(self.verifier, ids, chunk_size=self.prefill_chunk, tail_argmax=PROMPT_PROBE_TOKENS)
         t1 = _clock(self.device)
         d = kvcache.prefill(self.drafter, ids, chunk_size=self.prefill_chunk,
-                            capture_queries_window=_query_window(self.spec.policy),
+                            capture_queries_window=queries_needed(self.spec.policy),
                             tail_argmax=PROMPT_PROBE_TOKENS)
         return Prefilled(prompt, v, d, verifier_s=t1 - t, drafter_s=_clock(self.device) - t1)
 
@@ -474,7 +475,7 @@ class SpeculativeGenerator:
         t = _clock(self.device)
         pre = kvcache.prefill(self.drafter, torch.tensor([req.prompt], device=self.device),
                               chunk_size=self.prefill_chunk,
-                              capture_queries_window=_query_window(self.spec.policy), tail_argmax=tail)
+                              capture_queries_window=queries_needed(self.spec.policy), tail_argmax=tail)
         req.timings.drafter_prefill_s += _clock(self.device) - t
         return pre
 
@@ -584,12 +585,3 @@ class SpeculativeGenerator:
         fallback = controller.stats.stopped_reason if controller is not None and not controller.speculating else None
         yield _final_chunk(req, speculative=True, fallback=fallback, vcache_len=peak_v, dcache_len=peak_d,
                            adaptive=stats)
-
-
-def _query_window(policy: Any) -> int:
-    """How many last prompt queries the sparse policy needs captured during drafter prefill."""
-    if policy.name == "snapkv":
-        return policy.window
-    if policy.name == "chunk_topk" and policy.query_proxy == "last_query":
-        return 1
-    return 0

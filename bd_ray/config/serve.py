@@ -24,23 +24,23 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, ValidationError, model_validator
 
-from bd_ray.config import (ConfigError, FieldError, SparsePolicyConfig, StrictModel, _format_validation_error,
-                           apply_overrides)
-from bd_ray.resources import CustomResources, MemoryBytes
+from bd_ray.config.base import ConfigError, FieldError, StrictModel, _format_validation_error, apply_overrides
+from bd_ray.config.decoding import SparsePolicyConfig
+from bd_ray.config.resources import CustomResources, MemoryBytes
 
 __all__ = [
-    "ModelSection",
-    "SpecDefaults",
-    "RequestDefaults",
-    "AutoscalingSection",
-    "EngineSection",
-    "IngressSection",
+    "ServeModelsConfig",
+    "ServeSpecConfig",
+    "ServeRequestConfig",
+    "AutoscalingConfig",
+    "ServeEngineConfig",
+    "IngressConfig",
     "ServeAppConfig",
-    "parse_app_args",
+    "load_serve_config",
 ]
 
 
-class ModelSection(StrictModel):
+class ServeModelsConfig(StrictModel):
     """What one application serves.
 
     ``verifier`` / ``drafter`` accept what :func:`bd_ray.models.load_verifier` /
@@ -65,7 +65,7 @@ class ModelSection(StrictModel):
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads per engine replica")
 
 
-class SpecDefaults(StrictModel):
+class ServeSpecConfig(StrictModel):
     """Speculative decoding defaults; each request may override them (bd-ray request extensions)."""
 
     speculative: bool = True
@@ -75,10 +75,10 @@ class SpecDefaults(StrictModel):
     sparse_policy: SparsePolicyConfig = Field(default_factory=SparsePolicyConfig)
     prefill_chunk: int = Field(512, ge=1, le=1 << 20, description="tokens per prefill forward")
     adaptive: bool = Field(True, description="γ caps a per-cycle choice by measured tokens/s; a request "
-                                              "whose drafter cannot pay is decoded plainly (bd_ray.spec.adaptive)")
+                                              "whose drafter cannot pay is decoded plainly (bd_ray.speculative.adaptive)")
 
     @model_validator(mode="after")
-    def _gamma_within_max(self) -> "SpecDefaults":
+    def _gamma_within_max(self) -> "ServeSpecConfig":
         if self.gamma > self.max_gamma:
             raise FieldError("gamma", f"must be <= max_gamma ({self.max_gamma})")
         if self.kv_budget is not None:
@@ -93,7 +93,7 @@ class SpecDefaults(StrictModel):
         return self
 
 
-class RequestDefaults(StrictModel):
+class ServeRequestConfig(StrictModel):
     """OpenAI sampling defaults for fields a request leaves out (OpenAI's own defaults for temperature/top_p)."""
 
     max_tokens: int = Field(128, ge=1, description="completion tokens when the request sets none "
@@ -103,7 +103,7 @@ class RequestDefaults(StrictModel):
     top_k: int = Field(0, ge=0, description="0 = no top-k filter (vLLM extension)")
 
 
-class AutoscalingSection(StrictModel):
+class AutoscalingConfig(StrictModel):
     """Ray Serve ``autoscaling_config`` of the engine deployment (same names and meaning as Serve's)."""
 
     min_replicas: int = Field(1, ge=0)
@@ -117,7 +117,7 @@ class AutoscalingSection(StrictModel):
                                              "look_back_period_s < 10 s (Serve warns otherwise)")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "AutoscalingSection":
+    def _ordered(self) -> "AutoscalingConfig":
         if self.min_replicas > self.max_replicas:
             raise FieldError("min_replicas", f"must be <= max_replicas ({self.max_replicas})")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
@@ -134,7 +134,7 @@ class AutoscalingSection(StrictModel):
         return out
 
 
-class EngineSection(StrictModel):
+class ServeEngineConfig(StrictModel):
     """The engine deployment: verifier replicas (full KV caches) each paired with an in-process drafter.
 
     ``max_ongoing_requests`` requests decode concurrently per replica (interleaved one speculation
@@ -145,7 +145,7 @@ class EngineSection(StrictModel):
     Placement (``ray_actor_options``): ``num_cpus``, ``num_gpus``, ``memory`` (bytes, Ray's
     ``memory`` resource) and custom ``resources`` (e.g. ``{"gpu_a10g": 1}`` for a GPU kind) are
     what one replica (verifier + its in-process drafter) needs; a replica that fits on no node is
-    what makes the Ray autoscaler add one (``serve_configs/cluster.yaml``, ``bd_ray.resources``).
+    what makes the Ray autoscaler add one (``serve_configs/cluster.yaml``, ``bd_ray.config.resources``).
     """
 
     num_cpus: float = Field(1.0, ge=0)
@@ -156,12 +156,12 @@ class EngineSection(StrictModel):
                                        "e.g. {gpu_a10g: 1}")
     max_ongoing_requests: int = Field(4, ge=1)
     max_queued_requests: int = Field(16, ge=-1)
-    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     health_check_period_s: float = Field(10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
 
 
-class IngressSection(StrictModel):
+class IngressConfig(StrictModel):
     """The FastAPI ingress deployment (OpenAI routes): cheap, CPU only, many concurrent connections."""
 
     num_cpus: float = Field(0.25, ge=0)
@@ -177,14 +177,14 @@ class IngressSection(StrictModel):
 class ServeAppConfig(StrictModel):
     """Everything ``build_app`` needs; ``serve_configs/*.yaml`` put it under ``applications[].args``."""
 
-    model: ModelSection = Field(default_factory=ModelSection)
-    spec: SpecDefaults = Field(default_factory=SpecDefaults)
-    defaults: RequestDefaults = Field(default_factory=RequestDefaults)
-    engine: EngineSection = Field(default_factory=EngineSection)
-    ingress: IngressSection = Field(default_factory=IngressSection)
+    model: ServeModelsConfig = Field(default_factory=ServeModelsConfig)
+    spec: ServeSpecConfig = Field(default_factory=ServeSpecConfig)
+    defaults: ServeRequestConfig = Field(default_factory=ServeRequestConfig)
+    engine: ServeEngineConfig = Field(default_factory=ServeEngineConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
 
 
-def parse_app_args(args: Mapping[str, Any] | None) -> ServeAppConfig:
+def load_serve_config(args: Mapping[str, Any] | None) -> ServeAppConfig:
     """Validate the ``args`` of a Serve application into a :class:`ServeAppConfig`.
 
     ``args`` is the config tree itself, optionally with ``overrides: ["spec.gamma=6", ...]``

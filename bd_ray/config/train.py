@@ -18,16 +18,16 @@ from typing import Annotated, Literal, Sequence
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from bd_ray.config import ConfigError, FieldError, SparsePolicyConfig, StrictModel, load_config
-from bd_ray.resources import CustomResources, MemoryBytes
+from bd_ray.config.resources import CustomResources, MemoryBytes
 
 __all__ = [
-    "ModelsConfig",
-    "DataConfig",
+    "TrainModelsConfig",
+    "TrainDataConfig",
     "LossConfig",
     "OptimConfig",
     "DeepSpeedConfig",
     "TeacherConfig",
-    "RunConfig",
+    "TrainRunConfig",
     "TrainJobConfig",
     "TeacherTargetsJobConfig",
     "load_train_config",
@@ -41,7 +41,7 @@ PAPER_BUDGETS = {256: 0.4, 512: 0.3, 1024: 0.2, 2048: 0.1}
 _Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-class ModelsConfig(StrictModel):
+class TrainModelsConfig(StrictModel):
     """Which verifier (= frozen teacher) and how the drafter starts.
 
     ``verifier``: a local HF checkpoint directory, or a registered embedded name (default
@@ -62,7 +62,7 @@ class ModelsConfig(StrictModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
-class DataConfig(StrictModel):
+class TrainDataConfig(StrictModel):
     """Where the documents are and how (prefix, continuation) windows are cut (bd_ray.data).
 
     ``source``: ``pg-mini`` (the embedded corpus, ``bd_ray.assets.ensure_corpus``), a parquet /
@@ -195,7 +195,7 @@ class TeacherConfig(StrictModel):
         return self
 
 
-class RunConfig(StrictModel):
+class TrainRunConfig(StrictModel):
     """Ray Train, checkpoints, metrics and outputs.
 
     Placement: each of the ``num_workers`` Ray Train workers asks for ``cpus_per_worker`` CPUs,
@@ -244,13 +244,13 @@ class RunConfig(StrictModel):
 class TrainJobConfig(StrictModel):
     """Top-level config of ``jobs/train_drafter.py``."""
 
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    models: TrainModelsConfig = Field(default_factory=TrainModelsConfig)
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
+    run: TrainRunConfig = Field(default_factory=TrainRunConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainJobConfig":
@@ -288,8 +288,8 @@ class TrainJobConfig(StrictModel):
 class TeacherTargetsJobConfig(StrictModel):
     """Top-level config of ``jobs/teacher_targets.py`` (offline teacher targets as parquet)."""
 
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    models: TrainModelsConfig = Field(default_factory=TrainModelsConfig)
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig)
     teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(mode="offline", targets_path="runs/targets"))
     top_k: int = Field(0, ge=0, le=4096, description="top-k log-probs stored per position; 0 = argmax only")
     prefill_chunk: int = Field(512, ge=1, description="prefix tokens per no-grad teacher forward")
