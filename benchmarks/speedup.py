@@ -1,6 +1,6 @@
 r"""End-to-end speedup of speculative decoding over bd-ray's own best AR, on held-out book prompts.
 
-For each context length, the same held-out prompts (``bd_ray.evaluate.select_prompts``: test-split
+For each context length, the same held-out prompts (``bd_ray.evaluate.prompts.select_prompts``: test-split
 works only) are decoded greedily by
 
 * ``ar``: :class:`bd_ray.speculative.engine.ARGenerator` -- the denominator. It runs the verifier through
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from bd_ray import assets, models
     from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
-    from bd_ray.evaluate import select_prompts
+    from bd_ray.evaluate.prompts import select_prompts
     from bd_ray.speculative.engine import ARGenerator, SpeculativeGenerator
 
     cmd = "python benchmarks/speedup.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -6,7 +6,9 @@
   job fail loudly (exit 3, the cell and prompts named), while the other cells stay lossless;
 * prompts come only from the held-out split (tiny parquet corpus with train and test works), and a
   work present in both splits is refused;
-* config errors name the field.
+* config errors name the field;
+* ``jobs/evaluate.py journal drop`` drops by prompt (and filter), keeps torn lines, rewrites atomically;
+* ``jobs/evaluate.py report table|summary`` print the README figures from a results.json.
 """
 
 from __future__ import annotations
@@ -289,7 +291,7 @@ def test_lossless_check_fails_the_job_loudly(tiny_assets, tmp_path, corrupt_one_
 def test_prompts_come_only_from_held_out_split(tmp_path):
     import pyarrow as pa
 
-    from bd_ray.evaluate import HeldOutError, select_prompts
+    from bd_ray.evaluate.prompts import HeldOutError, select_prompts
 
     tok = tiny_tokenizer()
     rows = _corpus_rows()
@@ -409,15 +411,92 @@ def test_interrupted_matrix_resumes_from_its_journal(tiny_assets, tmp_path, caps
 
 
 def test_ar_baseline_is_the_drafter_groups_own_else_the_prompts():
-    from bd_ray.evaluate import _ARIndex
+    from bd_ray.evaluate.items import ARIndex
 
     def ar(drafter, tps):
         return {"kind": "ar", "prompt_id": "p0", "mode": "greedy", "drafter": drafter, "tokens_per_s": tps}
 
     sd = {"kind": "sd", "prompt_id": "p0", "mode": "greedy", "drafter": "b"}
-    idx = _ARIndex([ar("a", 1.0), ar("b", 2.0)])
+    idx = ARIndex([ar("a", 1.0), ar("b", 2.0)])
     assert idx.get(sd)["tokens_per_s"] == 2.0                      # its own group's AR run
     assert idx.get({**sd, "drafter": "c"})["tokens_per_s"] == 1.0  # no own run: the prompt's first
-    old = _ARIndex([{k: v for k, v in ar(None, 3.0).items() if k != "drafter"}])   # pre-group journals
+    old = ARIndex([{k: v for k, v in ar(None, 3.0).items() if k != "drafter"}])   # pre-group journals
     assert old.get(sd)["tokens_per_s"] == 3.0
-    assert _ARIndex([]).get(sd) is None
+    assert ARIndex([]).get(sd) is None
+
+
+# ---- journal drop -------------------------------------------------------------------------------
+
+
+def _journal_line(kind: str, prompt: str, adaptive: bool = False, started_at: float | None = None,
+                  cell: str = "c") -> str:
+    mode = json.dumps({"name": "greedy-adaptive" if adaptive else "greedy", "adaptive": adaptive}, sort_keys=True)
+    rec = {"kind": kind, "prompt_id": prompt}
+    if started_at is not None:
+        rec["started_at"] = started_at
+    return json.dumps({"fingerprint": "f" * 16, "key": f"{kind}|{prompt}|abc|{mode}|{cell}", "record": rec})
+
+
+def test_journal_drop_by_prompt_and_filters(tmp_path, capsys):
+    from datetime import datetime, timezone
+
+    job = _job()
+    t = datetime(2026, 11, 30, 10, 25, tzinfo=timezone.utc).timestamp()
+    lines = [_journal_line("ar", "c64-p0"), _journal_line("sd", "c64-p0", started_at=t),
+             _journal_line("sd", "c64-p0", adaptive=True, started_at=t + 3600),
+             _journal_line("needle_sd", "c64-p0"), _journal_line("sd", "c64-p1", started_at=t),
+             '{"fingerprint": "ffff", "key": "sd|c64-p0|ab']           # torn by a crash
+    journal = tmp_path / "runs.journal.jsonl"
+    journal.write_text("\n".join(lines) + "\n")
+
+    # a time window: only c64-p0's sd record started in it (needle runs and other prompts stay)
+    assert job.main(["journal", "drop", "--output", str(tmp_path), "--prompts", "c64-p0",
+                     "--started-between", "2026-11-30T10:24:00", "2026-11-30T10:29:00"]) == 0
+    assert f"{journal}: dropped 1, kept 5" in capsys.readouterr().out
+    left = journal.read_text().splitlines()
+    assert left == [lines[0]] + lines[2:]                      # order kept, torn line kept as it was
+    # --fixed leaves the adaptive items; --unstamped only drops records without started_at
+    assert job.main(["journal", "drop", "--output", str(tmp_path), "--prompts", "c64-p0", "--fixed",
+                     "--unstamped"]) == 0
+    assert journal.read_text().splitlines() == lines[2:]
+    # --adaptive: the adaptive sd record of the prompt; never the needle run or another prompt
+    assert job.main(["journal", "drop", "--output", str(tmp_path), "--prompts", "c64-p0", "--adaptive"]) == 0
+    assert journal.read_text().splitlines() == lines[3:]
+    capsys.readouterr()
+    # --adaptive and --fixed exclude each other; a directory without a journal is exit 2
+    with pytest.raises(SystemExit):
+        job.main(["journal", "drop", "--output", str(tmp_path), "--prompts", "x", "--adaptive", "--fixed"])
+    assert job.main(["journal", "drop", "--output", str(tmp_path / "none"), "--prompts", "x"]) == 2
+
+
+def test_journal_drop_is_atomic(tmp_path, monkeypatch):
+    from bd_ray.evaluate import journal as journal_mod
+
+    lines = [_journal_line("ar", "c64-p0"), _journal_line("sd", "c64-p0")]
+    path = tmp_path / "runs.journal.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    before = path.read_text()
+
+    def crash(src, dst):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(journal_mod.os, "replace", crash)
+    with pytest.raises(OSError, match="killed before the rename"):
+        journal_mod.drop_records(tmp_path, ["c64-p0"])
+    assert path.read_text() == before                          # the old journal, whole
+    monkeypatch.undo()
+    assert journal_mod.drop_records(tmp_path, ["c64-p0"]) == (2, 0)
+    assert path.read_text() == "" and not path.with_suffix(".tmp").exists()
+
+
+def test_report_table_and_summary_print_readme_figures(tmp_path, capsys):
+    job = _job()
+    res = REPO / "results" / "reference" / "results.json"
+    assert job.main(["report", "table", "--results", str(res)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| context | drafter | prompts | α B=128 | α B=256 | α B=512 | α B=full |")
+    assert table[0].endswith("| adaptive (γ cap 8) |")
+    assert any(r.startswith("| 4096 | budgetdraft | 5 | 0.108 | 0.108 |") for r in table)
+    assert job.main(["report", "summary", "--results", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert "context 4096: 5 held-out prompts per cell" in out and "lossless: 624 greedy runs" in out

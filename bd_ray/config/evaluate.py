@@ -76,7 +76,7 @@ class EvalDataConfig(StrictModel):
     ``corpus``: the embedded ``pg-mini`` (``bd_ray.assets.ensure_corpus``) or a parquet file/directory
     with the pg-mini columns (at least ``doc_id``, ``work_id``, ``split``, ``text``). Only rows with
     ``split == "test"`` are ever used, and a test work that also appears in the train split is an
-    error (the held-out assertion of :func:`bd_ray.evaluate.select_prompts`).
+    error (the held-out assertion of :func:`bd_ray.evaluate.prompts.select_prompts`).
     ``prompts_per_context``: N prompts per context length (every cell of that context uses the same N).
     ``seed``: picks works, documents and window offsets deterministically.
     """
@@ -228,7 +228,7 @@ class NeedleConfig(StrictModel):
 class EvalRunConfig(StrictModel):
     """How the matrix runs on Ray, and where outputs go.
 
-    ``executor``: ``ray`` (default: one worker actor per node, see :mod:`bd_ray.evaluate`) or
+    ``executor``: ``ray`` (default: one worker actor per node, see :mod:`bd_ray.evaluate.driver`) or
     ``local`` (in this process, sequentially; debugging and tests).
     ``ray_address``: ``null`` = the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else a new
     private instance; ``auto`` = a running local cluster (``ray start --head``); ``local`` = always a

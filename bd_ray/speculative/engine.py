@@ -394,18 +394,33 @@ class SpeculativeGenerator:
             raise ValueError(f"drafter vocabulary size {d_vocab} != verifier vocabulary size {v_vocab}")
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: Sequence[int] | torch.Tensor) -> Prefilled:
-        """Prefill both models once for a prompt; pass the result to many :meth:`generate` calls."""
+    def prefill(self, prompt_ids: Sequence[int] | torch.Tensor, reuse_verifier: Prefilled | None = None) -> Prefilled:
+        """Prefill both models once for a prompt; pass the result to many :meth:`generate` calls.
+
+        ``reuse_verifier``: a :meth:`prefill` of the same prompt by a generator with the same
+        verifier (another drafter); its verifier prefill and time are reused, only the drafter is
+        prefilled. The drafter captures the queries ``spec.policy`` needs
+        (:func:`bd_ray.sparse.queries_needed`); a policy needing fewer reads only the last ones.
+
+        Raises:
+            ValueError: ``reuse_verifier`` belongs to another prompt.
+        """
         prompt = _as_ids(prompt_ids)
         ids = torch.tensor([prompt], device=self.device)
-        t = _clock(self.device)
-        # The tail argmax (a few head rows) gives adaptive requests their acceptance prior.
-        v = kvcache.prefill(self.verifier, ids, chunk_size=self.prefill_chunk, tail_argmax=PROMPT_PROBE_TOKENS)
+        if reuse_verifier is not None:
+            if reuse_verifier.prompt != prompt:
+                raise ValueError("reuse_verifier belongs to a different prompt")
+            v, v_s = reuse_verifier.verifier, reuse_verifier.verifier_s
+        else:
+            t = _clock(self.device)
+            # The tail argmax (a few head rows) gives adaptive requests their acceptance prior.
+            v = kvcache.prefill(self.verifier, ids, chunk_size=self.prefill_chunk, tail_argmax=PROMPT_PROBE_TOKENS)
+            v_s = _clock(self.device) - t
         t1 = _clock(self.device)
         d = kvcache.prefill(self.drafter, ids, chunk_size=self.prefill_chunk,
                             capture_queries_window=queries_needed(self.spec.policy),
                             tail_argmax=PROMPT_PROBE_TOKENS)
-        return Prefilled(prompt, v, d, verifier_s=t1 - t, drafter_s=_clock(self.device) - t1)
+        return Prefilled(prompt, v, d, verifier_s=v_s, drafter_s=_clock(self.device) - t1)
 
     def generate(self, prompt_ids: Sequence[int] | torch.Tensor, sampling: SamplingConfig,
                  gamma: int | None = None, budget: int | None | str = "default",

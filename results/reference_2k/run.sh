@@ -26,4 +26,7 @@ for name in budgetdraft naive fixed_256; do
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait $p; done
-$PY results/reference_2k/collect.py
+$PY jobs/evaluate.py report agreement --runs runs/reference_2k --out results/reference_2k \
+  --targets runs/targets/pg_mini_2k/manifest.json --init-label "untrained init (verifier's first 4 layers)" \
+  --label "budgetdraft=BudgetDraft (L_A + 0.5 L_C, sampled B)" --label "naive=naive (L_A only)" \
+  --label "fixed_256=fixed budget 256 (L_A + 0.5 L_C)"

@@ -1,0 +1,153 @@
+"""Aggregation of measurements into cells: pooled α/τ/per-position acceptance, tokens/s, speedup,
+the best γ per group, the lossless check and the needle report.
+
+α, τ and per-position acceptance are pooled through :class:`bd_ray.speculative.metrics.SpecMetrics`
+(its :meth:`~bd_ray.speculative.metrics.SpecMetrics.merge` sums the counters), the one place that
+defines them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from bd_ray.config.evaluate import EvalJobConfig, budget_label
+from bd_ray.evaluate.items import ARIndex
+from bd_ray.speculative.metrics import SpecMetrics
+
+__all__ = ["pooled_rate", "pooled_metrics", "aggregate_cells", "best_gammas", "lossless_failures",
+           "needle_report"]
+
+
+def pooled_rate(tokens: Iterable[int], seconds: Iterable[float]) -> float | None:
+    """Σtokens / Σseconds (tokens per second pooled over runs); ``None`` when no time was measured."""
+    tok, sec = sum(tokens), sum(seconds)
+    return tok / sec if sec > 0 else None
+
+
+def pooled_metrics(runs: Iterable[dict]) -> SpecMetrics:
+    """The speculative-decoding counters of SD records (``cycles``, ``drafted``, ``accepted``,
+    ``drafted_at``, ``accepted_at``) merged into one :class:`SpecMetrics`: α = Σaccepted /
+    Σdrafted, τ = 1 + Σaccepted / Σcycles, per-position acceptance from the summed counts."""
+    out = SpecMetrics()
+    for r in runs:
+        out = out.merge(SpecMetrics(r["cycles"], r["drafted"], r["accepted"], list(r["drafted_at"]),
+                                    list(r["accepted_at"])))
+    return out
+
+
+def aggregate_cells(runs: list[dict], cfg: EvalJobConfig) -> list[dict]:
+    """One summary per cell from the per-prompt ``sd`` runs and the ``ar`` runs of the same prompts.
+
+    Pooled over prompts: α = Σaccepted / Σdrafted, τ = 1 + Σaccepted / Σcycles, per-position
+    acceptance from the summed per-position counts, tokens/s = Σtokens / Σdecode seconds (SD and AR
+    over the same prompts), speedup = SD tokens/s / AR tokens/s; ``speedup_mean`` is the mean of
+    per-prompt speedups. ``draft_step_s`` / ``verify_step_s``: seconds per cycle; ``ar_step_s``:
+    seconds per AR verifier forward. ``drafter_cache``: largest peak drafter cache (entries per
+    layer and KV head). ``lossless``: ``ok`` / ``FAIL`` (greedy) or ``n/a`` (sampled).
+    """
+    ar = ARIndex(runs)
+    cells: dict[str, list[dict]] = {}
+    for r in runs:
+        if r["kind"] == "sd" and "error" not in r:
+            cells.setdefault(r["cell_id"], []).append(r)
+    out = []
+    for cid, rs in cells.items():
+        r0 = rs[0]
+        met = pooled_metrics(rs)
+        cycles = met.cycles
+        ars = [ar.get(r) for r in rs]
+        have_ar = all(a is not None for a in ars)
+        sd_tps = pooled_rate((r["n_tokens"] for r in rs), (r["decode_s"] for r in rs))
+        ar_tps = pooled_rate((a["n_tokens"] for a in ars), (a["decode_s"] for a in ars)) if have_ar else None
+        per_prompt_speedups = [r["tokens_per_s"] / a["tokens_per_s"] for r, a in zip(rs, ars)
+                               if a is not None and a["tokens_per_s"] and math.isfinite(r["tokens_per_s"])]
+        lossless = "n/a"
+        if r0["greedy"]:
+            lossless = "ok" if all(a is not None and a["token_ids"] == r["token_ids"] for r, a in zip(rs, ars)) else "FAIL"
+        ar_steps = sum(max(a["n_tokens"] - 1, 1) for a in ars) if have_ar else 0
+        out.append({
+            "cell_id": cid, "context": r0["context"], "policy": r0["policy"], "budget": r0["budget"],
+            "gamma": r0["gamma"], "drafter": r0["drafter"], "mode": r0["mode"], "greedy": r0["greedy"],
+            "n_prompts": len(rs), "prompt_ids": [r["prompt_id"] for r in rs],
+            "alpha": met.acceptance_rate, "tau": met.mean_accepted_length,
+            "per_position_acceptance": met.per_position_acceptance,
+            "cycles": met.cycles, "drafted": met.drafted, "accepted": met.accepted,
+            "sd_tokens_per_s": sd_tps, "ar_tokens_per_s": ar_tps,
+            "speedup": (sd_tps / ar_tps) if (sd_tps and ar_tps) else None,
+            "speedup_mean": (sum(per_prompt_speedups) / len(per_prompt_speedups)) if per_prompt_speedups else None,
+            "draft_step_s": sum(r["draft_s"] for r in rs) / cycles if cycles else None,
+            "verify_step_s": sum(r["verify_s"] for r in rs) / cycles if cycles else None,
+            "ar_step_s": (sum(a["verify_s"] for a in ars) / ar_steps) if have_ar and ar_steps else None,
+            "drafter_cache": max(r["peak_drafter_cache"] for r in rs),
+            "fallbacks": sum(1 for r in rs if r["fallback_reason"]),
+            "plain_steps": sum(r.get("plain_steps", 0) for r in rs),
+            "lossless": lossless,
+        })
+    order = {c: i for i, c in enumerate(cfg.matrix.contexts)}
+    border = {budget_label(b): i for i, b in enumerate(cfg.matrix.int_budgets())}
+    out.sort(key=lambda c: (order.get(c["context"], 0), c["mode"], c["drafter"], c["policy"],
+                            border.get(c["budget"], 0), c["gamma"]))
+    return out
+
+
+def best_gammas(cells: list[dict]) -> list[dict]:
+    """Per (context, policy, budget, drafter, mode): the gamma with the highest measured SD tokens/s."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["context"], c["policy"], c["budget"], c["drafter"], c["mode"]), []).append(c)
+    out = []
+    for (ctx, pol, b, d, mode), cs in groups.items():
+        ok = [c for c in cs if c["sd_tokens_per_s"] is not None]
+        if not ok:
+            continue
+        best = max(ok, key=lambda c: c["sd_tokens_per_s"])
+        out.append({"context": ctx, "policy": pol, "budget": b, "drafter": d, "mode": mode,
+                    "gamma": best["gamma"], "sd_tokens_per_s": best["sd_tokens_per_s"],
+                    "ar_tokens_per_s": best["ar_tokens_per_s"], "speedup": best["speedup"],
+                    "alpha": best["alpha"], "tau": best["tau"], "cell_id": best["cell_id"],
+                    "gammas_tried": sorted(c["gamma"] for c in cs)})
+    return out
+
+
+def lossless_failures(runs: list[dict]) -> list[dict]:
+    """Greedy SD runs whose token ids differ from the AR run of the same prompt and mode."""
+    ar = ARIndex(runs, kinds=("ar", "needle_ar"))
+    bad = []
+    for r in runs:
+        if r["kind"] not in ("sd", "needle_sd") or not r.get("greedy") or "error" in r:
+            continue
+        a = ar.get(r)
+        if a is None:
+            continue
+        if a["token_ids"] != r["token_ids"]:
+            k = next((i for i, (x, y) in enumerate(zip(a["token_ids"], r["token_ids"])) if x != y),
+                     min(len(a["token_ids"]), len(r["token_ids"])))
+            bad.append({"cell_id": r["cell_id"], "prompt_id": r["prompt_id"], "first_difference": k,
+                        "ar_tokens": a["token_ids"][k:k + 5], "sd_tokens": r["token_ids"][k:k + 5]})
+    return bad
+
+
+def needle_report(runs: list[dict], cells: list[dict]) -> list[dict]:
+    """Per needle SD run: passkey retrieved by AR / SD, α on the needle prompt vs α of the same
+    (context, policy, budget, drafter) greedy cell at the same gamma, and the kept fraction."""
+    ar = {r["prompt_id"]: r for r in runs if r["kind"] == "needle_ar" and "error" not in r}
+    alpha = {(c["context"], c["policy"], c["budget"], c["drafter"], c["gamma"]): c["alpha"]
+             for c in cells if c["greedy"]}
+    out = []
+    for r in runs:
+        if r["kind"] != "needle_sd" or "error" in r:
+            continue
+        a = ar.get(r["prompt_id"])
+        key = r["passkey"]
+        base = alpha.get((r["context"], r["policy"], r["budget"], r["drafter"], r["gamma"]))
+        out.append({"context": r["context"], "drafter": r["drafter"], "policy": r["policy"], "budget": r["budget"],
+                    "gamma": r["gamma"], "passkey": key, "depth": r["depth"],
+                    "ar_retrieved": bool(a and key in a["text"]), "sd_retrieved": key in r["text"],
+                    "ar_text": a["text"] if a else None, "sd_text": r["text"],
+                    "alpha_needle": r["acceptance_rate"], "alpha_ordinary": base,
+                    "alpha_ratio": (r["acceptance_rate"] / base) if base else None,
+                    "needle_kept_fraction": r["needle_kept_fraction"]})
+    return out
+
+

@@ -1,0 +1,86 @@
+"""README figures from a finished ``results.json``: the per-drafter summary table and the headline
+figures (``python jobs/evaluate.py report table|summary --results PATH``).
+
+Fixed-γ cells are those of mode ``mode`` (default ``greedy``); the adaptive range is over the
+cells of every mode with ``adaptive: true`` in the run's config.
+"""
+
+from __future__ import annotations
+
+from bd_ray.config.evaluate import budget_label
+
+__all__ = ["summary_table", "headline_summary"]
+
+
+def _adaptive_modes(results: dict) -> set[str]:
+    return {m["name"] for m in results["config"]["matrix"]["modes"] if m.get("adaptive")}
+
+
+def _adaptive_range(cells: list[dict], adaptive: set[str]) -> list[float]:
+    return [c["speedup"] for c in cells if c["mode"] in adaptive and c["speedup"] is not None]
+
+
+def summary_table(results: dict, gamma: int = 2, budget: str = "256", mode: str = "greedy") -> str:
+    """The README's Markdown table: per context and drafter (config order), α at ``gamma`` for
+    every budget, first-draft acceptance at ``budget``, the best fixed-γ speedup vs AR (with its
+    budget and γ) and the adaptive modes' speedup range, with the number of held-out prompts."""
+    cells = results["cells"]
+    cfg = results["config"]
+    budgets = [budget_label(None if b == "full" else b) for b in cfg["matrix"]["budgets"]]
+    adaptive = _adaptive_modes(results)
+    caps = sorted({g for m in cfg["matrix"]["modes"] if m.get("adaptive") for g in (m.get("gammas") or [])})
+    cap = f" (γ cap {'/'.join(map(str, caps))})" if caps else ""
+    lines = ["| context | drafter | prompts | " + " | ".join(f"α B={b}" for b in budgets)
+             + f" | first-draft acc. B={budget} | best fixed-γ speedup | adaptive{cap} |",
+             "|---" * (6 + len(budgets)) + "|"]
+    for ctx in sorted({c["context"] for c in cells}):
+        for d in cfg["models"]["drafters"]:
+            mine = [c for c in cells if c["context"] == ctx and c["drafter"] == d]
+            at_gamma = {c["budget"]: c for c in mine if c["mode"] == mode and c["gamma"] == gamma}
+            if not at_gamma:
+                continue
+            fixed = [c for c in mine if c["mode"] == mode and c["speedup"] is not None]
+            best = max(fixed, key=lambda c: c["speedup"])
+            ad = _adaptive_range(mine, adaptive)
+            n = sorted({c["n_prompts"] for c in mine})
+            first = at_gamma[budget]["per_position_acceptance"][0] if budget in at_gamma else None
+            lines.append(f"| {ctx} | {d} | {n[0]}" + (f"-{n[-1]}" if len(n) > 1 else "") + " | "
+                         + " | ".join(f"{at_gamma[b]['alpha']:.3f}" if b in at_gamma else "-" for b in budgets)
+                         + (f" | {first:.2f}" if first is not None else " | -")
+                         + f" | {best['speedup']:.2f}x (B={best['budget']}, γ={best['gamma']}) | "
+                         + (f"{min(ad):.2f}-{max(ad):.2f}x" if ad else "-") + " |")
+    return "\n".join(lines)
+
+
+def headline_summary(results: dict, gamma: int = 2, budget: str = "256", mode: str = "greedy") -> str:
+    """The headline figures, per context: α of each drafter at ``budget`` and full cache (at
+    ``gamma``), their ratio (how much of its full-cache α a drafter keeps), first-draft acceptance,
+    the best fixed-γ speedup vs AR, the adaptive range; then the lossless count."""
+    cells = results["cells"]
+    adaptive = _adaptive_modes(results)
+
+    def cell(ctx, drafter, b):
+        hit = [c for c in cells if (c["context"], c["drafter"], c["budget"], c["gamma"], c["mode"])
+               == (ctx, drafter, b, gamma, mode)]
+        return hit[0] if hit else None
+
+    out = []
+    drafters = sorted({c["drafter"] for c in cells})
+    for ctx in sorted({c["context"] for c in cells}):
+        n = max(c["n_prompts"] for c in cells if c["context"] == ctx)
+        out.append(f"context {ctx}: {n} held-out prompts per cell")
+        for d in drafters:
+            at_b, full = cell(ctx, d, budget), cell(ctx, d, "full")
+            if not at_b or not full:
+                continue
+            fixed = max((c for c in cells if c["context"] == ctx and c["drafter"] == d and c["mode"] == mode),
+                        key=lambda c: c["speedup"] or 0)
+            ad = _adaptive_range([c for c in cells if c["context"] == ctx and c["drafter"] == d], adaptive)
+            out.append(f"  {d:12s} α(B={budget}, γ={gamma}) {at_b['alpha']:.3f}  α(full, γ={gamma}) "
+                       f"{full['alpha']:.3f}  ratio {at_b['alpha'] / full['alpha']:.2f}  first-draft acc. "
+                       f"B={budget} {at_b['per_position_acceptance'][0]:.2f}  best fixed-γ speedup "
+                       f"{fixed['speedup']:.2f}x (B={fixed['budget']}, γ={fixed['gamma']})"
+                       + (f"  adaptive {min(ad):.2f}-{max(ad):.2f}x" if ad else ""))
+    ll = results["lossless"]
+    out.append(f"lossless: {ll['checked']} greedy runs compared with AR, {len(ll['failures'])} differ")
+    return "\n".join(out)
