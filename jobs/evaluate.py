@@ -12,7 +12,8 @@ paths must be readable on every node):
 Parts of one matrix run apart (one context per process or machine, each with its own --output)
 are joined by rerunning with --merge-journal DIR for each part: only what none measured is run.
 
-Prints one line per measurement (with elapsed time and ETA), one line per completed cell, then the
+Prints one line per measurement of this run (with elapsed time and ETA; journaled ones are only
+counted), one line per cell completed in this run, then the
 best-gamma table and the output paths (results.json, results.md, PNG plots).
 
 Exit status: 0 ok; 2 invalid config (the message names the field); 3 lossless check failed (greedy
