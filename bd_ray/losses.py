@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bd_ray.config import SparsePolicyConfig
+from bd_ray.kvcache import clone_cache, compact_cache, forward_with_cache
 
 __all__ = [
     "TeacherTargets",
@@ -293,8 +294,6 @@ def full_ce_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 def _continuation_hidden(model, cache, cont_ids: torch.Tensor, start: int) -> torch.Tensor:
     """``[1, T, d]`` post-norm hidden states of ``cont_ids`` ``[1, T]`` fed after ``cache`` at
     true positions ``start..start+T-1`` (``bd_ray.kvcache.forward_with_cache``)."""
-    from bd_ray.kvcache import forward_with_cache
-
     out = forward_with_cache(model, cache, cont_ids, start, hidden_only=True)
     h = out if torch.is_tensor(out) else getattr(out, "hidden", None)
     if h is None:  # tolerate a (hidden, cache) tuple or an object with last_hidden_state
@@ -360,8 +359,6 @@ def budgetdraft_loss(
         ValueError: bad ``kind``; a budget below the policy's minimum (from ``bd_ray.sparse``);
             missing top-k targets for soft kinds / ``L_B``.
     """
-    from bd_ray.kvcache import clone_cache, compact_cache
-
     policy = policy or SparsePolicyConfig()
     weight, bias = head_params(model)
     if draft_vocab is not None:

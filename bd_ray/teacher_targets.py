@@ -6,20 +6,22 @@ A Ray Data batch-inference job::
 
     windows (bd_ray.data.build_window_dataset: train split, seeded shuffle, first max_windows)
       -> map_batches(TeacherPredictor, actor pool; each actor holds one frozen teacher)
-      -> write_parquet(<out>.tmp-*/train)
+      -> write_parquet(<tmp>/train)   (<tmp> = .<out name>.tmp-* next to <out>)
     held-out windows (eval split, <= 2 per document, first data.eval_windows) -> same -> <tmp>/eval
-    manifest.json (config, counts, timings) -> os.rename(<tmp>, <out>)
+    manifest.json (config, counts, timings) -> fsync, rename(<tmp>, <out>)
 
-The rename is the commit point: ``<out>`` exists only once every shard and the manifest are
-written, so a killed job leaves a ``.tmp-*`` directory and never a half-written ``<out>``;
-:func:`read_manifest` (used by training) also refuses a directory without the manifest.
+The rename is the commit point (``bd_ray.checkpoints.replace_dir``): ``<out>`` exists only once
+every shard and the manifest are written and on disk, so a killed job leaves a ``.*.tmp-*``
+directory and never a half-written ``<out>``; :func:`read_manifest` (used by training) also
+refuses a directory without the manifest.
 
 Each row: ``input_ids`` int32 ``[P+T]``, ``doc_id``, ``start``, ``argmax`` int32 ``[T]`` (the
 teacher's full-cache greedy token at each continuation position) and, with ``top_k > 0``,
-``topk_ids`` int32 ``[T*k]`` / ``topk_logprobs`` float32 ``[T*k]`` (row-major ``[T, k]``). The
-targets are computed by the same :func:`bd_ray.train.compute_teacher_targets` as online mode
-(chunked no-grad prefill of the prefix, then the continuation in chunks), so both modes give the
-same targets (tests/test_teacher_targets.py).
+``topk_ids`` int32 ``[T*k]`` / ``topk_logprobs`` float32 ``[T*k]`` (row-major ``[T, k]``);
+:func:`row_targets` reads a row back as :class:`bd_ray.losses.TeacherTargets`. The targets are
+computed by the same :func:`bd_ray.teacher.compute_teacher_targets` as online mode (chunked
+no-grad prefill of the prefix, then the continuation in chunks), so both modes give the same
+targets (tests/test_teacher_targets.py).
 """
 
 from __future__ import annotations
@@ -28,14 +30,21 @@ import json
 import os
 import shutil
 import time
-import uuid
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
+from bd_ray import models
+from bd_ray.checkpoints import atomic_write_json, replace_dir
 from bd_ray.config.train import TeacherTargetsJobConfig
+from bd_ray.data import build_window_dataset
+from bd_ray.losses import TeacherTargets
+from bd_ray.ray_connect import connect
+from bd_ray.teacher import compute_teacher_targets
 
-__all__ = ["TeacherPredictor", "MANIFEST", "read_manifest", "read_target_rows", "write_teacher_targets"]
+__all__ = ["TeacherPredictor", "MANIFEST", "read_manifest", "read_target_rows", "row_targets",
+           "write_teacher_targets"]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -48,28 +57,20 @@ class TeacherPredictor:
         verifier_path: the verifier checkpoint (= teacher).
         prefix_len: ``P``; windows are ``P + T`` tokens.
         top_k: store the top-k log-probs too (0 = argmax only).
-        prefill_chunk, cont_chunk: as :func:`bd_ray.train.compute_teacher_targets`.
+        prefill_chunk, cont_chunk: as :func:`bd_ray.teacher.compute_teacher_targets`.
         threads: torch intra-op threads of this actor.
     """
 
     def __init__(self, verifier_path: str, prefix_len: int, top_k: int = 0, prefill_chunk: int = 512,
                  cont_chunk: int = 64, threads: int = 1):
-        import torch
-
-        from bd_ray.models import load_verifier
-
         torch.set_num_threads(threads)
-        self.model, _ = load_verifier(verifier_path, dtype=torch.float32)
+        self.model, _ = models.load_verifier(verifier_path, dtype=torch.float32)
         self.model.requires_grad_(False).eval()
         self.P, self.top_k = int(prefix_len), int(top_k)
         self.prefill_chunk, self.cont_chunk = int(prefill_chunk), int(cont_chunk)
         self.done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from bd_ray.train import compute_teacher_targets
-
         am, ti, tl = [], [], []
         for w in batch["input_ids"]:
             t0 = time.time()
@@ -128,6 +129,20 @@ def read_target_rows(path: str, split: str = "eval", limit: int | None = None) -
     return out
 
 
+def row_targets(row: dict) -> TeacherTargets | None:
+    """The teacher targets stored in one window row (the columns :class:`TeacherPredictor` writes:
+    ``argmax`` ``[T]``, optional ``topk_ids`` / ``topk_logprobs`` ``[T*k]``), or None when the row has
+    no ``argmax`` column (online mode: the loop computes them)."""
+    if "argmax" not in row:
+        return None
+    t = TeacherTargets(argmax=torch.tensor(np.array(row["argmax"])).long())
+    if row.get("topk_ids") is not None and len(np.asarray(row["topk_ids"]).reshape(-1)):
+        T = t.length
+        t.topk_ids = torch.tensor(np.array(row["topk_ids"])).long().view(T, -1)
+        t.topk_logprobs = torch.tensor(np.array(row["topk_logprobs"])).float().view(T, -1)
+    return t
+
+
 def _tag(batch: dict[str, np.ndarray], part: str) -> dict[str, np.ndarray]:
     batch = dict(batch)
     batch["part"] = np.array([part] * len(batch["input_ids"]), dtype=object)
@@ -168,21 +183,16 @@ def write_teacher_targets(cfg: TeacherTargetsJobConfig, overwrite: bool = False,
     """
     import ray
 
-    from bd_ray import models
-    from bd_ray.data import build_window_dataset
-
     out = os.path.abspath(cfg.teacher.targets_path)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists (pass --overwrite to recompute)")
-    from bd_ray.ray_connect import connect
-
     connect(cfg.ray_address, cfg.ray_num_cpus,
             {"OMP_NUM_THREADS": str(cfg.threads_per_actor), "TOKENIZERS_PARALLELISM": "false"})
     verifier_path = str(models.resolve_model_path(cfg.models.verifier))
-    tmp = f"{out}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
     t0 = time.time()
-    try:
+    done: dict[str, Any] = {}
+
+    def build(tmp: str) -> None:
         # One tokenizer pool over both splits (windows of the whole corpus are small: materialised),
         # then one teacher pool over train (seeded shuffle, first max_windows) + held-out windows
         # (first eval_windows, at most 2 per document, like bd_ray.data.eval_windows).
@@ -212,7 +222,7 @@ def write_teacher_targets(cfg: TeacherTargetsJobConfig, overwrite: bool = False,
             raise RuntimeError("no training window: no train-split document is at least "
                                f"{D.window_len} tokens long")
         wall = time.time() - t0
-        manifest = {
+        done["manifest"] = {
             "format_version": FORMAT_VERSION, "verifier": cfg.models.verifier, "verifier_path": verifier_path,
             "prefix_len": cfg.data.prefix_len, "continuation_len": cfg.data.continuation_len,
             "top_k": cfg.top_k, "train_windows": n_train, "eval_windows": n_eval,
@@ -220,17 +230,11 @@ def write_teacher_targets(cfg: TeacherTargetsJobConfig, overwrite: bool = False,
             "data_stats": ray.get(stats.summary.remote()), "config": cfg.model_dump(mode="json", by_alias=True),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-        if os.path.exists(out):  # overwrite: move the old one aside first, then commit, then delete
-            old = f"{out}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(os.path.join(tmp, MANIFEST), done["manifest"], indent=1)
+
+    # built next to <out>, fsynced, renamed over it (an existing output is replaced only now)
+    replace_dir(out, build)
+    manifest = done["manifest"]
+    n_train, n_eval, wall = manifest["train_windows"], manifest["eval_windows"], manifest["wall_s"]
     log(f"[bd-ray] teacher targets committed to {out}: {n_train} train + {n_eval} held-out windows, {wall:.0f}s")
     return manifest

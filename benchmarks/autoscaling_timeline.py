@@ -9,7 +9,7 @@ with one ``sim_gpu`` each), then
    for ``sim_gpu: 1`` + CPU + memory, autoscaled 1..``--max-replicas``; ``--clients`` concurrent
    clients on 127.0.0.1 until the extra replicas run on new nodes; then idle until replicas and
    nodes are released;
-2. Train (unless ``--skip-train``): ``bd_ray.train.run_ray`` on a tiny world with
+2. Train (unless ``--skip-train``): ``bd_ray.train.driver.run_ray`` on a tiny world with
    ``--train-workers`` workers asking for ``sim_gpu: 1`` each (DeepSpeed ZeRO-3 teacher sharded
    across them), so the autoscaler adds nodes before training starts;
 
@@ -178,7 +178,7 @@ def run_train(root: Path, num_workers: int = 2, log=print) -> dict:
     """``run_ray`` with ``num_workers`` workers asking for ``sim_gpu: 1`` each; timeline + placement."""
     from _tiny import write_tiny_world
 
-    from bd_ray.train import run_ray
+    from bd_ray.train.driver import run_ray
 
     cfg = train_config(root, num_workers)
     write_tiny_world(root, cfg.data.window_len)

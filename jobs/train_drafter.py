@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-r"""Train a BudgetDraft drafter on Ray (Ray Data windows -> Ray Train + DeepSpeed workers).
+r"""Train a BudgetDraft drafter: on Ray (Ray Data windows -> Ray Train + DeepSpeed workers; the
+default, `run.executor=ray`) or in this process on offline teacher targets (`run.executor=local`).
 
 Local (starts a Ray instance when none is running, or joins one started with `ray start --head`):
     python jobs/train_drafter.py --config jobs/configs/pg_mini_2k.yaml [--set optim.max_steps=200]
+
+Without Ray (offline targets from jobs/teacher_targets.py; checkpoints under checkpoints/step_*):
+    python jobs/train_drafter.py --config results/reference_2k/configs/budgetdraft.yaml --set run.executor=local
 
 Against a running cluster (use an absolute run.output_dir: the job's working dir is temporary):
     ray job submit --working-dir . -- python jobs/train_drafter.py \
@@ -10,8 +14,8 @@ Against a running cluster (use an absolute run.output_dir: the job's working dir
 
 Ablations: --set loss.full_cache_only=true (naive, L_A only) | --set loss.fixed_budget=256 |
 --set loss.lambda=1.0. Outputs under run.output_dir/run.name: metrics.json, curves.png,
-data_stats.json, final/ (HF save_pretrained drafter + tokenizer), ray/ (checkpoints; rerunning the
-same run.name resumes from the latest).
+data_stats.json (Ray), final/ (HF save_pretrained drafter + tokenizer), ray/ or checkpoints/
+(checkpoints; rerunning the same run.name resumes from the latest).
 
 Exit status: 0 trained; 2 invalid config, models that do not fit together, or a missing path
 (verifier, drafter, teacher.targets_path; one line naming it, found before Ray starts).
@@ -39,12 +43,13 @@ def main(argv=None) -> int:
         return code
     from bd_ray.config import ConfigError
     from bd_ray.models import TokenizerMismatchError
-    from bd_ray.train import ModelCompatError, run_ray
+    from bd_ray.train.compat import ModelCompatError
+    from bd_ray.train.driver import run
 
     t0 = time.time()
     try:
-        summary = run_ray(cfg)
-    except (TokenizerMismatchError, ModelCompatError) as exc:  # found in the driver, before Ray starts
+        summary = run(cfg)
+    except (TokenizerMismatchError, ModelCompatError) as exc:  # found in the driver, before training starts
         print(f"[bd-ray] error: the models do not fit together or the config: {exc}", file=sys.stderr)
         return 2
     except (ConfigError, FileNotFoundError) as exc:  # a bad path in the config, also found in the driver

@@ -34,7 +34,8 @@ from bd_ray.checkpoints import (NO_MANIFEST, CheckpointCorruptError, CheckpointI
                                 checkpoint_problem, manifest_name, publish_dir, restorable_checkpoint_dir,
                                 write_manifest)
 from bd_ray.models import TokenizerMismatchError
-from bd_ray.train import ModelCompatError, check_models_compatible, run_local
+from bd_ray.train.compat import ModelCompatError, check_models_compatible
+from bd_ray.train.driver import run_local
 from bd_ray.config.train import TrainJobConfig
 from _tiny import TRAIN_P as P, TRAIN_T as T
 
@@ -189,7 +190,7 @@ def _save(model, tok, d: Path) -> str:
 def test_model_mismatch_is_caught_in_the_driver_before_ray(tmp_path):
     import ray
 
-    from bd_ray.train import run_ray
+    from bd_ray.train.driver import run_ray
 
     tok = tiny_tokenizer()
     vdir = _save(tiny_llama(vocab_size=len(tok), layers=2, max_positions=512), tok, tmp_path / "v")
@@ -241,7 +242,8 @@ def test_relative_paths_reach_ray_workers_absolute_and_a_missing_draft_vocab_fai
     import ray
 
     from bd_ray.draft_vocab import DraftVocab, save_draft_vocab
-    from bd_ray.train import absolute_local_paths, run_ray
+    from bd_ray.train.compat import absolute_local_paths
+    from bd_ray.train.driver import run_ray
 
     tok = tiny_tokenizer()
     vdir = _save(tiny_llama(vocab_size=len(tok), layers=2, max_positions=512), tok, tmp_path / "v")
@@ -372,7 +374,7 @@ def _final_weights(out_dir: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ray_worker_killed_mid_run_resumes_to_the_same_drafter(tmp_path, ray_cluster):
-    from bd_ray.train import run_ray
+    from bd_ray.train.driver import run_ray
 
     write_tiny_world(tmp_path, P + T)  # the tiny verifier (+ an unused clean corpus)
     write_hostile_corpus(tmp_path)

@@ -36,7 +36,7 @@ def ray_cluster():
 def test_offline_targets_equal_online(tmp_path, ray_cluster):
     from bd_ray.models import load_verifier
     from bd_ray.teacher_targets import read_manifest, read_target_rows, write_teacher_targets
-    from bd_ray.train import compute_teacher_targets
+    from bd_ray.teacher import compute_teacher_targets
     from bd_ray.config.train import TeacherTargetsJobConfig
 
     write_tiny_world(tmp_path, P + T)
@@ -79,7 +79,8 @@ def test_loop_reads_offline_targets_without_teacher(tmp_path):
     from _tiny import tiny_llama
 
     from bd_ray.models import init_drafter_from_verifier
-    from bd_ray.train import compute_teacher_targets, run_local
+    from bd_ray.teacher import compute_teacher_targets
+    from bd_ray.train.driver import run_local
     from bd_ray.config.train import TrainJobConfig
 
     cfg = TrainJobConfig.model_validate({

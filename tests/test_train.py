@@ -23,8 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-import bd_ray.train as bd_train
-from bd_ray.train import lr_factor, run_local
+import bd_ray.train.loop as train_loop_module
+from bd_ray.train.driver import run_local
+from bd_ray.train.engines import lr_factor
 from bd_ray.config.train import ConfigError, TrainJobConfig, load_train_config
 from _tiny import TRAIN_P as P, TRAIN_T as T, TRAIN_V as V  # noqa: F401
 from _tiny import tiny_train_cfg as tiny_cfg, tiny_train_models as fresh_models, tiny_train_rows as random_rows
@@ -95,7 +96,7 @@ def test_resume_matches_uninterrupted(tmp_path):
 
 
 def test_nonfinite_windows_are_skipped_and_counted(tmp_path, monkeypatch):
-    real = bd_train.budgetdraft_loss
+    real = train_loop_module.budgetdraft_loss
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -105,7 +106,7 @@ def test_nonfinite_windows_are_skipped_and_counted(tmp_path, monkeypatch):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(bd_train, "budgetdraft_loss", flaky)
+    monkeypatch.setattr(train_loop_module, "budgetdraft_loss", flaky)
     teacher, drafter = fresh_models()
     s = run_local(tiny_cfg(optim__max_steps=4), random_rows(), teacher, drafter, out_dir=str(tmp_path),
                   resume=False, log=lambda m: None)
@@ -194,7 +195,7 @@ def test_paper_configs_load():
 def test_ray_deepspeed_two_workers(tmp_path, ray_cluster):
     from transformers import AutoModelForCausalLM
 
-    from bd_ray.train import run_ray
+    from bd_ray.train.driver import run_ray
 
     tok, evals = write_tiny_world(tmp_path, P + T)
     cfg = TrainJobConfig.model_validate({
@@ -245,3 +246,95 @@ def test_training_over_a_draft_vocabulary_exports_it(tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(export).get_output_embeddings().weight.shape[0] == V
+
+
+# ------------------------------------------------------------------------------------------
+# run.executor=local: jobs/train_drafter.py in this process on offline targets (no Ray)
+# ------------------------------------------------------------------------------------------
+
+
+def _write_offline_targets(root: Path, n_train: int = 6) -> tuple[Path, Path]:
+    """A tiny verifier + a jobs/teacher_targets.py-shaped output (train/ and eval/ parquet with the
+    teacher's argmax, manifest.json) written here without Ray. Returns ``(verifier dir, targets dir)``."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bd_ray.models import load_verifier
+    from bd_ray.teacher import compute_teacher_targets
+
+    tok, evals = write_tiny_world(root, P + T)
+    teacher, _ = load_verifier(root / "verifier", dtype=torch.float32)
+    g = np.random.default_rng(0)
+
+    def rows(windows, prefix):
+        return [{"input_ids": np.asarray(w, dtype=np.int32), "doc_id": f"{prefix}{i}", "start": 0,
+                 "argmax": compute_teacher_targets(teacher, torch.as_tensor(np.asarray(w, dtype=np.int64)), P)
+                 .argmax.numpy().astype(np.int32)} for i, w in enumerate(windows)]
+
+    out = root / "targets"
+    for split, rs in (("train", rows([g.integers(0, len(tok), P + T) for _ in range(n_train)], "d")),
+                      ("eval", rows(evals[:2], "held"))):
+        (out / split).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rs), out / split / "part-0.parquet")
+    (out / "manifest.json").write_text(json.dumps({"prefix_len": P, "continuation_len": T,
+                                                   "train_windows": n_train, "eval_windows": 2}))
+    return root / "verifier", out
+
+
+@pytest.mark.timeout(300)
+def test_local_executor_trains_like_the_local_driver(tmp_path, capsys):
+    """``jobs/train_drafter.py --set run.executor=local`` trains in this process (Ray never started)
+    and writes what the former results/reference_2k/train_local.py wrote: metrics.json, curves.png,
+    final/ and checkpoints/step_*, with the losses of run_local on the same seeded row order."""
+    import importlib.util
+
+    import numpy as np
+    import ray
+
+    from bd_ray.teacher_targets import read_target_rows
+    from bd_ray.train.engines import load_models
+
+    vdir, targets = _write_offline_targets(tmp_path)
+    sets = {"models.verifier": vdir, "models.drafter_layers": 1, "data.prefix_len": P, "data.continuation_len": T,
+            "data.eval_windows": 2, "loss.budgets": "{32: 0.5, 48: 0.5}", "loss.policy.chunk_size": 8,
+            "loss.policy.recent": 8, "loss.logits_chunk": 8, "loss.prefill_chunk": 32, "optim.lr": 1e-3,
+            "optim.warmup_steps": 1, "optim.max_steps": 3, "deepspeed.enabled": "false",
+            "teacher.mode": "offline", "teacher.targets_path": targets, "run.executor": "local",
+            "run.output_dir": tmp_path / "runs", "run.name": "loc", "run.checkpoint_every": 2,
+            "run.eval_every": 3}
+    spec = importlib.util.spec_from_file_location("bd_ray_jobs_train_drafter",
+                                                  Path(__file__).resolve().parents[1] / "jobs" / "train_drafter.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main([a for k, v in sets.items() for a in ("--set", f"{k}={v}")]) == 0
+    assert not ray.is_initialized()
+    out = tmp_path / "runs" / "loc"
+    assert "training finished" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["checkpoints", "curves.png", "final", "metrics.json"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_0000002", "step_0000003"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["finished"] and m["step"] == 3 and [e["step"] for e in m["eval_history"]] == [0, 3]
+    assert (out / "final" / "config.json").exists() and (out / "final" / "tokenizer.json").exists()
+
+    # the former local driver, by hand: seeded row order, held-out rows, run_local
+    cfg = load_train_config(None, [f"{k}={v}" for k, v in sets.items()])
+    rows = read_target_rows(str(targets), "train")
+    rows = [rows[i] for i in np.random.default_rng(cfg.data.shuffle_seed).permutation(len(rows))]
+    evals = read_target_rows(str(targets), "eval", limit=cfg.data.eval_windows)
+    _, drafter = load_models(cfg, str(vdir))
+    ref = run_local(cfg, rows, None, drafter, eval_windows=[r["input_ids"].astype("int64") for r in evals],
+                    eval_targets=[r["argmax"] for r in evals], out_dir=str(tmp_path / "ref"),
+                    tokenizer_path=str(vdir), log=lambda s: None)
+    assert [h["loss"] for h in m["history"]] == [h["loss"] for h in ref["history"]]
+    assert m["eval_history"] == ref["eval_history"]
+
+
+def test_executor_config_errors_name_the_field():
+    assert TrainJobConfig().run.executor == "ray"
+    with pytest.raises(ConfigError, match=r"run\.executor: Input should be 'ray' or 'local'"):
+        load_train_config(None, ["run.executor=threads"])
+    with pytest.raises(ConfigError, match=r"run\.executor: local trains from offline teacher targets only"):
+        load_train_config(None, ["run.executor=local"])
+    cfg = load_train_config(None, ["run.executor=local", "teacher.mode=offline", "teacher.targets_path=t"])
+    assert cfg.run.executor == "local"

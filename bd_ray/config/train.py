@@ -19,6 +19,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from bd_ray.config import ConfigError, FieldError, SparsePolicyConfig, StrictModel, load_config
 from bd_ray.config.resources import CustomResources, MemoryBytes
+from bd_ray.sparse import min_budget
 
 __all__ = [
     "TrainModelsConfig",
@@ -196,7 +197,13 @@ class TeacherConfig(StrictModel):
 
 
 class TrainRunConfig(StrictModel):
-    """Ray Train, checkpoints, metrics and outputs.
+    """Where the loop runs (Ray Train or this process), checkpoints, metrics and outputs.
+
+    ``executor``: ``ray`` (default: Ray Data windows + Ray Train workers with DeepSpeed engines,
+    ``bd_ray.train.driver.run_ray``) or ``local`` (the same loop in this process, no Ray and no
+    DeepSpeed, on offline teacher targets: needs ``teacher.mode: offline``; debugging, tests and
+    boxes where Ray cannot schedule the pipeline). The ``ray_*``, ``num_workers``, ``*_per_worker``
+    (except ``threads_per_worker``) and ``max_failures`` fields only apply to ``ray``.
 
     Placement: each of the ``num_workers`` Ray Train workers asks for ``cpus_per_worker`` CPUs,
     one GPU when ``use_gpu``, ``memory_per_worker`` bytes of Ray's ``memory`` resource and the
@@ -205,6 +212,7 @@ class TrainRunConfig(StrictModel):
     autoscaler add nodes before training starts (all workers are placed together).
     """
 
+    executor: Literal["ray", "local"] = "ray"
     name: str = "budgetdraft"
     output_dir: str = "runs"
     ray_address: str | None = Field(None, description="null = the cluster in RAY_ADDRESS (ray job submit), else a "
@@ -259,6 +267,10 @@ class TrainJobConfig(StrictModel):
                                                   "ablations): set one of them")
         if not self.loss.full_cache_only:
             self._check_view_budgets()
+        if self.run.executor == "local" and self.teacher.mode != "offline":
+            raise FieldError("run.executor", "local trains from offline teacher targets only: set "
+                                             "teacher.mode=offline and teacher.targets_path (jobs/teacher_targets.py "
+                                             "output), or use run.executor=ray")
         if self.teacher.mode == "offline" and self.loss.lb_weight > 0:
             raise FieldError("loss.lb_weight", "must be 0 with teacher.mode=offline: L_B needs the teacher's "
                                                "sparse-cache top-k at the sampled budget, which offline targets "
@@ -269,8 +281,6 @@ class TrainJobConfig(StrictModel):
     def _check_view_budgets(self) -> None:
         """Sparse-view budgets must be usable at this prefix length (caught before Ray starts, not
         in a worker after the models load) and at least one must be sparse (else L_C is 0)."""
-        from bd_ray.sparse import min_budget
-
         L, P = self.loss, self.data.prefix_len
         field = "loss.fixed_budget" if L.fixed_budget is not None else "loss.budgets"
         budgets = [L.fixed_budget] if L.fixed_budget is not None else sorted(L.budgets)

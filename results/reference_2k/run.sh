@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The 2K reference run (results/reference_2k/README.md). Run from the repository root:
 #   bash results/reference_2k/run.sh            # (re)run; finished drafters are skipped, others resume
-#   MODE=ray bash results/reference_2k/run.sh   # drafters on Ray Train + DeepSpeed (jobs/train_drafter.py)
+#   MODE=ray bash results/reference_2k/run.sh   # drafters on Ray Train + DeepSpeed (run.executor=ray)
 # 1. offline teacher targets (once; skipped when runs/targets/pg_mini_2k/manifest.json exists)
-# 2. three drafters from those same targets, concurrently: MODE=local (default; what produced the
-#    committed numbers, README "Ray Train") = results/reference_2k/train_local.py, one process each;
-#    MODE=ray = jobs/train_drafter.py, one private Ray cluster each
+# 2. three drafters from those same targets, concurrently, with jobs/train_drafter.py: MODE=local
+#    (default; what produced the committed numbers, README "Ray Train") = --set run.executor=local,
+#    one process each without Ray; MODE=ray = one private Ray cluster each
 # 3. collect: agreement JSON/table + curves under results/reference_2k/
 set -u
 cd "$(dirname "$0")/../.."
@@ -20,9 +20,9 @@ fi
 pids=()
 for name in budgetdraft naive fixed_256; do
   if [ -f $LOG/$name/final/config.json ]; then echo "$name: already finished"; continue; fi
-  if [ "${MODE:-local}" = ray ]; then entry=jobs/train_drafter.py; else entry=results/reference_2k/train_local.py; fi
-  /usr/bin/time -f "$name wall %e s" $PY $entry \
-    --config results/reference_2k/configs/$name.yaml >> $LOG/$name.log 2>&1 &
+  if [ "${MODE:-local}" = ray ]; then executor=ray; else executor=local; fi
+  /usr/bin/time -f "$name wall %e s" $PY jobs/train_drafter.py \
+    --config results/reference_2k/configs/$name.yaml --set run.executor=$executor >> $LOG/$name.log 2>&1 &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait $p; done
