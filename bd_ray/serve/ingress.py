@@ -177,8 +177,8 @@ class OpenAIIngress:
                 parsed = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
             except ValidationError as err:
                 raise RequestError(400, "invalid request", body=validation_error_body(err)) from None
-            request = build_engine_request(parsed, self.cfg, self.tokenizer, self.model_ids, self.max_model_len)
-            response = await self._run(parsed, request, chat)
+            engine_req = build_engine_request(parsed, self.cfg, self.tokenizer, self.model_ids, self.max_model_len)
+            response = await self._run(parsed, engine_req, chat)
         except RequestError as err:
             response = _response(err)
         self.metrics.request(route, response.status_code)
