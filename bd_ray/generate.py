@@ -15,12 +15,11 @@ import argparse
 import json
 import sys
 
-from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
+from bd_ray.config import Budget, SamplingConfig, SparsePolicyConfig, SpecConfig, check_budget, parse_budget
 
 
-def _positive_int(text: str, alternative: str = "") -> int:
-    """An argparse value that must be a whole number >= 1; ``alternative`` names another accepted
-    spelling in the messages (e.g. ``" (or 'full')"``).
+def _positive_int(text: str) -> int:
+    """An argparse value that must be a whole number >= 1.
 
     Raises:
         argparse.ArgumentTypeError: not a whole number, or below 1.
@@ -28,17 +27,18 @@ def _positive_int(text: str, alternative: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number{alternative}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1{alternative}, got {value}")
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def _budget(text: str) -> int | None:
-    """``--budget`` value: a whole number of tokens >= 1, or ``full`` (``None``: no sparsity)."""
-    if text.strip().lower() == "full":
-        return None
-    return _positive_int(text, " (or 'full')")
+def _budget(text: str) -> Budget:
+    """``--budget`` value: a whole number of tokens >= 1, or ``full`` (:func:`bd_ray.config.parse_budget`)."""
+    try:
+        return parse_budget(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, got {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     # partial chunk and the recent window), so it is known only now; the engine would raise it
     # as a ValueError traceback from deep inside the drafter's cache.
     need = min_budget(spec.policy, len(ids)) if ids else 1
-    if args.budget is not None and args.budget < need:
-        p.error(f"argument --budget: {args.budget} is below the minimum {need} of policy {args.policy} "
-                f"for this {len(ids)}-token prompt; use --budget {need} or more, or --budget full")
+    try:
+        check_budget(spec.budget, need, args.policy, f"for this {len(ids)}-token prompt")
+    except ValueError as exc:
+        p.error(f"argument --budget: {exc}; use --budget {need} or more, or --budget full")
     res = SpeculativeGenerator(verifier, drafter, tok, spec).generate(ids, sampling)
     out = {"speculative": res.as_dict()}
     if args.compare_ar:

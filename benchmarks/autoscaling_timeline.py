@@ -91,7 +91,7 @@ def app_args(vdir: Path, ddir: Path, max_replicas: int) -> dict:
     return {
         "model": {"name": "tiny", "verifier": str(vdir), "drafter": str(ddir), "device": "cpu",
                   "max_model_len": 256, "torch_threads": 1},
-        "spec": {"gamma": 3, "kv_budget": 48, "sparse_policy": {"name": "chunk_topk", "chunk_size": 8, "recent": 8}},
+        "spec": {"gamma": 3, "budget": 48, "policy": {"name": "chunk_topk", "chunk_size": 8, "recent": 8}},
         "defaults": {"max_tokens": 16, "temperature": 0.0},
         "engine": {"num_cpus": 0.5, "memory": 256 * MiB, "resources": {"sim_gpu": 1},
                    "max_ongoing_requests": 2, "max_queued_requests": 16, "health_check_period_s": 2,

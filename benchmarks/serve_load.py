@@ -156,7 +156,7 @@ def start_server(kind: str, port: int) -> None:
             tok.save_pretrained(d)
         args = {"model": {"name": "tiny", "verifier": str(root / "v"), "drafter": str(root / "d"), "device": "cpu",
                           "torch_threads": 1},
-                "spec": {"gamma": 4, "kv_budget": None},  # random tiny attention is diffuse: sparse views kill alpha
+                "spec": {"gamma": 4, "budget": "full"},  # random tiny attention is diffuse: sparse views kill alpha
                 "engine": {"num_cpus": 1, "max_ongoing_requests": 8, "max_queued_requests": 32,
                            "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}
     else:

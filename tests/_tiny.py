@@ -195,8 +195,9 @@ def serve_app_args(vdir, ddir, max_model_len: int = SERVE_MAX_MODEL_LEN) -> dict
         "model": {"name": "tiny", "aliases": ["tiny-alias"], "verifier": str(vdir), "drafter": str(ddir),
                   "device": "cpu", "max_model_len": max_model_len, "torch_threads": 1},
         # fixed γ (adaptive off) so per-position acceptance has exactly γ entries
-        "spec": {"gamma": 3, "max_gamma": 8, "kv_budget": 48, "adaptive": False,
-                 "sparse_policy": {"name": "chunk_topk", "chunk_size": 8, "recent": 8}},
+        "spec": {"gamma": 3, "budget": 48, "adaptive": False,
+                 "policy": {"name": "chunk_topk", "chunk_size": 8, "recent": 8}},
+        "speculation": {"max_gamma": 8},
         "defaults": {"max_tokens": 32, "temperature": 0.0},
         "engine": {"num_cpus": 0.5, "max_ongoing_requests": 2, "max_queued_requests": 6,
                    "health_check_period_s": 2,

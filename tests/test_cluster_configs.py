@@ -105,7 +105,7 @@ def test_cluster_serve_config_is_valid_and_serves_gpu_yaml():
     for app, gapp in zip(cluster["applications"], gpu["applications"]):
         cfg = load_serve_config(app["args"])
         # same models and speculative settings as the single-machine GPU config; placement added
-        for section in ("model", "spec", "defaults"):
+        for section in ("model", "spec", "speculation", "defaults"):
             assert app["args"][section] == gapp["args"][section], section
         opts = engine_options(cfg)["ray_actor_options"]
         assert opts["num_gpus"] == 1 and opts["memory"] > 0 and opts["resources"] == {"gpu_a10g": 1}
@@ -252,8 +252,8 @@ def test_memory_fields_take_units_and_cross_field_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"engine\.memory: Input should be greater than or equal to 1"):
         load_serve_config({"engine": {"memory": "0GiB"}})
     # model-level checks of the serve config are reported at their field
-    with pytest.raises(ConfigError, match=r"spec\.gamma: must be <= max_gamma \(8\) \(got 20\)"):
-        load_serve_config({"spec": {"gamma": 20, "max_gamma": 8}})
+    with pytest.raises(ConfigError, match=r"spec\.gamma: must be <= speculation\.max_gamma \(8\) \(got 20\)"):
+        load_serve_config({"spec": {"gamma": 20}, "speculation": {"max_gamma": 8}})
     with pytest.raises(ConfigError, match=r"engine\.autoscaling\.min_replicas: must be <= max_replicas \(2\)"):
         load_serve_config({"engine": {"autoscaling": {"min_replicas": 5, "max_replicas": 2}}})
 

@@ -266,7 +266,8 @@ def test_serve_config_rejects_a_default_budget_long_prompts_cannot_use():
     from bd_ray.config import ConfigError
     from bd_ray.config.serve import load_serve_config
 
-    with pytest.raises(ConfigError, match=r"spec\.kv_budget.*8 is below the minimum 40 .*chunk_topk"):
-        load_serve_config({"spec": {"kv_budget": 8}})
-    assert load_serve_config({"spec": {"kv_budget": 40}}).spec.kv_budget == 40
-    assert load_serve_config({"spec": {"kv_budget": None}}).spec.kv_budget is None
+    with pytest.raises(ConfigError, match=r"spec\.budget.*8 is below the minimum 40 .*chunk_topk"):
+        load_serve_config({"spec": {"budget": 8}})
+    assert load_serve_config({"spec": {"budget": 40}}).spec.budget == 40
+    assert load_serve_config({"spec": {"budget": "full"}}).spec.budget == "full"
+    assert load_serve_config({"spec": {"budget": None}}).spec.budget == "full"   # YAML null = full

@@ -1,18 +1,82 @@
 """Decoding configs shared by the engine, training views, evaluation and Serve: the sparse policy,
 sampling parameters and speculative decoding (γ, KV budget).
 
+The KV budget has one type everywhere, :data:`Budget`: a positive token count or ``"full"`` (no
+sparsity). Each edge parses it once with :func:`parse_budget` (config YAML through the pydantic
+field, the HTTP request, the CLI ``--budget``) and checks it against the sparse policy's minimum
+with :func:`check_budget`; the engine's own spelling (``None`` = full) is derived in one place,
+:func:`budget_tokens`.
+
 Source of the defaults: the BudgetDraft recipe, docs/DESIGN.md section 2; sampling follows vLLM.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from bd_ray.config.base import StrictModel
 
-__all__ = ["PolicyName", "SparsePolicyConfig", "SamplingConfig", "SpecConfig"]
+__all__ = ["PolicyName", "SparsePolicyConfig", "SamplingConfig", "SpecConfig", "Budget", "FULL_BUDGET",
+           "parse_budget", "check_budget", "budget_tokens"]
+
+
+FULL_BUDGET = "full"
+
+
+def parse_budget(value: Any) -> int | Literal["full"]:
+    """A KV budget from a config value, a request field or a CLI string: a whole number of tokens
+    >= 1, or ``"full"`` (any case). Strings of digits and whole floats (``256.0``, pydantic's lax
+    int) are read as numbers; booleans and fractions are not budgets.
+
+    Raises:
+        ValueError: anything else; the message (``must be ...``) leaves the field's name and the
+            value to the caller (pydantic's location and input, argparse's ``argument --budget:``).
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == FULL_BUDGET:
+            return FULL_BUDGET
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("must be a whole number (or 'full')") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a whole number (or 'full')")
+    if value < 1:
+        raise ValueError("must be >= 1 (or 'full')")
+    return value
+
+
+# The one KV-budget type: tokens (>= 1) or "full". As a pydantic field it is parsed by parse_budget.
+Budget = Annotated[Union[int, Literal["full"]], BeforeValidator(parse_budget)]
+
+
+def check_budget(budget: int | Literal["full"], minimum: int, policy: str, where: str) -> None:
+    """Check a parsed budget against its sparse policy's minimum.
+
+    Args:
+        budget: a :data:`Budget` (``"full"`` always passes).
+        minimum: the policy's smallest budget, from :func:`bd_ray.sparse.min_budget` (a known
+            prompt length) or :func:`bd_ray.sparse.min_budget_any_length` (a default that must
+            fit every prompt longer than it).
+        policy: the policy's name, for the message.
+        where: what the minimum is for, e.g. ``"for this 120-token prompt"``.
+
+    Raises:
+        ValueError: ``"<budget> is below the minimum <minimum> of policy <policy> <where>"``; the
+            caller prefixes the field (``--budget``, ``kv_budget``, ``spec.budget``).
+    """
+    if budget != FULL_BUDGET and budget < minimum:
+        raise ValueError(f"{budget} is below the minimum {minimum} of policy {policy} {where}")
+
+
+def budget_tokens(budget: int | Literal["full"]) -> int | None:
+    """The engine's spelling of a budget (``bd_ray.kvcache.compact_cache``): tokens, ``None`` = full."""
+    return None if budget == FULL_BUDGET else budget
 
 
 PolicyName = Literal["chunk_topk", "streaming", "snapkv"]
@@ -69,13 +133,19 @@ class SamplingConfig(StrictModel):
 
 
 class SpecConfig(StrictModel):
-    """Speculative decoding: draft length γ and the drafter's KV budget B (``None`` = full cache)."""
+    """Speculative decoding: draft length γ and the drafter's KV budget B (``"full"`` = full cache)."""
 
     gamma: int = Field(4, ge=1, le=128, description="tokens drafted per cycle")
-    budget: int | None = Field(256, ge=1, description="drafter KV budget in tokens; null = full cache")
+    budget: Budget = Field(256, description="drafter KV budget in tokens, or 'full' (no sparsity)")
     policy: SparsePolicyConfig = Field(default_factory=SparsePolicyConfig)
     prefill_chunk: int = Field(512, ge=1, le=1 << 20, description="tokens per prefill forward")
     adaptive: bool = Field(False, description="choose γ per cycle (up to gamma) by measured tokens/s and "
                                                "stop speculating when it cannot pay (bd_ray.speculative.adaptive)")
     adaptive_min_gain: float = Field(1.05, gt=0.0, le=10.0, description="speculate only when expected "
                                      "tokens/s beats plain decoding by this factor")
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _null_is_full(cls, v: Any) -> Any:
+        # YAML `budget: null` and engine callers passing the engine's spelling (None) mean "full"
+        return FULL_BUDGET if v is None else v

@@ -8,8 +8,12 @@ Sections:
 
 * ``model``: what is served: the verifier, the drafter, dtype/device, the served model id and the
   context limit.
-* ``spec``: speculative defaults a request inherits unless it overrides them (``speculative``,
-  ``gamma``, ``kv_budget``, ``sparse_policy``).
+* ``spec``: the engine's own :class:`bd_ray.config.SpecConfig` (``gamma``, ``budget``, ``policy``,
+  ``prefill_chunk``, ``adaptive``): what a request decodes with unless it overrides ``gamma``, the
+  KV budget (request field ``kv_budget``) or the policy (``sparse_policy``). Serve turns
+  ``adaptive`` on by default (:data:`SERVE_SPEC_DEFAULTS`).
+* ``speculation``: the serve-only part: whether requests speculate by default (``enabled``) and
+  the largest γ a request may ask for (``max_gamma``).
 * ``defaults``: OpenAI sampling defaults (``max_tokens``, ``temperature``, ``top_p``, ``top_k``).
 * ``engine``: the engine deployment (the autoscaled verifier replicas, each with its paired
   drafter): resources, ``max_ongoing_requests`` / ``max_queued_requests``, ``autoscaling``
@@ -22,15 +26,17 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal, Mapping
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from bd_ray.config.base import ConfigError, FieldError, StrictModel, _format_validation_error, apply_overrides
-from bd_ray.config.decoding import SparsePolicyConfig
+from bd_ray.config.decoding import SpecConfig, check_budget
 from bd_ray.config.resources import CustomResources, MemoryBytes
+from bd_ray.sparse import min_budget_any_length
 
 __all__ = [
     "ServeModelsConfig",
-    "ServeSpecConfig",
+    "ServeSpeculationConfig",
+    "SERVE_SPEC_DEFAULTS",
     "ServeRequestConfig",
     "AutoscalingConfig",
     "ServeEngineConfig",
@@ -65,32 +71,16 @@ class ServeModelsConfig(StrictModel):
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads per engine replica")
 
 
-class ServeSpecConfig(StrictModel):
-    """Speculative decoding defaults; each request may override them (bd-ray request extensions)."""
+class ServeSpeculationConfig(StrictModel):
+    """Serve-only speculative settings (the engine's own ones are the ``spec`` section, a
+    :class:`bd_ray.config.SpecConfig`)."""
 
-    speculative: bool = True
-    gamma: int = Field(4, ge=1, le=128, description="tokens drafted per cycle")
+    enabled: bool = Field(True, description="default of a request's `speculative` field")
     max_gamma: int = Field(16, ge=1, le=128, description="largest gamma a request may ask for")
-    kv_budget: int | None = Field(256, ge=1, description="drafter KV budget in tokens; null = full cache")
-    sparse_policy: SparsePolicyConfig = Field(default_factory=SparsePolicyConfig)
-    prefill_chunk: int = Field(512, ge=1, le=1 << 20, description="tokens per prefill forward")
-    adaptive: bool = Field(True, description="γ caps a per-cycle choice by measured tokens/s; a request "
-                                              "whose drafter cannot pay is decoded plainly (bd_ray.speculative.adaptive)")
 
-    @model_validator(mode="after")
-    def _gamma_within_max(self) -> "ServeSpecConfig":
-        if self.gamma > self.max_gamma:
-            raise FieldError("gamma", f"must be <= max_gamma ({self.max_gamma})")
-        if self.kv_budget is not None:
-            from bd_ray.sparse import min_budget_any_length
 
-            need = min_budget_any_length(self.sparse_policy)
-            if self.kv_budget < need:
-                # caught at deploy time: otherwise every prompt longer than the budget gets a 400
-                raise FieldError("kv_budget", f"{self.kv_budget} is below the minimum {need} that sparse_policy "
-                                              f"{self.sparse_policy.name} keeps for prompts longer than the budget; "
-                                              f"raise kv_budget or lower the policy's mandatory positions")
-        return self
+# Serve's default for SpecConfig fields the `spec` section leaves out, where it differs from the engine's.
+SERVE_SPEC_DEFAULTS: dict[str, Any] = {"adaptive": True}
 
 
 class ServeRequestConfig(StrictModel):
@@ -178,10 +168,29 @@ class ServeAppConfig(StrictModel):
     """Everything ``build_app`` needs; ``serve_configs/*.yaml`` put it under ``applications[].args``."""
 
     model: ServeModelsConfig = Field(default_factory=ServeModelsConfig)
-    spec: ServeSpecConfig = Field(default_factory=ServeSpecConfig)
+    spec: SpecConfig = Field(default_factory=lambda: SpecConfig(**SERVE_SPEC_DEFAULTS))
+    speculation: ServeSpeculationConfig = Field(default_factory=ServeSpeculationConfig)
     defaults: ServeRequestConfig = Field(default_factory=ServeRequestConfig)
     engine: ServeEngineConfig = Field(default_factory=ServeEngineConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @field_validator("spec", mode="before")
+    @classmethod
+    def _serve_spec_defaults(cls, v: Any) -> Any:
+        return {**SERVE_SPEC_DEFAULTS, **v} if isinstance(v, Mapping) else v
+
+    @model_validator(mode="after")
+    def _spec_fits_every_request(self) -> "ServeAppConfig":
+        if self.spec.gamma > self.speculation.max_gamma:
+            raise FieldError("spec.gamma", f"must be <= speculation.max_gamma ({self.speculation.max_gamma})")
+        try:
+            # caught at deploy time: otherwise every prompt longer than the budget gets a 400
+            check_budget(self.spec.budget, min_budget_any_length(self.spec.policy), self.spec.policy.name,
+                         "for prompts longer than the budget")
+        except ValueError as exc:
+            raise FieldError("spec.budget", f"{exc}; raise spec.budget or lower the policy's mandatory "
+                                            "positions") from None
+        return self
 
 
 def load_serve_config(args: Mapping[str, Any] | None) -> ServeAppConfig:

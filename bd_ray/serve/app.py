@@ -71,7 +71,8 @@ def build_app(args: Mapping[str, Any] | ServeAppConfig | None = None) -> Applica
     Raises:
         bd_ray.config.ConfigError: invalid args (the message names each offending dotted field).
     """
-    from bd_ray.serve.deployments import OpenAIIngress, SpecEngine
+    from bd_ray.serve.engine import SpecEngine
+    from bd_ray.serve.ingress import OpenAIIngress
 
     cfg = args if isinstance(args, ServeAppConfig) else load_serve_config(args)
     tree = cfg.model_dump()

@@ -1,4 +1,5 @@
-"""OpenAI-compatible request/response models of the bd-ray server (OpenAI API, vLLM conventions).
+"""The bd-ray server's protocol: OpenAI-compatible request models and errors (OpenAI API, vLLM
+conventions), and :class:`EngineRequest`, the typed request the ingress hands the engine.
 
 Requests follow the OpenAI Completions and Chat Completions APIs (``prompt``/``messages``,
 ``max_tokens``, ``temperature``, ``top_p``, ``stop`` (a string or a list), ``seed``, ``stream``,
@@ -8,7 +9,7 @@ Requests follow the OpenAI Completions and Chat Completions APIs (``prompt``/``m
 * ``speculative`` (bool): speculative decoding on/off for this request (default: serve config);
 * ``gamma`` (int >= 1): tokens drafted per cycle;
 * ``kv_budget`` (int >= 1 or ``"full"``): the drafter's KV budget in tokens (``"full"`` = no
-  sparsity);
+  sparsity), a :data:`bd_ray.config.Budget` parsed by :func:`bd_ray.config.parse_budget`;
 * ``sparse_policy`` (``"chunk_topk" | "streaming" | "snapkv"`` or a full
   :class:`bd_ray.config.SparsePolicyConfig` object).
 
@@ -30,16 +31,20 @@ whether the request ran ``speculative``.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bd_ray.config import SparsePolicyConfig
+from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig, parse_budget
 
 __all__ = [
     "ChatMessage",
     "CompletionRequest",
     "ChatCompletionRequest",
+    "EngineRequest",
+    "RequestError",
     "error_body",
     "validation_error_body",
     "max_request_bytes",
@@ -122,12 +127,10 @@ class _SamplingFields(_Base):
             raise ValueError("only n=1 is supported")
         return v
 
-    @field_validator("kv_budget")
+    @field_validator("kv_budget", mode="before")
     @classmethod
-    def _budget_positive(cls, v: Any) -> Any:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("kv_budget must be >= 1 or 'full'")
-        return v
+    def _budget(cls, v: Any) -> Any:
+        return None if v is None else parse_budget(v)  # None: the serve config's spec.budget
 
     def stop_list(self) -> list[str]:
         """``stop`` as a list (OpenAI accepts a string or a list); empty strings dropped."""
@@ -190,6 +193,58 @@ class ChatCompletionRequest(_SamplingFields):
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request as the engine runs it, built once by the ingress (``bd_ray.serve.payload``) and
+    passed to ``SpecEngine.generate`` (pickled across Ray).
+
+    Every default is already filled in from the serve config: ``spec`` is the complete
+    :class:`bd_ray.config.SpecConfig` of this request (γ, KV budget, sparse policy, prefill chunk,
+    adaptive γ), ``sampling`` its :class:`bd_ray.config.SamplingConfig` (``max_new_tokens`` within
+    the context limit). ``attempt`` counts restarts after engine replica deaths
+    (``bd_ray.serve.resilience``); ``engine_id`` is the id the engine registers it under.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    speculative: bool
+    spec: SpecConfig
+    attempt: int = 0
+
+    @property
+    def engine_id(self) -> str:
+        # a distinct id per attempt: the old call may linger on a live-but-unreachable replica
+        return f"{self.request_id}-r{self.attempt}" if self.attempt else self.request_id
+
+    @property
+    def reproducible(self) -> bool:
+        """Greedy or seeded: a restart regenerates the same tokens (so a stream can resume)."""
+        return self.sampling.temperature == 0.0 or self.sampling.seed is not None
+
+    def restarted(self, attempt: int) -> "EngineRequest":
+        return dataclasses.replace(self, attempt=attempt)
+
+
+class RequestError(Exception):
+    """A request answered with an OpenAI error instead of a completion.
+
+    Args:
+        status: HTTP status code.
+        message: the error message (ignored for the body when ``body`` is given).
+        type, param, code: the OpenAI error fields (:func:`error_body`).
+        headers: extra response headers (``Retry-After`` on 503).
+        body: a ready OpenAI error JSON (e.g. :func:`validation_error_body`, an engine error event).
+    """
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None, body: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body if body is not None else error_body(message, type=type, param=param, code=code)
+        self.headers = headers
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,

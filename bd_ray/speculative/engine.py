@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from bd_ray import kvcache
-from bd_ray.config import SamplingConfig, SpecConfig
+from bd_ray.config import SamplingConfig, SpecConfig, budget_tokens
 from bd_ray.sparse import queries_needed
 from bd_ray.speculative.adaptive import PROMPT_PROBE_TOKENS, GammaController, prompt_agreement
 from bd_ray.speculative.metrics import SpecMetrics, Timings
@@ -365,7 +365,7 @@ class SpeculativeGenerator:
         drafter: transformers causal LM with the verifier's vocabulary (checked at load by
             :func:`bd_ray.models.load_drafter`).
         tokenizer: the shared tokenizer.
-        spec: γ, the KV budget B (``None`` = full drafter cache), the sparse policy, prefill chunk,
+        spec: γ, the KV budget B (``"full"`` = full drafter cache), the sparse policy, prefill chunk,
             and ``adaptive`` (γ becomes the cap of a per-cycle choice, :mod:`bd_ray.speculative.adaptive`).
         attn_implementation: attention for both models (see :func:`use_attention`).
 
@@ -463,7 +463,7 @@ class SpeculativeGenerator:
         gamma = self.spec.gamma if gamma is None else int(gamma)
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
-        budget = self.spec.budget if budget == "default" else budget
+        budget = budget_tokens(self.spec.budget) if budget == "default" else budget
         prompt = _as_ids(prompt_ids)
         _check_context(len(prompt), sampling.max_new_tokens, max_positions(self.verifier))
         if prefilled is not None and prefilled.prompt != prompt:
