@@ -17,7 +17,8 @@ from typing import Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from bd_ray.config import ConfigError, FieldError, SamplingConfig, SparsePolicyConfig, StrictModel, load_config
+from bd_ray.config import (FULL_BUDGET, Budget, ConfigError, FieldError, SamplingConfig, SparsePolicyConfig, StrictModel,
+                           budget_tokens, load_config)
 
 __all__ = [
     "EvalModelsConfig",
@@ -33,12 +34,10 @@ __all__ = [
     "ConfigError",
 ]
 
-FULL = "full"
-
-
 def budget_label(budget: int | None) -> str:
-    """``None`` (full drafter cache) -> ``"full"``, an int -> its decimal string."""
-    return FULL if budget is None else str(int(budget))
+    """The label of an engine-spelled budget in results: ``None`` (full drafter cache) ->
+    ``"full"`` (:data:`bd_ray.config.FULL_BUDGET`), an int -> its decimal string."""
+    return FULL_BUDGET if budget is None else str(int(budget))
 
 
 class EvalModelsConfig(StrictModel):
@@ -147,7 +146,7 @@ class MatrixConfig(StrictModel):
     contexts: list[int] = Field(default_factory=lambda: [2048])
     policies: dict[str, SparsePolicyConfig] = Field(
         default_factory=lambda: {"chunk_topk": SparsePolicyConfig(name="chunk_topk", chunk_size=8, recent=64)})
-    budgets: list[int | Literal["full"]] = Field(default_factory=lambda: [128, "full"])
+    budgets: list[Budget] = Field(default_factory=lambda: [128, FULL_BUDGET])
     gammas: list[int] = Field(default_factory=lambda: [2, 4])
     modes: list[DecodeMode] = Field(default_factory=lambda: [DecodeMode()])
     max_new_tokens: int = Field(32, ge=1, le=1_000_000)
@@ -171,9 +170,6 @@ class MatrixConfig(StrictModel):
     def _budgets(cls, v: list) -> list:
         if not v:
             raise ValueError("at least one budget is needed (an int or 'full')")
-        for b in v:
-            if b != FULL and int(b) < 1:
-                raise ValueError(f"budgets must be >= 1 or 'full', got {b}")
         if len(set(map(str, v))) != len(v):
             raise ValueError(f"duplicate budgets in {v}")
         return v
@@ -205,7 +201,7 @@ class MatrixConfig(StrictModel):
 
     def int_budgets(self) -> list[int | None]:
         """Budgets with ``full`` as ``None``, in config order."""
-        return [None if b == FULL else int(b) for b in self.budgets]
+        return [budget_tokens(b) for b in self.budgets]
 
 
 class NeedleConfig(StrictModel):

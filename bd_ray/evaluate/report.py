@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from bd_ray.config.evaluate import FULL
+from bd_ray.config import FULL_BUDGET
 
 __all__ = ["render_markdown", "make_plots", "write_outputs", "json_default"]
 
@@ -90,8 +90,8 @@ def render_markdown(results: dict) -> str:
 
 def _budget_order(labels: Iterable[str]) -> list[str]:
     labels = list(labels)
-    ints = sorted({int(b) for b in labels if b != FULL})
-    return [str(b) for b in ints] + ([FULL] if FULL in set(labels) else [])
+    ints = sorted({int(b) for b in labels if b != FULL_BUDGET})
+    return [str(b) for b in ints] + ([FULL_BUDGET] if FULL_BUDGET in set(labels) else [])
 
 
 def make_plots(results: dict, out_dir: Path, alpha_gamma: int) -> list[str]:
@@ -135,7 +135,7 @@ def make_plots(results: dict, out_dir: Path, alpha_gamma: int) -> list[str]:
         for ax, ctx in zip(axes[0], contexts):
             cc = [c for c in mc if c["context"] == ctx and c["speedup"] is not None]
             keys = sorted({(c["drafter"], c["policy"], c["budget"]) for c in cc},
-                          key=lambda k: (k[0], k[1], k[2] == FULL, int(k[2]) if k[2] != FULL else 0))
+                          key=lambda k: (k[0], k[1], k[2] == FULL_BUDGET, int(k[2]) if k[2] != FULL_BUDGET else 0))
             for d, pol, b in keys:
                 pts = sorted((c["gamma"], c["speedup"]) for c in cc if (c["drafter"], c["policy"], c["budget"]) == (d, pol, b))
                 ax.plot([g for g, _ in pts], [s for _, s in pts], marker="o",
