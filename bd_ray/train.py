@@ -49,8 +49,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from bd_ray.checkpoints import (atomic_write_json, publish_dir, replace_dir, restorable_checkpoint_dir,
-                                select_local_checkpoint, write_manifest)
+from bd_ray.checkpoints import restorable_checkpoint_dir, select_local_checkpoint, write_manifest
+from bd_ray.store import atomic_write_json, publish_dir, replace_dir
 from bd_ray.losses import BudgetSampler, TeacherTargets, budgetdraft_loss, head_params
 from bd_ray.config.train import TrainJobConfig
 from bd_ray.sparse import queries_needed

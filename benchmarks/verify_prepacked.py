@@ -183,7 +183,7 @@ def _load(name: str):
 
     if name == "tiny":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests._tiny import tiny_llama
+        from bd_ray.testing.tiny import tiny_llama
 
         model = tiny_llama(vocab_size=320, layers=2, seed=0, max_positions=16384)
         model.requires_grad_(False)
