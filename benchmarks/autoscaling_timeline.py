@@ -88,7 +88,7 @@ def app_args(vdir: Path, ddir: Path, max_replicas: int) -> dict:
 def start_cluster(attempts: int = 2) -> SimCluster:
     """Start the simulated cluster and connect this driver to it (``cluster.stop()`` undoes both).
 
-    A head that times out while the machine is overloaded (seen on the shared 2-core machines) is
+    A head that times out while the machine is overloaded is
     stopped and started again, up to ``attempts`` times; the last failure is raised.
     """
     import ray

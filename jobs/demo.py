@@ -10,7 +10,7 @@ Steps, each a job of its own (the same commands a cluster user submits with ``ra
    (``jobs/evaluate.py``): α, τ, speedup, a lossless check; table and plots under results/demo.
 
 Finished steps are skipped on a rerun (delete ``runs/demo`` to start over). Brief means brief:
-a few dozen optimizer steps on a 2-core CPU; the reference run (results/reference_2k) and the
+a few dozen optimizer steps on a CPU; the reference run (results/reference_2k) and the
 paper train far longer.
 
 Usage: ``python jobs/demo.py``

@@ -1,7 +1,7 @@
 """Shared pytest fixtures for bd-ray.
 
 Real components only: the embedded verifier/corpus are the real cached assets (built on first use by
-``bd_ray.assets``, ~1-2 min once; ``make test`` runs ``jobs/prepare_data.py`` before pytest), tiny
+``bd_ray.assets`` once; ``make test`` runs ``jobs/prepare_data.py`` before pytest), tiny
 models are real ``transformers`` models with random weights (see ``bd_ray/testing/tiny.py``).
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core CI: more torch threads make tiny ops 100x slower
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # few-core CI: more torch threads than cores make tiny ops far slower
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Data 2.60 starts 32 parquet-footer reader actors even for one small test file; on 2 CI cores
-# that alone cost minutes per Ray Data test (measured 190 s -> 78 s on the simulated Train run).
+# that alone cost minutes per Ray Data test.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 from pathlib import Path  # noqa: E402

