@@ -1,4 +1,5 @@
 # Two commands do all set-up on a fresh machine (README):  make demo   and   make test
+# `make demo VERBOSE=1` shows Ray's own output (progress bars, worker logs) instead of a log file.
 # Each creates .venv when it is missing. CPU torch is installed first so pip never pulls a CUDA build;
 # DeepSpeed is installed without building its C++ ops (DS_BUILD_OPS=0, no build isolation).
 PY      ?= python3.11
@@ -23,7 +24,7 @@ assets: venv
 	$(BIN)/python jobs/prepare_data.py
 
 demo: assets
-	$(BIN)/python jobs/demo.py
+	$(BIN)/python jobs/demo.py $(if $(VERBOSE),--verbose)
 
 test: assets
 	$(BIN)/python -m pytest tests

@@ -4,7 +4,7 @@ What a training run may lose when a worker or the driver dies is bounded by the 
 checkpoint; this module makes "intact" checkable (Ray Train's and DeepSpeed's conventions:
 tools such as ``torch.distributed.checkpoint`` also write their metadata file last).
 
-Protocol (``bd_ray.train.train_loop`` writes, the drivers read):
+Protocol (``bd_ray.train.loop.train_loop`` writes, the drivers read):
 
 1. Every rank writes its checkpoint files into its own fresh temporary directory (DeepSpeed engine
    files; rank 0 also ``state.json`` and ``hf/``), then :func:`write_manifest` fsyncs every file
@@ -12,12 +12,15 @@ Protocol (``bd_ray.train.train_loop`` writes, the drivers read):
    SHA-256 of each file that rank wrote, and the world size and step.
 2. The directory is handed on: to Ray Train (``ray.train.report``, which merges the ranks'
    directories in storage and registers the checkpoint only after every rank's upload finished),
-   or, in a single-process run, published by :func:`publish_dir` (copy to a temporary sibling,
-   fsync, ``rename``): a directory under the final name is never half-written.
+   or, in a single-process run, published by :func:`bd_ray.store.publish_dir` (copy to a
+   temporary sibling, fsync, ``rename``): a directory under the final name is never half-written.
 3. Before restoring, :func:`checkpoint_problem` checks ``state.json`` and the manifests of ranks
    ``0..world-1`` against the files (sizes and hashes). A damaged or incomplete latest checkpoint
    is reported with a :class:`CheckpointIntegrityWarning` and the newest older intact one is used
    (:func:`select_local_checkpoint`, :func:`restorable_checkpoint_dir`).
+
+The write-then-rename and hashing primitives are :mod:`bd_ray.store`'s; this module adds what is
+specific to checkpoints: rank manifests, ``state.json``, and picking the newest restorable one.
 
 A checkpoint directory without any manifest (written by bd-ray before manifests existed) is used
 as the newest checkpoint with a warning ("unverified"), never as a fallback candidate.
@@ -26,29 +29,23 @@ as the newest checkpoint with a warning ("unverified"), never as a fallback cand
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import posixpath
 import re
-import shutil
-import tempfile
 import time
-import uuid
 import warnings
 from typing import Any, Callable, Iterator
+
+from bd_ray.store import TMP_MARK, atomic_write_json, file_table, fsync_tree, verify_files
 
 __all__ = [
     "CheckpointIntegrityWarning",
     "CheckpointCorruptError",
     "NO_MANIFEST",
     "manifest_name",
-    "fsync_tree",
-    "atomic_write_json",
     "write_manifest",
     "checkpoint_problem",
-    "publish_dir",
-    "replace_dir",
     "select_local_checkpoint",
     "restorable_checkpoint_dir",
 ]
@@ -56,7 +53,6 @@ __all__ = [
 STATE_FILE = "state.json"
 NO_MANIFEST = "no manifest"
 _MANIFEST_RE = re.compile(r"^manifest\.rank(\d{5})\.json$")
-_TMP_MARK = ".tmp-"
 
 
 class CheckpointIntegrityWarning(UserWarning):
@@ -72,68 +68,8 @@ def manifest_name(rank: int) -> str:
     return f"manifest.rank{int(rank):05d}.json"
 
 
-def _fsync_path(path: str, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # e.g. directories cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: str) -> None:
-    """fsync every file and directory under ``root`` (``root`` included), so that a later rename
-    publishes data that is on disk. No-op for entries that cannot be opened."""
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            _fsync_path(os.path.join(dirpath, f))
-        _fsync_path(dirpath, directory=True)
-
-
-def atomic_write_json(path: str, obj: Any, indent: int | None = None) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically: temp file in the same directory, fsync, rename,
-    fsync of the directory. A reader sees the old file or the new one, never a partial one."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + _TMP_MARK, dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_path(d, directory=True)
-
-
-def _sha256(path: str, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(bufsize)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def _list_files(root: str) -> list[str]:
-    out = []
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
-            if _MANIFEST_RE.match(rel) or _TMP_MARK in f:
-                continue
-            out.append(rel)
-    return sorted(out)
+def _is_manifest(rel: str) -> bool:
+    return bool(_MANIFEST_RE.match(rel))
 
 
 def write_manifest(ckpt_dir: str, rank: int, world: int, step: int) -> str:
@@ -148,10 +84,7 @@ def write_manifest(ckpt_dir: str, rank: int, world: int, step: int) -> str:
     ``size`` (bytes) and ``sha256``.
     """
     fsync_tree(ckpt_dir)
-    files = {}
-    for rel in _list_files(ckpt_dir):
-        p = os.path.join(ckpt_dir, rel)
-        files[rel] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
+    files = file_table(ckpt_dir, skip=_is_manifest)
     path = os.path.join(ckpt_dir, manifest_name(rank))
     atomic_write_json(path, {"format": 1, "rank": int(rank), "world": int(world), "step": int(step),
                              "written_at": time.time(), "files": files})
@@ -196,15 +129,8 @@ def checkpoint_problem(ckpt_dir: str) -> str | None:
             return f"manifest of rank {r} is unreadable ({type(exc).__name__}: {exc})"
         if int(man.get("step", -1)) != step:
             return f"manifest of rank {r} is for step {man.get('step')}, {STATE_FILE} says step {step}"
-        for rel, meta in files.items():
-            p = os.path.join(ckpt_dir, rel)
-            if not os.path.isfile(p):
-                return f"{rel} (rank {r}) is missing"
-            size = os.path.getsize(p)
-            if size != int(meta["size"]):
-                return f"{rel} (rank {r}) has {size} bytes, the manifest says {meta['size']}"
-            if _sha256(p) != meta["sha256"]:
-                return f"{rel} (rank {r}) does not match its SHA-256 in the manifest"
+        if (problem := verify_files(ckpt_dir, files, label=f" (rank {r})")) is not None:
+            return problem
     return None
 
 
@@ -221,50 +147,6 @@ def _warn(msg: str, log: Callable[[str], None] | None) -> None:
         log(f"[bd-ray] WARNING: {msg}")
 
 
-def publish_dir(src: str, dest: str) -> str:
-    """Copy the directory ``src`` to ``dest`` atomically (copy to a temporary sibling, fsync,
-    rename; an existing ``dest`` is replaced). A crash leaves either the old ``dest``, the new one,
-    or none, plus at most a ``.*.tmp-*`` sibling that readers ignore. Returns ``dest``."""
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dest)}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        shutil.copytree(src, tmp)
-        fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _swap_in(tmp, dest)
-
-
-def replace_dir(dest: str, build: Callable[[str], None]) -> str:
-    """Build a directory with ``build(tmp_path)`` next to ``dest``, fsync it and rename it to
-    ``dest`` (replacing an old one). Used for the final HF export: never half-written."""
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dest)}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.makedirs(tmp)
-        build(tmp)
-        fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _swap_in(tmp, dest)
-
-
-def _swap_in(tmp: str, dest: str) -> str:
-    old = None
-    if os.path.lexists(dest):
-        old = f"{tmp}.old"
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    _fsync_path(os.path.dirname(os.path.abspath(dest)), directory=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return dest
-
-
 def select_local_checkpoint(root: str, log: Callable[[str], None] | None = None,
                             prefix: str = "step_") -> str | None:
     """The newest intact checkpoint directory ``root/{prefix}*`` (by name), or ``None``.
@@ -275,7 +157,7 @@ def select_local_checkpoint(root: str, log: Callable[[str], None] | None = None,
     """
     if not os.path.isdir(root):
         return None
-    cands = sorted((d for d in os.listdir(root) if d.startswith(prefix) and _TMP_MARK not in d), reverse=True)
+    cands = sorted((d for d in os.listdir(root) if d.startswith(prefix) and TMP_MARK not in d), reverse=True)
     bad: list[str] = []
     for i, name in enumerate(cands):
         d = os.path.join(root, name)

@@ -1,4 +1,5 @@
-"""The command-line shape every bd-ray job shares: ``--config``, repeatable ``--set``, ``--print-config``.
+"""The command-line shape every bd-ray job shares: ``--config``, repeatable ``--set``, ``--print-config``,
+``--verbose``.
 
 Jobs (``jobs/*.py``) differ only in their config model and what they run; parsing, validation
 and the exit code for a bad config (2, naming the field) live here once.
@@ -11,6 +12,7 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
+from bd_ray import logs
 from bd_ray.config import ConfigError
 
 __all__ = ["job_parser", "load_job_config"]
@@ -32,6 +34,9 @@ def job_parser(doc: str, config_model: str, set_example: str) -> argparse.Argume
                          f"--set run.name=\"'no'\") and 1e3 as a string (a float field accepts it; an int "
                          f"field needs 1000)")
     ap.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    ap.add_argument("--verbose", action="store_true",
+                    help=f"show Ray's own output (progress bars, every worker line) instead of sending it to a log "
+                         f"file (same as {logs.VERBOSE_ENV}=1)")
     return ap
 
 
@@ -39,8 +44,11 @@ def load_job_config(args: argparse.Namespace, load: Callable[[Any, Sequence[str]
     """Validate the job config; returns ``(config, None)`` or ``(None, exit_code)``.
 
     A config error prints its message (it names the field and the limit) and gives exit code 2;
-    ``--print-config`` prints the validated config as JSON and gives exit code 0.
+    ``--print-config`` prints the validated config as JSON and gives exit code 0. ``--verbose`` sets
+    ``BD_RAY_VERBOSE=1`` for this process (:mod:`bd_ray.logs`), read when the job connects to Ray.
     """
+    if getattr(args, "verbose", False):
+        logs.set_verbose(True)
     try:
         cfg = load(args.config, args.overrides)
     except ConfigError as exc:

@@ -14,17 +14,40 @@
 
 ``ray_num_cpus`` is only used when a new instance is started (Ray refuses ``num_cpus`` when
 connecting to an existing cluster).
+
+Output: quiet unless ``--verbose`` / ``BD_RAY_VERBOSE=1`` (:mod:`bd_ray.logs`): Ray's progress bars
+and worker output go to a log file, bd-ray's progress lines stay on the console.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
-__all__ = ["connect"]
+from bd_ray import logs
+
+__all__ = ["connect", "init_kwargs"]
+
+
+def init_kwargs(address: str | None, num_cpus: int | None, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """The ``ray.init`` keyword arguments :func:`connect` uses (the rule of the module docstring).
+
+    Workers get ``env_vars`` plus, unless verbose, :func:`bd_ray.logs.quiet_env`. The driver keeps
+    ``log_to_driver=True`` (Ray streams worker output to it) in both modes: when quiet,
+    :func:`bd_ray.logs.quiet_ray` decides what of it reaches the console.
+    """
+    runtime_env = {"env_vars": {**logs.quiet_env(), **dict(env_vars or {})}}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        address = "local"
+    kw: dict[str, Any] = {"address": address, "runtime_env": runtime_env, "log_to_driver": True}
+    if address == "local":
+        kw["num_cpus"] = num_cpus
+    return kw   # address None: RAY_ADDRESS
 
 
 def connect(address: str | None, num_cpus: int | None, env_vars: dict[str, str] | None = None) -> None:
-    """``ray.init`` by the rule in the module docstring; does nothing if Ray is already initialized.
+    """``ray.init`` by the rule in the module docstring (:func:`init_kwargs`), then quiet output
+    (:func:`bd_ray.logs.quiet_ray`); does nothing if Ray is already initialized.
 
     Args:
         address: ``run.ray_address`` (see above).
@@ -39,10 +62,7 @@ def connect(address: str | None, num_cpus: int | None, env_vars: dict[str, str] 
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": dict(env_vars or {})}
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        address = "local"
-    if address == "local":
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env)
-    else:
-        ray.init(address=address, runtime_env=runtime_env)   # None here: RAY_ADDRESS
+    kw = init_kwargs(address, num_cpus, env_vars)
+    logs.quiet_ray_logging()
+    ray.init(**kw)
+    logs.quiet_ray()

@@ -10,7 +10,7 @@ A Ray Data batch-inference job::
     held-out windows (eval split, <= 2 per document, first data.eval_windows) -> same -> <tmp>/eval
     manifest.json (config, counts, timings) -> fsync, rename(<tmp>, <out>)
 
-The rename is the commit point (``bd_ray.checkpoints.replace_dir``): ``<out>`` exists only once
+The rename is the commit point (``bd_ray.store.replace_dir``): ``<out>`` exists only once
 every shard and the manifest are written and on disk, so a killed job leaves a ``.*.tmp-*``
 directory and never a half-written ``<out>``; :func:`read_manifest` (used by training) also
 refuses a directory without the manifest.
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bd_ray import models
-from bd_ray.checkpoints import atomic_write_json, replace_dir
+from bd_ray.store import atomic_write_json, replace_dir
 from bd_ray.config.train import TeacherTargetsJobConfig
 from bd_ray.data import build_window_dataset
 from bd_ray.losses import TeacherTargets

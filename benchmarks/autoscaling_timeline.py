@@ -2,10 +2,10 @@
 """Autoscaling on a simulated cluster: the scale-up / scale-down timeline of Serve and Train.
 
 Starts the simulated cluster of ``serve_configs/sim_cluster.yaml`` (Ray's fake_multinode provider,
-:mod:`bd_ray.sim_cluster`: a head with room for one engine replica and simulated worker nodes
+:mod:`bd_ray.testing.sim_cluster`: a head with room for one engine replica and simulated worker nodes
 with one ``sim_gpu`` each), then
 
-1. Serve: the bd-ray app on tiny random-weight models (``tests/_tiny.py``), engine replicas asking
+1. Serve: the bd-ray app on tiny random-weight models (``bd_ray.testing.tiny``), engine replicas asking
    for ``sim_gpu: 1`` + CPU + memory, autoscaled 1..``--max-replicas``; ``--clients`` concurrent
    clients on 127.0.0.1 until the extra replicas run on new nodes; then idle until replicas and
    nodes are released;
@@ -34,11 +34,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "tests") not in sys.path:
-    sys.path.insert(0, str(REPO / "tests"))  # _tiny: tiny random-weight models and tokenizer
 
-from bd_ray.sim_cluster import (SimCluster, Timeline, actor_nodes, head_node_id, wait_for,  # noqa: E402
-                                serve_load_timeline, worker_nodes)
+from bd_ray.testing.load_timeline import Timeline, serve_load_timeline  # noqa: E402
+from bd_ray.testing.sim_cluster import SimCluster, actor_nodes, head_node_id, wait_for, worker_nodes  # noqa: E402
 
 SIM_CONFIG = REPO / "serve_configs" / "sim_cluster.yaml"
 APP = "bd-sim"
@@ -70,22 +68,6 @@ PAYLOAD = {"model": "tiny", "prompt": "It is a truth universally acknowledged, t
            "max_tokens": 16, "temperature": 0}
 
 
-def write_tiny_models(root: Path) -> tuple[Path, Path]:
-    """A 4-layer random verifier and a drafter of its first 2 layers, saved with the tiny tokenizer."""
-    from _tiny import tiny_llama, tiny_tokenizer
-
-    from bd_ray.models import init_drafter_from_verifier
-
-    tok = tiny_tokenizer()
-    verifier = tiny_llama(layers=4, seed=0, max_positions=512)
-    drafter = init_drafter_from_verifier(verifier, 2)
-    vdir, ddir = root / "verifier", root / "drafter"
-    for m, d in ((verifier, vdir), (drafter, ddir)):
-        m.save_pretrained(d)
-        tok.save_pretrained(d)
-    return vdir, ddir
-
-
 def app_args(vdir: Path, ddir: Path, max_replicas: int) -> dict:
     """Serve app args (``ServeAppConfig``): engine replicas need ``sim_gpu: 1`` (the head has one)."""
     return {
@@ -106,7 +88,7 @@ def app_args(vdir: Path, ddir: Path, max_replicas: int) -> dict:
 def start_cluster(attempts: int = 2) -> SimCluster:
     """Start the simulated cluster and connect this driver to it (``cluster.stop()`` undoes both).
 
-    A head that times out while the machine is overloaded (seen on the shared 2-core machines) is
+    A head that times out while the machine is overloaded is
     stopped and started again, up to ``attempts`` times; the last failure is raised.
     """
     import ray
@@ -133,22 +115,15 @@ def run_serve(model_root: Path, clients: int = 4, max_replicas: int = 3, log=pri
 
     ``max_replicas - 1`` extra replicas need as many simulated worker nodes (one ``sim_gpu`` each).
     """
-    from ray import serve
+    from bd_ray.testing.serve import local_serve_app
+    from bd_ray.testing.tiny import write_serve_models
 
-    from bd_ray.serve.app import build_app
-    from bd_ray.sim_cluster import _free_port
-
-    vdir, ddir = write_tiny_models(model_root)
-    port = _free_port()
+    vdir, ddir = write_serve_models(model_root, drafter_layers=2)
     t0 = time.time()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    serve.run(build_app(app_args(vdir, ddir, max_replicas)), name=APP, route_prefix="/")
-    log(f"[sim] app up in {time.time() - t0:.1f} s on 127.0.0.1:{port}")
-    try:
-        out = serve_load_timeline(f"http://127.0.0.1:{port}", APP, PAYLOAD, clients=clients, min_replicas=1,
+    with local_serve_app(app_args(vdir, ddir, max_replicas), APP, proxy_location="HeadOnly") as url:
+        log(f"[sim] app up in {time.time() - t0:.1f} s on {url}")
+        out = serve_load_timeline(url, APP, PAYLOAD, clients=clients, min_replicas=1,
                                   max_replicas=max_replicas, expect_worker_nodes=max_replicas - 1, log=log)
-    finally:
-        serve.shutdown()
     out["config"] = {"clients": clients, "max_replicas": max_replicas,
                      "engine": app_args(vdir, ddir, max_replicas)["engine"]}
     return out
@@ -176,7 +151,7 @@ def train_config(root: Path, num_workers: int = 2):
 
 def run_train(root: Path, num_workers: int = 2, log=print) -> dict:
     """``run_ray`` with ``num_workers`` workers asking for ``sim_gpu: 1`` each; timeline + placement."""
-    from _tiny import write_tiny_world
+    from bd_ray.testing.tiny import write_tiny_world
 
     from bd_ray.train.driver import run_ray
 

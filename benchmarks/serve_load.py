@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -125,17 +125,12 @@ async def run_cell(url: str, concurrency: int, speculative: bool, args) -> dict:
     }
 
 
-def start_server(kind: str, port: int) -> None:
-    """Start Ray + Serve on 127.0.0.1:``port`` with the tiny test models or the default config."""
-    import ray
+def server_args(kind: str) -> dict:
+    """Serve app args (``ServeAppConfig`` tree): the tiny test models (written to a temp dir) or the default config."""
     import yaml
-    from ray import serve
-
-    from bd_ray.serve.app import build_app
 
     if kind == "tiny":
-        sys.path.insert(0, str(REPO / "tests"))
-        from _tiny import tiny_llama, tiny_tokenizer
+        from bd_ray.testing.tiny import tiny_llama, tiny_tokenizer
 
         from bd_ray.models import init_drafter_from_verifier
 
@@ -165,9 +160,7 @@ def start_server(kind: str, port: int) -> None:
         args["engine"]["autoscaling"].update({"min_replicas": 1, "max_replicas": 1})
         args["engine"]["max_ongoing_requests"] = 8
         args["engine"]["max_queued_requests"] = 32
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="bench", route_prefix="/")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,34 +181,25 @@ def main(argv: list[str] | None = None) -> int:
 
     if (args.url is None) == (args.start is None):
         ap.error("give exactly one of --url or --start")
-    if args.start:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        t = time.perf_counter()
-        start_server(args.start, port)
-        print(f"server up in {time.perf_counter() - t:.1f} s", flush=True)
-        url = f"http://127.0.0.1:{port}"
-    else:
-        url = args.url.rstrip("/")
-        if urlparse(url).hostname not in ("127.0.0.1", "localhost"):
-            raise SystemExit(f"refusing to send load to {url}: only 127.0.0.1 is allowed")
-
     cells = []
-    try:
-        asyncio.run(run_cell(url, 1, False, argparse.Namespace(**{**vars(args), "requests_per_client": 1})))  # warm-up
+    with contextlib.ExitStack() as stack:
+        if args.start:
+            from bd_ray.testing.serve import local_serve_app
+
+            t = time.perf_counter()
+            url = stack.enter_context(local_serve_app(server_args(args.start), "bench"))
+            print(f"server up in {time.perf_counter() - t:.1f} s", flush=True)
+        else:
+            url = args.url.rstrip("/")
+            if urlparse(url).hostname not in ("127.0.0.1", "localhost"):
+                raise SystemExit(f"refusing to send load to {url}: only 127.0.0.1 is allowed")
+        # warm-up
+        asyncio.run(run_cell(url, 1, False, argparse.Namespace(**{**vars(args), "requests_per_client": 1})))
         for c in args.concurrency:
             for spec in (False, True):
                 cell = asyncio.run(run_cell(url, c, spec, args))
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
-    finally:
-        if args.start:
-            from ray import serve
-            import ray
-
-            serve.shutdown()
-            ray.shutdown()
 
     ratios = {}
     for c in args.concurrency:

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -311,17 +311,10 @@ def run_soak(url: str, duration_s: float = 300.0, concurrency: int = 4, round_s:
     return asyncio.run(soak.run())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tiny_args(root: Path) -> dict:
     """Serve args for random-weight tiny models written under ``root`` (a 4-layer verifier, a drafter
     of its first 3 layers, a byte-level BPE tokenizer with a chat template)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from _tiny import serve_app_args, write_serve_models
+    from bd_ray.testing.tiny import serve_app_args, write_serve_models
 
     vdir, ddir = write_serve_models(root)
     return serve_app_args(vdir, ddir)
@@ -344,45 +337,32 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "results" / "soak" / "soak.json"))
     args = ap.parse_args(argv)
 
-    started = False
-    if args.url:
-        url, replicas, source = args.url, None, args.url
-    else:
-        import tempfile
-
-        import ray
-        import yaml
-        from ray import serve
-
-        from bd_ray.serve.app import build_app
-
-        if args.tiny:
-            app_args, source = _tiny_args(Path(tempfile.mkdtemp(prefix="bd_ray_soak_"))), "tiny random models"
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            url, replicas, source = args.url, None, args.url
         else:
-            app_args = yaml.safe_load(Path(args.config).read_text())["applications"][0]["args"]
-            source = args.config
-        app_args.setdefault("engine", {})["autoscaling"] = {
-            **app_args["engine"].get("autoscaling", {}), "min_replicas": args.replicas,
-            "max_replicas": args.replicas, "initial_replicas": args.replicas}
-        app_args["engine"]["num_cpus"] = min(float(app_args["engine"].get("num_cpus", 1)), 0.5)
-        port = _free_port()
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        started = True
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        t0 = time.time()
-        serve.run(build_app(app_args), name="soak", route_prefix="/")
-        print(f"[soak] app up in {time.time() - t0:.0f}s ({source}), {args.replicas} engine replicas", flush=True)
-        url, replicas = f"http://127.0.0.1:{port}", args.replicas
-    try:
+            import tempfile
+
+            import yaml
+
+            from bd_ray.testing.serve import local_serve_app
+
+            if args.tiny:
+                app_args, source = _tiny_args(Path(tempfile.mkdtemp(prefix="bd_ray_soak_"))), "tiny random models"
+            else:
+                app_args = yaml.safe_load(Path(args.config).read_text())["applications"][0]["args"]
+                source = args.config
+            app_args.setdefault("engine", {})["autoscaling"] = {
+                **app_args["engine"].get("autoscaling", {}), "min_replicas": args.replicas,
+                "max_replicas": args.replicas, "initial_replicas": args.replicas}
+            app_args["engine"]["num_cpus"] = min(float(app_args["engine"].get("num_cpus", 1)), 0.5)
+            t0 = time.time()
+            url = stack.enter_context(local_serve_app(app_args, "soak"))
+            print(f"[soak] app up in {time.time() - t0:.0f}s ({source}), {args.replicas} engine replicas", flush=True)
+            replicas = args.replicas
         report = run_soak(url, duration_s=args.duration, concurrency=args.concurrency, round_s=args.round,
                           warmup_s=args.warmup, max_tokens=args.max_tokens, seed=args.seed, replicas=replicas,
                           rss_tolerance_mib=args.rss_tolerance_mib)
-    finally:
-        if started:
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
     report["server"] = source
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

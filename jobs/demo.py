@@ -9,15 +9,20 @@ Steps, each a job of its own (the same commands a cluster user submits with ``ra
 4. evaluation of both plus the untrained init on held-out books at budgets {128, full}
    (``jobs/evaluate.py``): α, τ, speedup, a lossless check; table and plots under results/demo.
 
+Output: one line per step with its time, then the result table and the output paths. Each step's
+own output goes to ``runs/demo/logs/<step>.log`` (its last lines are shown when it fails);
+``--verbose`` streams every step's output, Ray's included, to the console instead.
+
 Finished steps are skipped on a rerun (delete ``runs/demo`` to start over). Brief means brief:
-a few dozen optimizer steps on a 2-core CPU; the reference run (results/reference_2k) and the
+a few dozen optimizer steps on a CPU; the reference run (results/reference_2k) and the
 paper train far longer.
 
-Usage: ``python jobs/demo.py``
+Usage: ``python jobs/demo.py [--verbose]``
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -39,25 +44,55 @@ STEPS = [
 ]
 
 
-def main() -> int:
+def _tail(path: Path, n: int = 30) -> str:
+    lines = path.read_text(errors="replace").splitlines()
+    return "\n".join(lines[-n:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--verbose", action="store_true", help="stream every step's output (Ray's included) here")
+    args = ap.parse_args(argv)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TOKENIZERS_PARALLELISM="false")
+    if args.verbose:
+        env["BD_RAY_VERBOSE"] = "1"
+    log_dir = ROOT / "runs" / "demo" / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for i, (title, cmd, done_marker) in enumerate(STEPS, 1):
-        print(f"\n=== [{i}/{len(STEPS)}] {title}  (elapsed {time.time() - t0:.0f} s)", flush=True)
+        head = f"[{i}/{len(STEPS)}] {title}"
         if done_marker is not None and done_marker.exists():
-            print(f"    already done: {done_marker.relative_to(ROOT)}")
+            print(f"{head}: already done ({done_marker.relative_to(ROOT)})", flush=True)
             continue
-        print(f"    $ python {' '.join(cmd)}", flush=True)
-        rc = subprocess.call([sys.executable, *cmd], cwd=ROOT, env=env)
+        t_step = time.time()
+        if args.verbose:
+            print(f"{head}\n    $ python {' '.join(cmd)}", flush=True)
+            rc = subprocess.call([sys.executable, *cmd], cwd=ROOT, env=env)
+            log = None
+        else:
+            print(f"{head} ...", end="", flush=True)
+            log = log_dir / f"{i}-{cmd[0].split('/')[-1].removesuffix('.py')}.log"
+            with open(log, "w") as f:
+                f.write(f"$ python {' '.join(cmd)}\n")
+                f.flush()
+                rc = subprocess.call([sys.executable, *cmd], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        took = f"{time.time() - t_step:.0f} s, total {time.time() - t0:.0f} s"
         if rc != 0:
-            print(f"demo: step {i} ({title}) failed with exit code {rc}", file=sys.stderr)
+            print(f" FAILED (exit code {rc}, {took})" if log else f"{head}: FAILED (exit code {rc}, {took})")
+            if log is not None:
+                print(f"--- last lines of {log.relative_to(ROOT)}:\n{_tail(log)}", file=sys.stderr)
             return rc
+        print(f" done ({took})" if log else f"{head}: done ({took})", flush=True)
     out = ROOT / "results" / "demo"
-    print(f"\n=== demo finished in {time.time() - t0:.0f} s")
-    print(f"table: {out / 'results.md'}")
+    print(f"\ndemo finished in {time.time() - t0:.0f} s\n")
+    table = out / "results.md"
+    if table.is_file():
+        print(table.read_text().rstrip() + "\n")
+    print(f"table: {table.relative_to(ROOT)}")
     for png in sorted(out.glob("*.png")):
-        print(f"plot:  {png}")
+        print(f"plot:  {png.relative_to(ROOT)}")
+    print(f"runs:  {(ROOT / 'runs' / 'demo').relative_to(ROOT)}/ (drafters under */final, step logs under logs/)")
     return 0
 
 

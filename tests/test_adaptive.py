@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _tiny import tiny_llama
+from bd_ray.testing.tiny import tiny_llama
 from bd_ray.config import SamplingConfig, SpecConfig
 from bd_ray import kvcache
 from bd_ray.speculative.adaptive import PROMPT_PROBE_TOKENS, GammaController, expected_tokens, prompt_agreement

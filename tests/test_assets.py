@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from bd_ray import assets
+from bd_ray.assets import verifiers
 from bd_ray.models import load_verifier
 
 pytestmark = pytest.mark.slow
@@ -109,8 +110,8 @@ def test_second_ensure_verifier_is_fast_and_skips_gguf(verifier_dir, monkeypatch
     def boom(*a, **k):
         raise AssertionError("cache fast path touched the GGUF")
 
-    monkeypatch.setattr(assets, "_fetch_gguf", boom)
-    monkeypatch.setattr(assets, "_convert_gguf", boom)
+    monkeypatch.setattr(verifiers, "_fetch_gguf", boom)
+    monkeypatch.setattr(verifiers, "_convert_gguf", boom)
     t0 = time.time()
     assert assets.ensure_verifier("smollm2-135m") == verifier_dir
     assert time.time() - t0 < 15
@@ -119,19 +120,19 @@ def test_second_ensure_verifier_is_fast_and_skips_gguf(verifier_dir, monkeypatch
 def test_verifier_cache_validation(verifier_dir, tmp_path):
     """A half-written or tampered checkpoint dir fails validation; a leftover temp dir is never used."""
     expect = {"kind": "verifier", "name": "smollm2-135m", "gguf_sha256": assets.VERIFIERS["smollm2-135m"].gguf_sha256}
-    assert assets._check_manifest(verifier_dir, assets.MANIFEST_NAME, expect) is None
+    assert assets.check_manifest(verifier_dir, assets.MANIFEST_NAME, expect) is None
     # A copy of the small files, the big one hard-linked (read-only use), under a tmp home.
     copy = tmp_path / "models" / "smollm2-135m"
     copy.mkdir(parents=True)
     for f in verifier_dir.iterdir():
         (copy / f.name).hardlink_to(f) if f.name == "model.safetensors" else shutil.copy(f, copy / f.name)
-    assert assets._check_manifest(copy, assets.MANIFEST_NAME, expect) is None
+    assert assets.check_manifest(copy, assets.MANIFEST_NAME, expect) is None
     man = json.loads((copy / assets.MANIFEST_NAME).read_text())
     man["files"]["config.json"]["sha256"] = "0" * 64
     (copy / assets.MANIFEST_NAME).write_text(json.dumps(man))
-    assert "sha256" in assets._check_manifest(copy, assets.MANIFEST_NAME, expect)
+    assert "SHA-256" in assets.check_manifest(copy, assets.MANIFEST_NAME, expect)
     (copy / assets.MANIFEST_NAME).unlink()  # as if the process died before writing the manifest
-    assert "no manifest" in assets._check_manifest(copy, assets.MANIFEST_NAME, expect)
+    assert "no manifest" in assets.check_manifest(copy, assets.MANIFEST_NAME, expect)
     # A temp dir left next to the real cache does not affect it.
     stale = verifier_dir.parent / ".smollm2-135m.tmp-crashed-test"
     stale.mkdir(exist_ok=True)
@@ -217,8 +218,8 @@ def test_corpus_cache_rebuilds_when_damaged(corpus_dir, tmp_path, monkeypatch):
     assert assets.ensure_corpus() == final
     assert assets.load_corpus_table(final).equals(ref)  # deterministic rebuild
     assert not junk.exists()
-    assert assets._check_manifest(final, assets.CORPUS_MANIFEST_NAME,
-                                  {"kind": "corpus", "name": "pg-mini", "version": assets.CORPUS_VERSION}) is None
+    assert assets.check_manifest(final, assets.CORPUS_MANIFEST_NAME,
+                                 {"kind": "corpus", "name": "pg-mini", "version": assets.CORPUS_VERSION}) is None
 
     (final / assets.CORPUS_MANIFEST_NAME).unlink()
     assert assets.ensure_corpus() == final

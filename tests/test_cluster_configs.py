@@ -9,7 +9,7 @@ that builds their ``ray_actor_options`` / ``ScalingConfig``) fits some worker gr
 maximum sizes can hold the maximum replica / worker counts; ``RAY_AUTH_MODE`` agrees everywhere.
 
 Simulated (slow): ``serve_configs/sim_cluster.yaml`` started with Ray's fake_multinode provider
-(``bd_ray.sim_cluster``): the Serve app scales past what the head holds, the autoscaler adds
+(``bd_ray.testing.sim_cluster``): the Serve app scales past what the head holds, the autoscaler adds
 nodes, the extra replicas run there, requests succeed, and after the load replicas and then nodes
 are released; a Train run with more workers than the head holds gets a node added and shards the
 teacher across workers on different nodes. Both print their timeline

@@ -16,7 +16,7 @@ import pytest
 from bd_ray.data import (DataStats, TokenizeWindows, _normalize, build_window_dataset, cut_windows, doc_split,
                          iter_rows, resolve_source)
 from bd_ray.config.train import TrainDataConfig
-from _tiny import TINY_TEXT, tiny_tokenizer
+from bd_ray.testing.tiny import TINY_TEXT, tiny_tokenizer
 
 W_P, W_T = 48, 16
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny import tiny_llama, tiny_tokenizer
+from bd_ray.testing.tiny import tiny_llama, tiny_tokenizer
 from bd_ray import kvcache
 from bd_ray.config import SamplingConfig, SpecConfig
 from bd_ray.draft_vocab import (DRAFT_VOCAB_FILE, DraftVocab, SubsetLMHead, apply_draft_vocab, build_draft_vocab,
@@ -90,7 +90,7 @@ def test_lossless_with_a_draft_vocab(tmp_path):
 
 
 def test_load_drafter_applies_a_checkpoints_draft_vocab(tmp_path):
-    from _tiny import write_tiny_world
+    from bd_ray.testing.tiny import write_tiny_world
 
     from bd_ray.models import load_drafter, load_verifier
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _tiny import TINY_TEXT, tiny_llama, tiny_tokenizer
+from bd_ray.testing.tiny import TINY_TEXT, tiny_llama, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Serving under faults (issue 8): hostile input, a short soak, a replica killed under load.
 
-One module-scoped Serve application on the tiny random models (tests/_tiny.py), with a fixed
+One module-scoped Serve application on the tiny random models (bd_ray/testing/tiny.py), with a fixed
 pair of engine replicas, on a private Ray cluster and 127.0.0.1. In file order:
 
 1. hostile input classes, each named explicitly (oversized body, invalid UTF-8, NaN / infinite /
@@ -38,7 +38,8 @@ serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st  # noqa: E402  (dev extra)
 
-from _tiny import SERVE_PROMPTS as PROMPTS, free_port, own_ray_processes, serve_app_args  # noqa: E402
+from bd_ray.testing.ports import free_port  # noqa: E402
+from bd_ray.testing.tiny import SERVE_PROMPTS as PROMPTS, own_ray_processes, serve_app_args  # noqa: E402
 
 APP = "bdfault"
 REPLICAS = 2

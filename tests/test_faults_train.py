@@ -31,17 +31,17 @@ import pytest
 import torch
 
 from bd_ray.checkpoints import (NO_MANIFEST, CheckpointCorruptError, CheckpointIntegrityWarning,
-                                checkpoint_problem, manifest_name, publish_dir, restorable_checkpoint_dir,
-                                write_manifest)
+                                checkpoint_problem, manifest_name, restorable_checkpoint_dir, write_manifest)
+from bd_ray.store import publish_dir
 from bd_ray.models import TokenizerMismatchError
 from bd_ray.train.compat import ModelCompatError, check_models_compatible
 from bd_ray.train.driver import run_local
 from bd_ray.config.train import TrainJobConfig
-from _tiny import TRAIN_P as P, TRAIN_T as T
+from bd_ray.testing.tiny import TRAIN_P as P, TRAIN_T as T
 
 SPARSE_VIEWS = {"budgets": {48: 1.0}}   # a budget below the tiny prefix (default paper budgets exceed it)
-from _tiny import TINY_TEXT, own_ray_processes, tiny_llama, tiny_tokenizer, write_tiny_world
-from _tiny import tiny_train_cfg as tiny_cfg, tiny_train_models as fresh_models, tiny_train_rows as random_rows
+from bd_ray.testing.tiny import TINY_TEXT, own_ray_processes, tiny_llama, tiny_tokenizer, write_tiny_world
+from bd_ray.testing.tiny import tiny_train_cfg as tiny_cfg, tiny_train_models as fresh_models, tiny_train_rows as random_rows
 
 torch.set_num_threads(1)
 

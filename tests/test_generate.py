@@ -10,7 +10,7 @@ import pytest
 from bd_ray import generate
 from bd_ray.config import SparsePolicyConfig
 from bd_ray.sparse import min_budget
-from _tiny import TINY_TEXT, tiny_tokenizer, write_serve_models
+from bd_ray.testing.tiny import TINY_TEXT, tiny_tokenizer, write_serve_models
 
 PROMPT = TINY_TEXT[:400]  # ~100 tiny-BPE tokens: fits the tiny verifier's 512 positions
 

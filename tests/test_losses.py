@@ -14,7 +14,7 @@ from bd_ray.config import SparsePolicyConfig
 from bd_ray.kvcache import forward_with_cache, prefill
 from bd_ray.losses import (BudgetSampler, TeacherTargets, budgetdraft_loss, chunked_continuation_loss,
                            full_ce_reference, head_params)
-from _tiny import tiny_llama
+from bd_ray.testing.tiny import tiny_llama
 
 torch.set_num_threads(1)
 V = 256

@@ -43,7 +43,7 @@ WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", ".", ","]
 
 
 def _save_drafter_checkpoint(path: Path, tokenizer, vocab_size: int) -> Path:
-    from _tiny import tiny_llama
+    from bd_ray.testing.tiny import tiny_llama
 
     model = tiny_llama(vocab_size=vocab_size, layers=1, hidden=32, heads=2, kv_heads=1)
     model.save_pretrained(path)
@@ -163,7 +163,7 @@ def test_transformers_does_not_mistake_repo_kernels_dir_for_hf_kernels(tmp_path)
     """With the repo root on sys.path (its `kernels/` dir holds our Triton code as `bd_ray_kernels`),
     transformers must not think the Hugging Face `kernels` library is installed, and loading a model
     must work. Runs in a fresh interpreter: the availability checks are cached per process."""
-    from _tiny import tiny_llama
+    from bd_ray.testing.tiny import tiny_llama
 
     tiny_llama(vocab_size=64, layers=1, hidden=32, heads=2, kv_heads=1).save_pretrained(tmp_path / "m")
     code = f"""

@@ -22,8 +22,9 @@ serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from _tiny import SERVE_MAX_MODEL_LEN, SERVE_PROMPTS as PROMPTS  # noqa: E402
-from _tiny import free_port as _free_port, serve_app_args as app_args  # noqa: E402
+from bd_ray.testing.tiny import SERVE_MAX_MODEL_LEN, SERVE_PROMPTS as PROMPTS  # noqa: E402
+from bd_ray.testing.ports import free_port as _free_port  # noqa: E402
+from bd_ray.testing.tiny import serve_app_args as app_args  # noqa: E402
 
 APP = "bd"
 MAX_MODEL_LEN = SERVE_MAX_MODEL_LEN

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from _tiny import tiny_llama
+from bd_ray.testing.tiny import tiny_llama
 from bd_ray import kvcache
 from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
 from bd_ray.speculative.engine import ARGenerator, ContextLengthError, SpeculativeGenerator

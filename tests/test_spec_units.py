@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from _tiny import tiny_tokenizer
+from bd_ray.testing.tiny import tiny_tokenizer
 from bd_ray.config import SamplingConfig
 from bd_ray.speculative.metrics import SpecMetrics
 from bd_ray.speculative.rejection import verify_greedy, verify_sampling

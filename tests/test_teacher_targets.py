@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny import write_tiny_world
+from bd_ray.testing.tiny import write_tiny_world
 
 P, T = 96, 16
 
@@ -76,7 +76,7 @@ def test_offline_targets_equal_online(tmp_path, ray_cluster):
 def test_loop_reads_offline_targets_without_teacher(tmp_path):
     """run_local on offline rows (argmax column, teacher=None, precomputed held-out targets) gives
     exactly the online loop's losses and agreement on the same windows."""
-    from _tiny import tiny_llama
+    from bd_ray.testing.tiny import tiny_llama
 
     from bd_ray.models import init_drafter_from_verifier
     from bd_ray.teacher import compute_teacher_targets

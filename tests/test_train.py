@@ -27,9 +27,9 @@ import bd_ray.train.loop as train_loop_module
 from bd_ray.train.driver import run_local
 from bd_ray.train.engines import lr_factor
 from bd_ray.config.train import ConfigError, TrainJobConfig, load_train_config
-from _tiny import TRAIN_P as P, TRAIN_T as T, TRAIN_V as V  # noqa: F401
-from _tiny import tiny_train_cfg as tiny_cfg, tiny_train_models as fresh_models, tiny_train_rows as random_rows
-from _tiny import write_tiny_world
+from bd_ray.testing.tiny import TRAIN_P as P, TRAIN_T as T, TRAIN_V as V  # noqa: F401
+from bd_ray.testing.tiny import tiny_train_cfg as tiny_cfg, tiny_train_models as fresh_models, tiny_train_rows as random_rows
+from bd_ray.testing.tiny import write_tiny_world
 
 torch.set_num_threads(1)
 GOLDEN = Path(__file__).parent / "golden" / "budgetdraft_tiny_20steps.json"

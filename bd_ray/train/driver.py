@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from bd_ray import models
-from bd_ray.checkpoints import atomic_write_json, publish_dir, select_local_checkpoint
+from bd_ray.checkpoints import select_local_checkpoint
+from bd_ray.store import atomic_write_json, publish_dir
 from bd_ray.config.train import TrainJobConfig
 from bd_ray.data import build_window_dataset, eval_windows, offline_window_dataset
 from bd_ray.ray_connect import connect

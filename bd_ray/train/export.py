@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bd_ray.checkpoints import replace_dir
+from bd_ray.store import replace_dir
 from bd_ray.draft_vocab import save_draft_vocab
 
 __all__ = ["export_hf", "write_plot"]

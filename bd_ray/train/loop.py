@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from bd_ray.checkpoints import atomic_write_json, write_manifest
+from bd_ray.checkpoints import write_manifest
+from bd_ray.store import atomic_write_json
 from bd_ray.config.train import TrainJobConfig
 from bd_ray.draft_vocab import load_draft_vocab
 from bd_ray.kvcache import prefill

@@ -1,4 +1,4 @@
-r"""Experiment: does a second, prepacked copy of the verifier's linear weights, used only for the
+r"""Finished experiment (conclusion: results/speed/README.md, not adopted): does a second, prepacked copy of the verifier's linear weights, used only for the
 γ+1-row verify block, bring T_v(γ+1)/T_v(1) down (target <= 1.3 at 4K context)?
 
 What it measures. The verifier step costs of ``benchmarks/step_costs.py`` (its ``step`` is a closure
@@ -42,12 +42,12 @@ checked on torch 2.13.0+cpu, oneDNN 3.12); an unavailable backend is skipped wit
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/verify_prepacked.py [--contexts 4096] [--gamma 4] \
+    OMP_NUM_THREADS=1 python results/speed/verify_prepacked.py [--contexts 4096] [--gamma 4] \
         [--repeats 15] [--threads 1] [--backends onednn mkl] [--json PATH]
-    python benchmarks/verify_prepacked.py --verifier tiny --contexts 256 --repeats 3   # smoke test
+    python results/speed/verify_prepacked.py --verifier tiny --contexts 256 --repeats 3   # smoke test
 
 ``--verifier`` takes a registered name / checkpoint dir (default ``smollm2-135m``) or ``tiny`` (a
-random 2-layer Llama from tests/_tiny.py; run from the repository root).
+random 2-layer Llama from bd_ray.testing.tiny; run from the repository root).
 """
 
 from __future__ import annotations
@@ -182,8 +182,7 @@ def _load(name: str):
     from bd_ray import models
 
     if name == "tiny":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests._tiny import tiny_llama
+        from bd_ray.testing.tiny import tiny_llama
 
         model = tiny_llama(vocab_size=320, layers=2, seed=0, max_positions=16384)
         model.requires_grad_(False)
@@ -199,7 +198,7 @@ def main(argv=None) -> int:
     from bd_ray.speculative.engine import use_attention
 
     t_start = time.perf_counter()
-    cmd = "python benchmarks/verify_prepacked.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python results/speed/verify_prepacked.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"# {cmd}")
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, torch {torch.__version__}, fp32, batch 1, "

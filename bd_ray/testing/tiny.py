@@ -1,7 +1,8 @@
-"""Small real components for fast tests: a byte-level BPE tokenizer trained here, tiny Llamas.
+"""Small real components for fast tests and benchmarks: a byte-level BPE tokenizer trained here,
+tiny Llamas, a tiny corpus, tiny training and Serve set-ups.
 
 Real tokenizer (the `tokenizers` library wrapped by transformers) and real transformers models,
-with random weights so tests run in seconds on 2 cores.
+with random weights so tests run in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def tiny_train_models():
     return teacher, init_drafter_from_verifier(teacher, 1)
 
 
-# ---- tiny Serve application shared by the serving tests and benchmarks/soak.py ----
+# ---- tiny Serve application shared by the serving tests and the Serve benchmarks ----
 
 SERVE_MAX_MODEL_LEN = 256
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -159,18 +160,9 @@ SERVE_PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_serve_models(root):
-    """A tiny verifier (4 layers, 512 positions) and a drafter of its first 3 layers, each saved with
-    the tiny BPE tokenizer and :data:`CHAT_TEMPLATE` under ``root``. Returns ``(vdir, ddir)``."""
+def write_serve_models(root, drafter_layers: int = 3):
+    """A tiny verifier (4 layers, 512 positions) and a drafter of its first ``drafter_layers`` layers,
+    each saved with the tiny BPE tokenizer and :data:`CHAT_TEMPLATE` under ``root``. Returns ``(vdir, ddir)``."""
     from pathlib import Path
 
     from bd_ray.models import init_drafter_from_verifier
@@ -179,7 +171,7 @@ def write_serve_models(root):
     tok = tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     verifier = tiny_llama(layers=4, seed=0, max_positions=512)
-    drafter = init_drafter_from_verifier(verifier, 3)
+    drafter = init_drafter_from_verifier(verifier, drafter_layers)
     vdir, ddir = root / "verifier", root / "drafter"
     for m, d in ((verifier, vdir), (drafter, ddir)):
         m.save_pretrained(d)

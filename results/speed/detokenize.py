@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Cost of streaming text out of the engine: bd-ray's incremental StopChecker against decoding the
-whole output every chunk (what it did before, and what a naive streamer does).
+"""Finished experiment (results: results/speed/README.md). Cost of streaming text out of the engine:
+bd-ray's incremental StopChecker against decoding the whole output every chunk (what it did before,
+and what a naive streamer does).
 
 Feeds the first N tokens of a held-out pg-mini book (SmolLM2 tokenizer) in chunks of C tokens
 (C = 1: plain decoding; C = 3: a speculative cycle accepting 2), asking for the streamable text
 after every chunk, and prints milliseconds per chunk and their ratio. CPU only, seconds.
 
-    python benchmarks/detokenize.py [--tokens 1024 8192] [--chunk 1 3] [--stop zzqq]
+    python results/speed/detokenize.py [--tokens 1024 8192] [--chunk 1 3] [--stop zzqq]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 
 
 def _book_ids(tok, n: int) -> list[int]:
