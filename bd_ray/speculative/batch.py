@@ -354,6 +354,7 @@ def new_row(engine: BatchEngine, req: Any) -> Row:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
     budget = spec.budget if req.budget == "default" else req.budget
     prompt = req.prompt
+    policy = req.policy or spec.policy
     check_context(len(prompt), sampling.max_new_tokens, max_positions(engine.verifier))
     pre = req.prefilled
     if isinstance(pre, Prefilled) and pre.prompt != list(prompt):
@@ -367,11 +368,11 @@ def new_row(engine: BatchEngine, req: Any) -> Row:
         log.warning(fallback)
         spec_on = False
     if spec_on and budget is not None and budget < len(prompt):
-        least = min_budget(spec.policy, len(prompt))
+        least = min_budget(policy, len(prompt))
         if budget < least:
-            raise ValueError(f"KV budget {budget} is below the minimum {least} of the {spec.policy.name} policy "
+            raise ValueError(f"KV budget {budget} is below the minimum {least} of the {policy.name} policy "
                              f"for a {len(prompt)}-token prompt")
     adaptive = spec.adaptive if req.adaptive is None else req.adaptive
     controller = GammaController(gamma, min_gain=spec.adaptive_min_gain) if spec_on and adaptive else None
-    return Row(req, engine.tokenizer, engine.eos_token_ids, engine.device, gamma, budget, spec.policy,
+    return Row(req, engine.tokenizer, engine.eos_token_ids, engine.device, gamma, budget, policy,
                spec_on, fallback, controller)

@@ -80,6 +80,7 @@ class RowRequest:
         speculative: ``False`` decodes this row plainly inside a speculating batch.
         gamma: the row's γ (fixed) or γ cap (adaptive); ``None`` = the engine's.
         budget: drafter KV budget (``None`` = full cache; ``"default"`` = the engine's).
+        policy: the drafter's sparse policy (``None`` = the engine's).
         adaptive: γ chosen by the speculation policy (``None`` = the engine's setting).
         logprobs: ``k`` >= 0 returns each emitted token's logprob and its top-``k`` alternatives.
         prefilled: a :class:`Prefilled` (or a verifier ``PrefillResult``) of this prompt to reuse.
@@ -91,6 +92,7 @@ class RowRequest:
     speculative: bool = True
     gamma: int | None = None
     budget: int | None | str = "default"
+    policy: SparsePolicyConfig | None = None
     adaptive: bool | None = None
     logprobs: int | None = None
     prefilled: Any = None
