@@ -4,8 +4,8 @@ Importing this module registers, under the name :data:`ATTN_IMPLEMENTATION` (``"
 
 * an attention function (``transformers.AttentionInterface``) that computes attention through
   :func:`bd_ray_kernels.sparse_attention` -- the Triton kernel on CUDA -- and on CPU through
-  torch's fused flash kernel (``_cpu_fused_attention``; the torch reference when ragged
-  ``bd_ray_kv_lens`` are passed);
+  torch's fused flash kernel (``_cpu_fused_attention``; with ragged ``bd_ray_kv_lens``, the same
+  kernel with a per-row mask, ``_cpu_ragged_attention``);
 * a matching mask function (``transformers.AttentionMaskInterface``) that builds no mask: causality
   is handled by the kernel with the compact-cache convention "the last ``q_len`` entries of the
   key/value tensors are the new tokens, query ``i`` sees kv entries ``[0, kv_len - q_len + i]``".
@@ -35,7 +35,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import causal_mask_function
 
-from bd_ray_kernels import backend_name, sparse_attention
+from bd_ray_kernels import backend_name, sparse_attention, use_triton
 
 __all__ = ["ATTN_IMPLEMENTATION", "register", "bd_ray_sparse_attention_forward", "bd_ray_sparse_mask"]
 
@@ -130,10 +130,14 @@ def bd_ray_sparse_attention_forward(
     b, qh, q_len, d = query.shape
     if value.dtype != query.dtype or key.dtype != query.dtype:
         key, value = key.to(query.dtype), value.to(query.dtype)
-    if query.device.type != "cuda" and kwargs.get("bd_ray_kv_lens") is None:
-        return _cpu_fused_attention(query, key, value, scaling), None
+    kv_lens = kwargs.get("bd_ray_kv_lens")
+    if query.device.type != "cuda":
+        if kv_lens is None:
+            return _cpu_fused_attention(query, key, value, scaling), None
+        if not use_triton(query.device):   # (the Triton interpreter when tests force it)
+            return _cpu_ragged_attention(query, key, value, scaling, kv_lens), None
     out = torch.empty(b, q_len, qh, d, dtype=query.dtype, device=query.device)
-    sparse_attention(query, key, value, scale=scaling, kv_lens=kwargs.get("bd_ray_kv_lens"), out=out.transpose(1, 2))
+    sparse_attention(query, key, value, scale=scaling, kv_lens=kv_lens, out=out.transpose(1, 2))
     return out, None
 
 
@@ -183,6 +187,47 @@ def _cpu_fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         q = query.reshape(b, kvh, g * q_len, d)   # rows ordered (head in group, token)
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask.repeat(g, 1), scale=scale)
         return out.view(b, qh, q_len, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+_ragged_mask_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _ragged_mask(kv_lens: torch.Tensor, q_len: int, kv_len: int, repeat: int) -> torch.Tensor:
+    """``[b, 1, repeat * q_len, kv_len]`` bool mask: query ``i`` of row ``b`` sees entries
+    ``[0, kv_lens[b] - q_len + i]`` (rows stacked ``repeat`` times for grouped query heads).
+    Cached for the last lengths only: every layer of one forward asks for the same mask."""
+    key = (tuple(kv_lens.tolist()), q_len, kv_len, repeat, kv_lens.device)
+    mask = _ragged_mask_cache.get(key)
+    if mask is None:
+        last = (kv_lens.view(-1, 1, 1, 1) - q_len) + torch.arange(q_len, device=kv_lens.device).view(1, 1, q_len, 1)
+        mask = torch.arange(kv_len, device=kv_lens.device).view(1, 1, 1, kv_len) <= last
+        if repeat > 1:
+            mask = mask.repeat(1, 1, repeat, 1)
+        _ragged_mask_cache.clear()
+        _ragged_mask_cache[key] = mask
+    return mask
+
+
+def _cpu_ragged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float],
+                          kv_lens: torch.Tensor) -> torch.Tensor:
+    """Attention of a ragged batch (``kv_lens`` ``[b]`` valid entries per row, the last ``q_len`` of
+    them the new tokens) through torch's fused kernel with a per-row boolean mask; returns
+    ``[b, q_len, q_heads, d]``. Query heads sharing a KV head are stacked as in
+    :func:`_cpu_fused_attention`, so each row's K/V are read once per KV head. Entries past a row's
+    length are masked (they must be finite: storage is zero-initialised, see
+    :mod:`bd_ray.speculative.ragged_cache`)."""
+    F = torch.nn.functional
+    b, qh, q_len, d = query.shape
+    kvh, kv_len = key.shape[1], key.shape[2]
+    g = qh // kvh
+    if g * q_len <= _GROUPED_ROWS:
+        mask = _ragged_mask(kv_lens, q_len, kv_len, g)
+        out = F.scaled_dot_product_attention(query.reshape(b, kvh, g * q_len, d), key, value, attn_mask=mask,
+                                             scale=scale)
+        return out.view(b, qh, q_len, d).transpose(1, 2)
+    mask = _ragged_mask(kv_lens, q_len, kv_len, 1)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
 

@@ -56,6 +56,8 @@ __all__ = [
     "next_position",
     "forward_with_cache",
     "capture_queries",
+    "base_and_head",
+    "apply_head",
 ]
 
 
@@ -307,7 +309,8 @@ def _attention_modules(model) -> list:
 # ------------------------------------------------------------------------------------------
 
 
-def _base_and_head(model):
+def base_and_head(model):
+    """``(base model, LM head)`` of a causal LM; ``ValueError`` when it has no such split."""
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         base = getattr(model, "model", None)
@@ -317,7 +320,8 @@ def _base_and_head(model):
     return base, head
 
 
-def _apply_head(model, head, hidden: torch.Tensor) -> torch.Tensor:
+def apply_head(model, head, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits ``[..., vocab]`` of final hidden states ``[..., hidden]`` (with the model's soft-capping)."""
     logits = head(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma-2/3 style soft-capping, applied by their CausalLM forward
@@ -437,13 +441,13 @@ def forward_with_cache(model, cache, input_ids: torch.Tensor, start_position, hi
             past = cache_len(cache)
             attention_mask = torch.ones(b, past + n, dtype=torch.long, device=dev)
             attention_mask[:, : valid.shape[1]] = valid.to(dev).long()
-    base, head = _base_and_head(model)
+    base, head = base_and_head(model)
     out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                cache=cache, use_cache=True)
     hidden = out.last_hidden_state
     if hidden_only:
         return hidden
-    return _apply_head(model, head, hidden)
+    return apply_head(model, head, hidden)
 
 
 @torch.no_grad()
@@ -496,7 +500,7 @@ def prefill(model, input_ids: torch.Tensor, cache: KVCache | None = None, chunk_
         raise ValueError("prefill with ragged lengths needs an empty cache")
     if past and getattr(cache, "kept_valid", None) is not None:
         raise ValueError("cannot append a prefill to a cache with padded prefix entries")
-    base, head = _base_and_head(model)
+    base, head = base_and_head(model)
 
     W = int(capture_queries_window)
     buffers: dict[int, torch.Tensor] = {}
@@ -545,10 +549,10 @@ def prefill(model, input_ids: torch.Tensor, cache: KVCache | None = None, chunk_
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
-    logits = _apply_head(model, head, last_hidden).float()
+    logits = apply_head(model, head, last_hidden).float()
     tail = None
     if T:
-        tail = _apply_head(model, head, tail_hidden).argmax(-1)                            # [b, T]
+        tail = apply_head(model, head, tail_hidden).argmax(-1)                            # [b, T]
         tail = torch.where(tail_pos >= 0, tail, torch.full_like(tail, -1))
 
     cache.kept_len = cache_len(cache)

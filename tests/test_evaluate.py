@@ -242,16 +242,16 @@ def corrupt_one_cell(monkeypatch):
     """Test-only corruption of the SD verifier path for ONE cell (gamma 3, budget 16, drafter 'tiny'):
     greedy verification accepts every draft, so SD emits the drafter's tokens instead of the
     verifier's. AR and all other cells are untouched."""
-    from bd_ray.speculative import engine
+    from bd_ray.speculative import batch, engine
 
     state = {"on": False}
-    real_verify, real_generate = engine.verify_greedy, engine.SpeculativeGenerator.generate
+    real_verify, real_generate = batch.verify_greedy_batch, engine.SpeculativeGenerator.generate
 
     def verify(drafts, logits):
-        v = real_verify(drafts, logits)
+        verdicts = real_verify(drafts, logits)
         if state["on"]:
-            return type(v)(len(drafts), int(logits[len(drafts)].argmax()))
-        return v
+            return [type(v)(len(d), int(lg[len(d)].argmax())) for v, d, lg in zip(verdicts, drafts, logits)]
+        return verdicts
 
     def generate(self, prompt_ids, sampling, gamma=None, budget="default", **kw):
         state["on"] = gamma == 3 and budget == 16
@@ -260,7 +260,7 @@ def corrupt_one_cell(monkeypatch):
         finally:
             state["on"] = False
 
-    monkeypatch.setattr(engine, "verify_greedy", verify)
+    monkeypatch.setattr(batch, "verify_greedy_batch", verify)
     monkeypatch.setattr(engine.SpeculativeGenerator, "generate", generate)
     return state
 

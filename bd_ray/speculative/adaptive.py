@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["GammaController", "AdaptiveStats", "expected_tokens", "prompt_agreement", "PROMPT_PROBE_TOKENS"]
+__all__ = ["GammaController", "AdaptiveStats", "Ema", "expected_tokens", "prompt_agreement", "PROMPT_PROBE_TOKENS"]
 
 #: Prompt positions (tokens) at which both prefills report their argmax, for the acceptance prior.
 PROMPT_PROBE_TOKENS = 32
@@ -119,7 +119,7 @@ class AdaptiveStats:
         }
 
 
-class _Ema:
+class Ema:
     """Exponential moving average; ``None`` until the first sample."""
 
     def __init__(self, weight: float) -> None:
@@ -185,10 +185,10 @@ class GammaController:
         self._prior = (prior_accept, prior_reject)
         self.prior_draft_ratio = prior_draft_ratio
         self.prior_slope_ratio = prior_slope_ratio
-        self._plain = _Ema(timing_weight)        # T_v(1), seconds
-        self._draft = _Ema(timing_weight)        # t_d, seconds per drafter step
-        self._slope = _Ema(timing_weight)        # s, seconds per extra verified token
-        self._realized = _Ema(timing_weight)     # tokens/s actually achieved by speculative cycles
+        self._plain = Ema(timing_weight)        # T_v(1), seconds
+        self._draft = Ema(timing_weight)        # t_d, seconds per drafter step
+        self._slope = Ema(timing_weight)        # s, seconds per extra verified token
+        self._realized = Ema(timing_weight)     # tokens/s actually achieved by speculative cycles
         self._cycles_on = 0                      # cycles since speculation was (re)started
         self._resumed_without_paying = False     # a probe restarted speculation; not yet paid off
         self._speculating = True

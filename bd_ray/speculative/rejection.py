@@ -22,7 +22,7 @@ import torch
 
 from bd_ray.speculative.sampling import sample_from
 
-__all__ = ["Verdict", "verify_greedy", "verify_sampling"]
+__all__ = ["Verdict", "verify_greedy", "verify_greedy_batch", "verify_sampling"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,32 @@ def verify_greedy(drafts: list[int], target_logits: torch.Tensor) -> Verdict:
     while n < len(drafts) and drafts[n] == target[n]:
         n += 1
     return Verdict(n, int(target[n]))
+
+
+def verify_greedy_batch(drafts: list[list[int]], target_logits: list[torch.Tensor]) -> list[Verdict]:
+    """Greedy verification of many rows' blocks at once (per-row γ, 0 allowed).
+
+    Args:
+        drafts: per row its γ_r drafted ids.
+        target_logits: per row ``[γ_r + 1, vocab]`` verifier logits (as :func:`verify_greedy`).
+
+    Returns:
+        One verdict per row, equal to :func:`verify_greedy` of that row alone. The argmax runs once
+        over the rows' concatenated logits (one device sync for the batch, as vLLM's flattened
+        draft layout with per-request counts).
+    """
+    if not drafts:
+        return []
+    target = torch.cat(target_logits).argmax(dim=-1).tolist()
+    out, at = [], 0
+    for d, logits in zip(drafts, target_logits):
+        row = target[at: at + logits.shape[0]]
+        at += logits.shape[0]
+        n = 0
+        while n < len(d) and d[n] == row[n]:
+            n += 1
+        out.append(Verdict(n, int(row[n])))
+    return out
 
 
 def verify_sampling(drafts: list[int], draft_probs: torch.Tensor, target_probs: torch.Tensor,

@@ -1,0 +1,380 @@
+"""The batched speculative engine: a dynamic set of requests (rows) stepped together.
+
+One :meth:`BatchEngine.step`:
+
+1. admit waiting requests while ``max_num_seqs`` and the KV-cache memory budget allow (the rest
+   wait in FIFO order; nothing is allocated beyond the budget, so many long prompts never OOM);
+2. prefill: up to ``prefill_chunk`` prompt tokens of the rows being prefilled, a chunk per step
+   (rows already decoding keep going: chunked prefill interleaved with decoding). A prompt is
+   prefilled into a per-request cache (:func:`bd_ray.kvcache.prefill`, so query capture and the
+   prompt-agreement probe are the batch-1 ones), then copied into its slot; the drafter's prefix
+   is compacted to the row's KV budget by its sparse policy (:func:`bd_ray.kvcache.compact_cache`,
+   the rule of :func:`bd_ray.sparse.select_positions`). The verifier's last logits give the
+   first token, as in plain decoding;
+3. decode: the speculation policy (:mod:`bd_ray.speculative.batch_policy`) gives each row its γ
+   (0 allowed); ``max γ`` drafter forwards draft for all drafting rows at once (a row takes part
+   in the first ``γ_r``); ONE verifier forward over every row's block (γ_r drafts + the pending
+   token); per-row rejection (greedy argmax once for the batch; sampling with each row's own
+   generator, in the batch-1 order of draws); per-row emission through the stopping rules, and
+   per-row rollback (a length update in :class:`RaggedKVCache`).
+
+Both caches are :class:`bd_ray.speculative.ragged_cache.RaggedKVCache` (padded
+``[slots, kv_heads, capacity, head_dim]``, per-row lengths); a row keeps the same slot index in
+both. A finished or cancelled row frees its slot at once (length 0); when no row is left both
+caches release their storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bd_ray import kvcache
+from bd_ray.config import budget_tokens
+from bd_ray.sparse import min_budget, queries_needed
+from bd_ray.speculative.adaptive import PROMPT_PROBE_TOKENS, GammaController, prompt_agreement
+from bd_ray.speculative.batch_policy import BatchSpecPolicy
+from bd_ray.speculative.ragged_cache import RaggedKVCache, kv_bytes_per_token, ragged_forward
+from bd_ray.speculative.rejection import verify_greedy_batch, verify_sampling
+from bd_ray.speculative.results import check_context, max_positions
+from bd_ray.speculative.rows import CycleState, Prefilled, Row
+from bd_ray.speculative.sampling import filtered_probs
+
+__all__ = ["BatchOptions", "BatchEngine", "new_row"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchOptions:
+    """Admission limits of a :class:`BatchEngine`.
+
+    Attributes:
+        max_num_seqs: rows decoded together at most.
+        kv_cache_bytes: bytes both caches (and in-flight prefills) may hold; ``None`` = no limit.
+        disable_above: adaptive rows never speculate with more decoding rows than this.
+    """
+
+    max_num_seqs: int = 8
+    kv_cache_bytes: int | None = None
+    disable_above: int | None = None
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _pieces(n: int, chunk: int, need: int) -> list[tuple[int, int]]:
+    """Prefill pieces of an ``n``-token prompt: ``chunk`` tokens each, the last at least ``need``
+    long (it must see the positions whose queries / argmax are captured)."""
+    starts = list(range(0, n, chunk))
+    last = starts[-1]
+    if n - last < need:
+        last = max(0, n - need)
+    starts = [s for s in starts if s < last] + [last]
+    return [(s, e) for s, e in zip(starts, starts[1:] + [n])]
+
+
+class BatchEngine:
+    """Continuous batching of (speculative) requests on one verifier and an optional drafter.
+
+    Args:
+        verifier, drafter: transformers causal LMs (``drafter=None``: plain decoding only).
+        tokenizer: their tokenizer. spec: :class:`bd_ray.config.SpecConfig` (γ, budget, policy,
+            prefill chunk, adaptive). options: :class:`BatchOptions`. eos_token_ids: default EOS ids.
+    """
+
+    def __init__(self, verifier: Any, drafter: Any, tokenizer: Any, spec: Any, options: BatchOptions | None = None,
+                 eos_token_ids: list[int] | None = None) -> None:
+        self.verifier, self.drafter, self.tokenizer, self.spec = verifier, drafter, tokenizer, spec
+        self.options = options or BatchOptions()
+        self.device = next(verifier.parameters()).device
+        self.eos_token_ids = eos_token_ids or []
+        self.vcache = RaggedKVCache(verifier.config.num_hidden_layers)
+        self.dcache = RaggedKVCache(drafter.config.num_hidden_layers) if drafter is not None else None
+        self.v_bpt = kv_bytes_per_token(verifier)
+        self.d_bpt = kv_bytes_per_token(drafter) if drafter is not None else 0
+        self.policy = BatchSpecPolicy(max_gamma=spec.gamma, min_gain=spec.adaptive_min_gain,
+                                      disable_above=self.options.disable_above)
+        self.waiting: deque[Row] = deque()
+        self.rows: dict[int, Row] = {}          # slot -> row (admitted, not finished)
+
+    # ---- admission ------------------------------------------------------------------------------
+    def row_bytes(self, row: Row) -> tuple[int, int, int]:
+        """(verifier entries, drafter entries, transient prefill bytes) a row needs at most."""
+        extra = row.req.sampling.max_new_tokens + row.gamma + 2
+        d = (min(row.budget or row.n_prompt, row.n_prompt) + extra) if row.spec else 0
+        transient = row.n_prompt * (self.v_bpt + (self.d_bpt if row.spec else 0))
+        return row.n_prompt + extra, d, transient
+
+    def projected_bytes(self, rows: list[Row]) -> int:
+        """Bytes the padded caches (+ in-flight prefills) take for ``rows`` in slots 0..len-1."""
+        if not rows:
+            return 0
+        needs = [self.row_bytes(r) for r in rows]
+        n = len(rows)
+        cache = n * (max(v for v, _, _ in needs) * self.v_bpt + max(d for _, d, _ in needs) * self.d_bpt)
+        return cache + sum(t for (_, _, t), r in zip(needs, rows) if r.phase in ("waiting", "prefill"))
+
+    def submit(self, row: Row) -> Row:
+        """Queue a row (built by the caller, validated). Raises ``ValueError`` when it alone
+        exceeds the memory budget (it could never be admitted)."""
+        budget = self.options.kv_cache_bytes
+        if budget is not None and self.projected_bytes([row]) > budget:
+            raise ValueError(f"request needs {self.projected_bytes([row])} bytes of KV cache, more than the "
+                             f"engine's kv_cache_bytes budget of {budget} bytes")
+        self.waiting.append(row)
+        return row
+
+    def _admit(self) -> None:
+        budget = self.options.kv_cache_bytes
+        while self.waiting and len(self.rows) < self.options.max_num_seqs:
+            row = self.waiting[0]
+            if budget is not None and self.projected_bytes(list(self.rows.values()) + [row]) > budget:
+                break
+            self.waiting.popleft()
+            row.slot = next(s for s in range(len(self.rows) + 1) if s not in self.rows)
+            self.rows[row.slot] = row
+            self._start_prefill(row)
+
+    def cancel(self, row: Row) -> None:
+        """Drop a row now (client gone): its slot and both caches' entries are freed at once."""
+        row.cancelled = True
+        if row in self.waiting:
+            self.waiting.remove(row)
+        self._release(row)
+
+    def _release(self, row: Row) -> None:
+        if row.slot is not None and self.rows.get(row.slot) is row:
+            del self.rows[row.slot]
+            self.vcache.reserve(row.slot + 1, 0)
+            self.vcache.free(row.slot)
+            if self.dcache is not None:
+                self.dcache.reserve(row.slot + 1, 0)
+                self.dcache.free(row.slot)
+        row.v_tmp = row.d_tmp = None
+        if not self.rows:
+            self.vcache.release()
+            if self.dcache is not None:
+                self.dcache.release()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    def stats(self) -> dict:
+        """Engine counters: rows live/waiting, cache bytes, and the decode steps' :class:`BatchStats`."""
+        return {"live_rows": len(self.rows), "waiting": len(self.waiting),
+                "cache_bytes": self.vcache.nbytes + (self.dcache.nbytes if self.dcache else 0),
+                **self.policy.stats.as_dict()}
+
+    # ---- step -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One engine step (module docstring); chunks land in each row's ``outbox``."""
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _start_prefill(self, row: Row) -> None:
+        pre = row.req.prefilled
+        tail = PROMPT_PROBE_TOKENS if row.controller is not None else 0
+        if isinstance(pre, Prefilled):
+            row.v_tmp, row.d_tmp = pre.verifier, pre.drafter if row.spec else None
+        elif pre is not None:
+            row.v_tmp = pre
+        if row.v_tmp is None:
+            row.v_pieces = _pieces(row.n_prompt, self.spec.prefill_chunk, tail)
+        if row.spec and row.d_tmp is None:
+            row.d_pieces = _pieces(row.n_prompt, self.spec.prefill_chunk, max(tail, queries_needed(row.policy)))
+        row.phase = "prefill"
+
+    def _prefill_piece(self, model: Any, row: Row, pieces: list, tmp: Any, need_q: int, tail: int) -> Any:
+        s, e = pieces.pop(0)
+        last = not pieces
+        ids = torch.tensor([row.prompt[s:e]], device=self.device)
+        out = kvcache.prefill(model, ids, cache=tmp.cache if tmp is not None else None,
+                              chunk_size=self.spec.prefill_chunk, start_position=s,
+                              capture_queries_window=need_q if last else 0, tail_argmax=tail if last else 0)
+        return out
+
+    def _prefill(self) -> None:
+        left = self.spec.prefill_chunk
+        for row in [r for r in self.rows.values() if r.phase == "prefill"]:
+            if left <= 0:
+                break
+            tail = PROMPT_PROBE_TOKENS if row.controller is not None else 0
+            if row.v_pieces:
+                left -= row.v_pieces[0][1] - row.v_pieces[0][0]
+                t = _clock(self.device)
+                row.v_tmp = self._prefill_piece(self.verifier, row, row.v_pieces, row.v_tmp, 0, tail)
+                row.timings.verifier_prefill_s += _clock(self.device) - t
+            if row.d_pieces:
+                t = _clock(self.device)
+                row.d_tmp = self._prefill_piece(self.drafter, row, row.d_pieces, row.d_tmp,
+                                                queries_needed(row.policy), tail)
+                row.timings.drafter_prefill_s += _clock(self.device) - t
+            if not row.v_pieces and not row.d_pieces:
+                self._start_decoding(row)
+
+    def _start_decoding(self, row: Row) -> None:
+        vpre, dpre = row.v_tmp, row.d_tmp
+        if kvcache.cache_len(vpre.cache) != row.n_prompt:
+            raise ValueError(f"prefilled verifier cache holds {kvcache.cache_len(vpre.cache)} tokens, "
+                             f"prompt has {row.n_prompt}")
+        self.vcache.install(row.slot, [(l.keys, l.values) for l in vpre.cache.layers])
+        row.v_len = row.peak_v = row.n_prompt
+        if row.spec:
+            if row.controller is not None:
+                agreement = prompt_agreement(vpre.tail_argmax, dpre.tail_argmax)
+                if agreement is not None:
+                    row.controller.observe_prompt_agreement(*agreement)
+            t = _clock(self.device)
+            compact = kvcache.compact_cache(dpre.cache, row.budget, row.policy, queries=dpre.queries)
+            self.dcache.install(row.slot, [(l.keys, l.values) for l in compact.layers])
+            row.timings.drafter_prefill_s += _clock(self.device) - t
+            row.kept = row.peak_d = kvcache.cache_len(compact)
+            row.kept_positions = compact.kept_positions
+            row.d_len = row.n_prompt
+        row.v_tmp = row.d_tmp = None
+        row.phase = "decode"
+        logits = vpre.last_logits[0]
+        row.emit([row.pick(logits)], logits.view(1, -1))
+        if row.finished:
+            self._finish(row)
+
+    def _finish(self, row: Row) -> None:
+        row.finish()
+        self._release(row)
+
+    # ---- decode ---------------------------------------------------------------------------------
+    def _decode(self) -> None:
+        rows = [r for r in self.rows.values() if r.phase == "decode"]
+        if not rows:
+            return
+        gammas = self.policy.choose(rows)
+        drafts: dict[Row, list[int]] = {r: [] for r in rows}
+        qs: dict[Row, list[torch.Tensor]] = {r: [] for r in rows}
+        catch_up: dict[Row, float] = {}
+        row_draft_s: dict[Row, float] = {r: 0.0 for r in rows}   # drafter forwards the row took part in
+        draft_s = 0.0
+        g_max = max(gammas.values())
+        for k in range(g_max):
+            part = [r for r in rows if gammas[r] > k]
+            feeds = {r.slot: (r.committed[r.d_len:] if k == 0 else [drafts[r][-1]]) for r in part}
+            t = _clock(self.device)
+            out = ragged_forward(self.drafter, self.dcache, feeds,
+                                 {r.slot: r.d_len for r in part}, {r.slot: 1 for r in part})
+            dt = _clock(self.device) - t
+            draft_s += dt
+            for r in part:
+                if k == 0 and len(feeds[r.slot]) > 2:   # catching up on plainly decoded tokens
+                    catch_up[r] = dt
+                r.d_len += len(feeds[r.slot])
+                tok, q = r.draft_token(out[r.slot][-1])
+                drafts[r].append(tok)
+                if q is not None:
+                    qs[r].append(q)
+                r.timings.draft_s += dt
+                row_draft_s[r] += dt
+        for r in rows:
+            if gammas[r]:
+                r.peak_d = max(r.peak_d, r.kept + r.d_len - r.n_prompt)
+
+        feeds = {r.slot: r.committed[r.v_len:] + drafts[r] for r in rows}
+        t = _clock(self.device)
+        out = ragged_forward(self.verifier, self.vcache, feeds, {r.slot: r.v_len for r in rows},
+                             {r.slot: gammas[r] + 1 for r in rows})
+        verdicts = self._verify(rows, drafts, qs, out)
+        verify_s = _clock(self.device) - t
+        tokens = 0
+        for r in rows:
+            g, verdict = gammas[r], verdicts[r]
+            committed_n = len(r.committed)
+            r.peak_v = max(r.peak_v, r.v_len + len(feeds[r.slot]))
+            if g == 0:
+                r.v_len = committed_n
+                r.timings.plain_s += verify_s
+                r.plain_steps += 1
+                if r.controller is not None:
+                    r.controller.observe_plain(verify_s)
+            else:
+                r.metrics.record_cycle(g, verdict.num_accepted)
+                r.v_len = committed_n + verdict.num_accepted
+                self.vcache.set_len(r.slot, r.v_len)
+                r.d_len = committed_n + min(verdict.num_accepted, g - 1)
+                self.dcache.set_len(r.slot, r.kept + r.d_len - r.n_prompt)
+                r.timings.verify_s += verify_s
+                if r.controller is not None:
+                    r.controller.observe_cycle(g, verdict.num_accepted, row_draft_s[r], verify_s,
+                                               catch_up_s=catch_up.get(r, 0.0))
+            before = r.checker.num_tokens
+            r.emit(verdict.emitted(drafts[r]), out[r.slot])
+            tokens += r.checker.num_tokens - before
+            if g and r.req.inspect is not None:
+                r.req.inspect(self._cycle_state(r))
+            if r.finished:
+                self._finish(r)
+        self.policy.observe(len(rows), g_max, draft_s, verify_s, tokens)
+
+    def _verify(self, rows: list[Row], drafts: dict, qs: dict, out: dict) -> dict:
+        greedy = [r for r in rows if r.greedy]
+        verdicts = dict(zip(greedy, verify_greedy_batch([drafts[r] for r in greedy], [out[r.slot] for r in greedy])))
+        for r in rows:
+            if not r.greedy:
+                q = torch.stack(qs[r]) if qs[r] else None
+                verdicts[r] = verify_sampling(drafts[r], q, filtered_probs(out[r.slot], r.req.sampling), r.generator)
+        return verdicts
+
+    def _cycle_state(self, r: Row) -> CycleState:
+        v = kvcache.KVCache.from_tensors(self.vcache.row(r.slot))
+        d = kvcache.KVCache.from_tensors(self.dcache.row(r.slot))
+        d.kept_positions, d.kept_len = r.kept_positions, r.kept
+        return CycleState(r.committed, v, d, r.v_len, r.d_len, r.kept)
+
+
+def new_row(engine: BatchEngine, req: Any) -> Row:
+    """Validate a :class:`bd_ray.speculative.rows.RowRequest` and build its :class:`Row`.
+
+    Raises:
+        ValueError: ``gamma < 1``; an empty prompt; ``prefilled`` from another prompt; a budget
+            below the sparse policy's minimum for this prompt (names the minimum,
+            :func:`bd_ray.sparse.min_budget`).
+        ContextLengthError: prompt + ``max_new_tokens`` beyond the verifier's positions.
+    """
+    spec, sampling = engine.spec, req.sampling
+    gamma = spec.gamma if req.gamma is None else int(req.gamma)
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    # "default" = the engine spec's budget; "full" and None both mean the full drafter cache
+    budget = budget_tokens(spec.budget if req.budget == "default" else req.budget)
+    prompt = req.prompt
+    policy = req.policy or spec.policy
+    check_context(len(prompt), sampling.max_new_tokens, max_positions(engine.verifier))
+    pre = req.prefilled
+    if isinstance(pre, Prefilled) and pre.prompt != list(prompt):
+        raise ValueError("prefilled belongs to a different prompt")
+    spec_on = bool(req.speculative) and engine.drafter is not None
+    fallback = None
+    d_limit = max_positions(engine.drafter) if engine.drafter is not None else None
+    if spec_on and d_limit is not None and len(prompt) + sampling.max_new_tokens > d_limit:
+        fallback = (f"drafter position limit {d_limit} < prompt ({len(prompt)}) + max_new_tokens "
+                    f"({sampling.max_new_tokens}); decoded without speculation")
+        log.warning(fallback)
+        spec_on = False
+    if spec_on and budget is not None and budget < len(prompt):
+        least = min_budget(policy, len(prompt))
+        if budget < least:
+            raise ValueError(f"KV budget {budget} is below the minimum {least} of the {policy.name} policy "
+                             f"for a {len(prompt)}-token prompt")
+    adaptive = spec.adaptive if req.adaptive is None else req.adaptive
+    controller = GammaController(gamma, min_gain=spec.adaptive_min_gain) if spec_on and adaptive else None
+    return Row(req, engine.tokenizer, engine.eos_token_ids, engine.device, gamma, budget, policy,
+               spec_on, fallback, controller)

@@ -1,0 +1,235 @@
+"""The batched engine (bd_ray/speculative/batch.py) on tiny random-weight Llamas, fp32.
+
+Every request of a batch must decode exactly as it would alone (cases 4 and 12), whatever its
+batch mates: prompt lengths, γ, budgets, policies, speculation on/off, rows joining and leaving,
+cancellations; cases 1-3, 9, 13, 14 and 15 per row; admission by rows and bytes; chunked prefill
+interleaved with decoding; the batch speculation policy and the reported decoding mode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bd_ray.attention  # noqa: F401  (registers bd_ray_sparse)
+from bd_ray.testing.tiny import tiny_llama
+from bd_ray import kvcache
+from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
+from bd_ray.speculative.batch import BatchEngine, BatchOptions, new_row
+from bd_ray.speculative.engine import ARGenerator, RowRequest, SpeculativeGenerator
+from bd_ray.speculative.ragged_cache import RaggedKVCache, ragged_forward
+
+STREAMING = SparsePolicyConfig(name="streaming", sink=4)
+SNAPKV = SparsePolicyConfig(name="snapkv", sink=4, window=8, pool_kernel=3)
+
+
+@pytest.fixture(scope="module")
+def drafter():
+    return tiny_llama(layers=1, seed=1)
+
+
+def _prompt(seed: int, n: int, vocab: int = 320) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+
+def greedy(n: int, **kw) -> SamplingConfig:
+    return SamplingConfig(temperature=0.0, max_new_tokens=n, eos_token_ids=[], **kw)
+
+
+def _solo(verifier, tok, prompt, sampling):
+    return ARGenerator(verifier, tok).generate(prompt, sampling)
+
+
+# ---- the ragged forward ----------------------------------------------------------------------
+@pytest.mark.parametrize("attn", ["bd_ray_sparse", "sdpa", "eager"])
+def test_ragged_forward_equals_each_row_alone(attn):
+    model = tiny_llama(layers=2, seed=0)
+    model.set_attn_implementation(attn)
+    prompts = [_prompt(s, n) for s, n in ((0, 30), (1, 17), (2, 45))]
+    cache = RaggedKVCache(2)
+    with torch.inference_mode():
+        for s, p in enumerate(prompts):
+            pre = kvcache.prefill(model, torch.tensor([p]))
+            cache.install(s, [(layer.keys, layer.values) for layer in pre.cache.layers])
+        feeds = {0: [5, 6, 7], 1: [9], 2: [11, 12]}
+        out = ragged_forward(model, cache, feeds, {s: len(prompts[s]) for s in feeds}, {0: 3, 1: 1, 2: 2})
+        for s, f in feeds.items():
+            want = model(torch.tensor([prompts[s] + f])).logits[0, -len(out[s]):]
+            torch.testing.assert_close(out[s], want, atol=2e-5, rtol=0)
+        # a subset of the slots (slot 1 takes no part; its entries beyond its length are never read)
+        out = ragged_forward(model, cache, {0: [1], 2: [2, 3]}, {0: 33, 2: 47}, {0: 1, 2: 1})
+        torch.testing.assert_close(out[0][0], model(torch.tensor([prompts[0] + [5, 6, 7, 1]])).logits[0, -1],
+                                   atol=2e-5, rtol=0)
+    assert cache.lens == [34, 18, 49]
+
+
+# ---- cases 4 and 12: every row equals its solo greedy decoding -------------------------------
+def test_mixed_batch_greedy_equals_solo(verifier, drafter, tok):
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4),
+                              options=BatchOptions(max_num_seqs=4))
+    specs = [dict(prompt=_prompt(0, 150), gamma=1), dict(prompt=_prompt(1, 30), gamma=6, budget=None),
+             dict(prompt=_prompt(2, 90), gamma=3, policy=STREAMING),
+             dict(prompt=_prompt(3, 120), gamma=8, budget=64, policy=SNAPKV),
+             dict(prompt=_prompt(4, 60), speculative=False), dict(prompt=_prompt(5, 20), gamma=2, budget=None),
+             dict(prompt=_prompt(6, 200), gamma=5, budget=40, adaptive=True),
+             dict(prompt=_prompt(7, 75), gamma=4)]
+    lengths = [24, 9, 31, 17, 12, 28, 20, 5]
+    reqs = [RowRequest(sampling=greedy(n), **s) for s, n in zip(specs, lengths)]
+    results = sd.generate_many(reqs)
+    for req, res in zip(reqs, results):
+        assert res.token_ids == _solo(verifier, tok, req.prompt, req.sampling).token_ids
+        assert len(res.token_ids) == req.sampling.max_new_tokens and res.finish_reason == "length"
+    assert results[4].mode == "plain" and "speculative=False" in results[4].mode_reason
+    assert not results[4].speculative and results[0].speculative
+    assert results[0].mode == "mixed" and results[0].metrics.cycles > 0   # the last token is a plain step
+    stats = sd.engine.stats()
+    assert stats["max_rows"] == 4 and stats["rows_per_step"] > 1           # rows joined and left
+    assert stats["live_rows"] == 0 and stats["waiting"] == 0 and stats["cache_bytes"] == 0
+
+
+def test_case12_repetitive_and_prose_batch_isolation(verifier, tok):
+    # the verifier's own first layer drafts: long accepted runs on repetition, short on prose
+    from bd_ray.models import init_drafter_from_verifier
+
+    drafter = init_drafter_from_verifier(verifier, 1)
+    rep = tok("1 2 3 " * 40)["input_ids"]
+    prose = tok("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                "must be in want of a wife.")["input_ids"]
+    prompts = [rep[: 60 + 7 * i] for i in range(8)] + [prose[: 20 + 2 * i] for i in range(8)]
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=None, gamma=8),
+                              options=BatchOptions(max_num_seqs=16))
+    results = sd.generate_many([RowRequest(p, greedy(64), gamma=8 if i < 8 else 2) for i, p in enumerate(prompts)])
+    for p, res in zip(prompts, results):
+        assert res.token_ids == _solo(verifier, tok, p, greedy(64)).token_ids
+    assert sd.engine.stats()["max_rows"] == 16
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+def test_seeded_sampling_same_alone_and_batched_unseeded_rows_differ(verifier, drafter, tok):
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=64, gamma=4))
+    seeded = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=25, seed=7, eos_token_ids=[])
+    prompt = _prompt(9, 80)
+    alone = sd.generate(prompt, seeded)
+    free = SamplingConfig(temperature=1.0, max_new_tokens=30, eos_token_ids=[])
+    batch = sd.generate_many([RowRequest(_prompt(10, 50), greedy(20), gamma=2),
+                              RowRequest(prompt, seeded),
+                              RowRequest(_prompt(11, 40), free), RowRequest(_prompt(11, 40), free)])
+    assert batch[1].token_ids == alone.token_ids and batch[1].text == alone.text
+    assert batch[2].token_ids != batch[3].token_ids        # no shared random stream
+
+
+# ---- cases 1-3 and 9 per row in a batch --------------------------------------------------------
+def test_cases_1_2_3_9_per_row_in_a_batch(verifier, tok):
+    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4))
+    p_eos, p_stop, p_len = _prompt(11, 30), _prompt(5, 60), _prompt(3, 20)
+    free = _solo(verifier, tok, p_eos, greedy(12)).token_ids
+    eos_cfg = SamplingConfig(temperature=0.0, max_new_tokens=12, eos_token_ids=[5_000, free[2]])
+    text = _solo(verifier, tok, p_stop, greedy(30)).text
+    stop_cfgs = [greedy(30, stop=[text[5:8]]), greedy(30, stop=[text[10:14]])]
+    reqs = [RowRequest(p_eos, eos_cfg), *(RowRequest(p_stop, c, gamma=g) for c in stop_cfgs for g in (3, 6)),
+            *(RowRequest(p_len, greedy(n), gamma=8) for n in (1, 2, 5, 9, 10))]
+    results = sd.generate_many(reqs)
+    assert results[0].token_ids == free[: free.index(free[2]) + 1] and results[0].finish_reason == "stop"
+    for req, res in zip(reqs[1:5], results[1:5]):
+        want = _solo(verifier, tok, req.prompt, req.sampling)
+        assert res.token_ids == want.token_ids and res.text == want.text and res.finish_reason == "stop"
+    for n, res in zip((1, 2, 5, 9, 10), results[5:]):
+        assert len(res.token_ids) == n and res.finish_reason == "length"
+        if n == 10:   # case 9 with a perfect drafter: every draft accepted, τ = γ + 1
+            assert res.metrics.acceptance_rate == 1.0 and res.metrics.cycles >= 1
+    stats = sd.engine.stats()
+    assert stats["tokens_per_step"] > 1 and {"4", "8"} & set(stats["gamma_chosen"])
+
+
+# ---- cases 13 and 14: token accounting and logprobs ----------------------------------------------
+def test_case13_token_accounting_and_case14_logprobs(verifier, tok):
+    rep = tok("1 2 3 " * 30)["input_ids"]
+    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=8))
+    ns = (1, 3, 7, 8, 9, 64)
+    results = sd.generate_many([RowRequest(rep, greedy(n), logprobs=3) for n in ns])
+    for n, res in zip(ns, results):
+        assert res.finish_reason == "length" and len(res.token_ids) == n == len(res.logprobs)
+        assert [e["token"] for e in res.logprobs] == res.token_ids
+    # logprobs equal with speculation on and off; never 0.0 for a random model
+    plain = ARGenerator(verifier, tok).generate(rep, greedy(64), logprobs=3)
+    for a, b in zip(results[-1].logprobs, plain.logprobs):
+        assert a["token"] == b["token"] and abs(a["logprob"] - b["logprob"]) < 1e-4 and a["logprob"] != 0.0
+        assert [t for t, _ in a["top"]] == [t for t, _ in b["top"]] and len(a["top"]) == 3
+    # a stop string completing inside an accepted block: no entries for the trimmed text
+    text = plain.text
+    res = sd.generate(rep, greedy(64, stop=[text[9:12]]), logprobs=2)
+    assert res.finish_reason == "stop" and len(res.logprobs) == len(res.token_ids)
+    assert tok.decode(res.token_ids) == res.text
+
+
+# ---- admission, joining/leaving, cancellation, slot reuse (case 15) ------------------------------
+def test_admission_by_rows_and_bytes_all_complete(verifier, drafter, tok):
+    spec = SpecConfig(budget=48, gamma=3)
+    probe = BatchEngine(verifier, drafter, tok, spec)
+    row = new_row(probe, RowRequest(_prompt(0, 100), greedy(16)))
+    two_rows = probe.projected_bytes([row, row])
+    engine = BatchEngine(verifier, drafter, tok, spec, BatchOptions(max_num_seqs=3, kv_cache_bytes=two_rows))
+    rows = [engine.submit(new_row(engine, RowRequest(_prompt(i, 100), greedy(16)))) for i in range(6)]
+    peak_rows = peak_bytes = 0
+    order = []
+    while engine.has_work:
+        engine.step()
+        peak_rows = max(peak_rows, len(engine.rows))
+        peak_bytes = max(peak_bytes, engine.vcache.nbytes + engine.dcache.nbytes)
+        order += [r for r in engine.rows.values() if r not in order]
+    assert peak_rows == 2 and peak_bytes <= two_rows
+    assert order == rows                                           # the queue is FIFO
+    for i, r in enumerate(rows):
+        assert r.phase == "done" and r.checker.token_ids == _solo(verifier, tok, _prompt(i, 100), greedy(16)).token_ids
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        engine.submit(new_row(engine, RowRequest(_prompt(0, 3000), greedy(16))))
+
+
+def test_cancel_then_same_prompt_equals_fresh_case15(verifier, drafter, tok):
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4))
+    prompt = _prompt(12, 300)
+    other = sd.stream(_prompt(13, 50), greedy(40))
+    next(other)                                       # a batch mate that stays
+    stream = sd.stream(prompt, greedy(30))
+    for _ in range(3):
+        next(stream)
+    stream.close()                                    # client gone: the row and its entries are freed
+    assert len(sd.engine.rows) == 1
+    again = sd.generate(prompt, greedy(30))
+    fresh = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4)).generate(prompt, greedy(30))
+    assert again.token_ids == fresh.token_ids
+    rest = list(other)
+    assert rest[-1].result.token_ids == _solo(verifier, tok, _prompt(13, 50), greedy(40)).token_ids
+    assert sd.engine.stats()["live_rows"] == 0 and sd.engine.stats()["cache_bytes"] == 0
+
+
+def test_chunked_prefill_interleaves_with_decoding(verifier, drafter, tok):
+    spec = SpecConfig(budget=48, gamma=3, prefill_chunk=64)
+    engine = BatchEngine(verifier, drafter, tok, spec)
+    short = engine.submit(new_row(engine, RowRequest(_prompt(0, 40), greedy(60))))
+    engine.step()
+    engine.step()
+    long = engine.submit(new_row(engine, RowRequest(_prompt(1, 700), greedy(8))))
+    emitted_during_prefill = 0
+    while long.phase in ("waiting", "prefill"):
+        before = short.checker.num_tokens
+        engine.step()
+        emitted_during_prefill += short.checker.num_tokens > before
+    assert emitted_during_prefill >= 8                 # 700 tokens / 64 per step: the stream kept going
+    while engine.has_work:
+        engine.step()
+    assert long.checker.token_ids == _solo(verifier, tok, _prompt(1, 700), greedy(8)).token_ids
+    assert short.checker.token_ids == _solo(verifier, tok, _prompt(0, 40), greedy(60)).token_ids
+
+
+# ---- the batch speculation policy ----------------------------------------------------------------
+def test_batch_policy_turns_speculation_off_and_says_why(verifier, drafter, tok):
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4, adaptive=True),
+                              options=BatchOptions(max_num_seqs=4, disable_above=2))
+    reqs = [RowRequest(_prompt(i, 60), greedy(12)) for i in range(4)]
+    results = sd.generate_many(reqs)
+    for req, res in zip(reqs, results):
+        assert res.token_ids == _solo(verifier, tok, req.prompt, req.sampling).token_ids
+        assert res.metrics.cycles == 0 and res.mode == "plain" and "disable_above" in res.mode_reason
+    assert sd.engine.stats()["gamma_chosen"] == {"0": sd.engine.stats()["steps"]}
