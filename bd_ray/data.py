@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from bd_ray.assets import ensure_corpus
 from bd_ray.config.train import TrainDataConfig
 
 __all__ = [
@@ -159,8 +160,6 @@ def resolve_source(cfg: TrainDataConfig) -> tuple[str, str]:
     """
     src = cfg.source
     if src == "pg-mini":
-        from bd_ray.assets import ensure_corpus  # helper-owned; builds the parquet once
-
         src = str(ensure_corpus())
         fmt = "parquet"
         return src, fmt

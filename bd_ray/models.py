@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from bd_ray import assets
+from bd_ray.draft_vocab import DRAFT_VOCAB_FILE, apply_draft_vocab, load_draft_vocab
+
 __all__ = [
     "TokenizerMismatchError",
     "resolve_model_path",
@@ -54,8 +57,6 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     ``assets.ensure_verifier``). Raises ``FileNotFoundError`` if ``name_or_path`` is neither a registered
     name nor an existing directory (the message lists the registered names).
     """
-    from bd_ray import assets
-
     s = str(name_or_path)
     if s in assets.VERIFIERS:
         return assets.ensure_verifier(s)
@@ -177,8 +178,6 @@ def load_drafter(
     check_tokenizer_compat(verifier_tokenizer, tokenizer, verifier_vocab_size=verifier_vocab_size,
                            drafter_vocab_size=model_vocab_size(model))
     if draft_vocab == "auto":
-        from bd_ray.draft_vocab import DRAFT_VOCAB_FILE
-
         draft_vocab = path if (Path(path) / DRAFT_VOCAB_FILE).is_file() else None
     return _with_draft_vocab(model, draft_vocab), tokenizer
 
@@ -186,8 +185,6 @@ def load_drafter(
 def _with_draft_vocab(model: torch.nn.Module, draft_vocab: str | Path | None) -> torch.nn.Module:
     if draft_vocab is None:
         return model
-    from bd_ray.draft_vocab import apply_draft_vocab, load_draft_vocab
-
     return apply_draft_vocab(model, load_draft_vocab(draft_vocab))
 
 

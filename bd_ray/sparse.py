@@ -39,10 +39,11 @@ the tail by repeating its last valid position; :func:`kept_valid_mask` marks the
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from bd_ray_kernels.dispatch import chunk_scores
 
 from bd_ray.config.decoding import SparsePolicyConfig
 
@@ -52,7 +53,6 @@ __all__ = [
     "select_positions",
     "gather_kv",
     "kept_valid_mask",
-    "chunk_scores_torch",
     "queries_needed",
 ]
 
@@ -142,37 +142,7 @@ def _check_budget(budget: int, policy: SparsePolicyConfig, length: int) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def chunk_scores_torch(keys: torch.Tensor, proxy: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Chunk scores ``proxy . mean(keys in chunk)`` over the full chunks (TriForce / BudgetDraft).
-
-    Args:
-        keys: ``[b, kvh, seq, d]`` post-RoPE prefix keys.
-        proxy: ``[b, kvh, d]`` query proxy.
-        chunk_size: positions per chunk.
-
-    Returns:
-        ``[b, kvh, seq // chunk_size]`` fp32 scores (the trailing partial chunk has no score).
-    """
-    b, h, s, d = keys.shape
-    n = s // chunk_size
-    means = keys[:, :, : n * chunk_size].float().reshape(b, h, n, chunk_size, d).mean(dim=3)
-    return torch.einsum("bhnd,bhd->bhn", means, proxy.float())
-
-
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _resolve_chunk_scores() -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
-    """Use the kernels package's chunk scorer when it exists (Triton on CUDA), else torch."""
-    try:  # the kernels are developed in parallel; never depend on them being present
-        from bd_ray_kernels import dispatch  # type: ignore[import-not-found]
-
-        fn = getattr(dispatch, "chunk_scores", None)
-        if callable(fn):
-            return fn
-    except Exception:
-        pass
-    return chunk_scores_torch
 
 
 def _group_mean(x: torch.Tensor, kvh: int) -> torch.Tensor:
@@ -200,10 +170,12 @@ def _chunk_topk_priority(keys, policy, queries, lengths, pos):
             raise ValueError("query_proxy='last_query' needs queries [b, q_heads, W, d] of the last prefix positions")
         proxy = _group_mean(queries[:, :, -1].float(), h)  # [b, kvh, d]
     n = s // c
-    score_fn = _resolve_chunk_scores()
-    if keys.dtype not in _KERNEL_DTYPES:  # the kernels take fp32/fp16/bf16 only (e.g. fp64 tests)
-        score_fn = chunk_scores_torch
-    scores = score_fn(keys, proxy, c).float()  # [b, kvh, seq // c]
+    # The kernels package scores chunks (Triton on CUDA, its torch reference elsewhere), in fp32
+    # from fp32/fp16/bf16 inputs; other float keys (fp64 in tests) are handed over as fp32, which is
+    # the precision the score is computed in anyway.
+    if keys.dtype not in _KERNEL_DTYPES:
+        keys, proxy = keys.float(), proxy.float()
+    scores = chunk_scores(keys, proxy, c).float()  # [b, kvh, seq // c]
     chunk = torch.arange(n, device=keys.device)
     n_full = (lengths // c).view(b, 1, 1)
     candidate_chunk = (chunk > 0) & (chunk < n_full)  # chunk 0 is mandatory; partial/padding excluded

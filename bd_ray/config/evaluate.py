@@ -19,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 
 from bd_ray.config import (FULL_BUDGET, Budget, ConfigError, FieldError, SamplingConfig, SparsePolicyConfig, StrictModel,
                            budget_tokens, load_config)
+from bd_ray.sparse import min_budget
 
 __all__ = [
     "EvalModelsConfig",
@@ -291,8 +292,6 @@ class EvalJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _cross(self) -> "EvalJobConfig":
-        from bd_ray.sparse import min_budget
-
         if self.report.alpha_gamma is not None and self.report.alpha_gamma not in self.matrix.gammas:
             raise FieldError("report.alpha_gamma", f"{self.report.alpha_gamma} is not one of matrix.gammas "
                                                    f"{self.matrix.gammas}")

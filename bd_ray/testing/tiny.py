@@ -11,6 +11,9 @@ import functools
 
 import torch
 
+from bd_ray.config.train import TrainJobConfig
+from bd_ray.models import init_drafter_from_verifier
+
 TINY_TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
     "must be in want of a wife. However little known the feelings or views of such a man may be "
@@ -114,8 +117,6 @@ TRAIN_V, TRAIN_P, TRAIN_T = 256, 96, 16  # vocabulary, prefix and continuation t
 def tiny_train_cfg(**over):
     """A seeded single-process ``TrainJobConfig`` on windows of ``TRAIN_P + TRAIN_T`` tokens (no
     DeepSpeed, no evals/checkpoints/export unless overridden). ``over``: ``section__key=value``."""
-    from bd_ray.config.train import TrainJobConfig
-
     tree = {
         "models": {"drafter_layers": 1},
         "data": {"prefix_len": TRAIN_P, "continuation_len": TRAIN_T, "eval_windows": 0},
@@ -141,8 +142,6 @@ def tiny_train_rows(n: int = 40, seed: int = 0) -> list[dict]:
 
 def tiny_train_models():
     """``(teacher, drafter)``: a seeded 2-layer tiny Llama and a drafter of its first layer."""
-    from bd_ray.models import init_drafter_from_verifier
-
     teacher = tiny_llama(vocab_size=TRAIN_V, layers=2, seed=1)
     return teacher, init_drafter_from_verifier(teacher, 1)
 
@@ -164,8 +163,6 @@ def write_serve_models(root, drafter_layers: int = 3):
     """A tiny verifier (4 layers, 512 positions) and a drafter of its first ``drafter_layers`` layers,
     each saved with the tiny BPE tokenizer and :data:`CHAT_TEMPLATE` under ``root``. Returns ``(vdir, ddir)``."""
     from pathlib import Path
-
-    from bd_ray.models import init_drafter_from_verifier
 
     root = Path(root)
     tok = tiny_tokenizer()
