@@ -150,7 +150,7 @@ def teacher_dense_max_abs_diff(teacher: torch.nn.Module, verifier_path: str, win
     (``run.check_teacher_dense``)."""
     dense, _ = models.load_verifier(verifier_path, dtype=torch.float32)
     dense = dense.to(as_device(device))
-    w = torch.tensor(np.array(window))
+    w = torch.tensor(np.array(window), device=as_device(device))
     _, a = compute_teacher_targets(teacher, w, P, device=device, return_logits=True)
     _, b = compute_teacher_targets(dense, w, P, device=device, return_logits=True)
     return float((a.float() - b.float()).abs().max())

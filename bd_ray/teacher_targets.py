@@ -135,20 +135,21 @@ def read_target_rows(path: str, split: str = "eval", limit: int | None = None) -
     return out
 
 
-def row_targets(row: dict) -> TeacherTargets | None:
+def row_targets(row: dict, device: torch.device | str | None = None) -> TeacherTargets | None:
     """The teacher targets stored in one window row (the columns :class:`TeacherPredictor` writes:
     ``argmax`` ``[T]``, optional ``topk_ids`` / ``topk_logprobs`` ``[T*k]``; or the ``targets`` of a
-    :func:`materialize_rows` row), or None when the row has no ``argmax`` column (online mode: the
-    loop computes them)."""
+    :func:`materialize_rows` row, as it is), or None when the row has no ``argmax`` column (online
+    mode: the loop computes them). Read columns become tensors on ``device`` (None = CPU)."""
     if isinstance(row.get("targets"), TeacherTargets):
         return row["targets"]
     if "argmax" not in row:
         return None
-    t = TeacherTargets(argmax=torch.tensor(np.array(row["argmax"])).long())
+    dev = as_device(device)
+    t = TeacherTargets(argmax=torch.tensor(np.array(row["argmax"]), device=dev).long())
     if row.get("topk_ids") is not None and len(np.asarray(row["topk_ids"]).reshape(-1)):
         T = t.length
-        t.topk_ids = torch.tensor(np.array(row["topk_ids"])).long().view(T, -1)
-        t.topk_logprobs = torch.tensor(np.array(row["topk_logprobs"])).float().view(T, -1)
+        t.topk_ids = torch.tensor(np.array(row["topk_ids"]), device=dev).long().view(T, -1)
+        t.topk_logprobs = torch.tensor(np.array(row["topk_logprobs"]), device=dev).float().view(T, -1)
     return t
 
 
@@ -159,11 +160,11 @@ def materialize_rows(rows: list[dict], device: torch.device | str | None = None)
     dev = as_device(device)
     out = []
     for r in rows:
-        t = row_targets(r)
+        t = row_targets(r, dev)
         m = {k: v for k, v in r.items() if k not in ("argmax", "topk_ids", "topk_logprobs")}
-        m["input_ids"] = torch.tensor(np.array(r["input_ids"])).view(-1).long().to(dev)
+        m["input_ids"] = torch.tensor(np.array(r["input_ids"]), device=dev).view(-1).long()
         if t is not None:
-            m["targets"] = t.to(dev)
+            m["targets"] = t
         out.append(m)
     return out
 

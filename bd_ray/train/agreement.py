@@ -62,7 +62,8 @@ def evaluate_agreement(drafter: torch.nn.Module, windows: list[np.ndarray], targ
         n = 1
         while n < batch and i + n < len(windows) and len(windows[i + n]) == len(windows[i]):
             n += 1
-        ids = torch.stack([torch.as_tensor(np.asarray(w)).view(-1).long() for w in windows[i:i + n]]).to(dev)
+        ids = torch.as_tensor(np.stack([np.asarray(w, dtype=np.int64).reshape(-1) for w in windows[i:i + n]]),
+                              device=dev)
         want = torch.stack([t.argmax.view(-1) for t in targets[i:i + n]]).to(dev)       # [n, T]
         with autocast(dev, precision):
             pre = prefill(drafter, ids[:, :prefix_len], chunk_size=prefill_chunk, capture_queries_window=qwin)

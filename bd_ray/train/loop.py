@@ -118,10 +118,11 @@ def _held_out_targets(cfg: TrainJobConfig, ctx: LoopContext, teacher, teacher_pr
     if ctx.eval_targets is not None:
         if len(ctx.eval_targets) != len(ctx.eval_windows):
             raise ValueError(f"{len(ctx.eval_targets)} held-out targets for {len(ctx.eval_windows)} windows")
-        return [TeacherTargets(argmax=torch.tensor(np.array(a, dtype=np.int64)).view(-1)) for a in ctx.eval_targets]
+        return [TeacherTargets(argmax=torch.tensor(np.array(a, dtype=np.int64), device=ctx.device).view(-1))
+                for a in ctx.eval_targets]
     if teacher is None:
         raise ValueError("held-out windows without teacher targets and no teacher to compute them")
-    return [compute_teacher_targets(teacher, torch.tensor(np.array(w)), cfg.data.prefix_len, 0,
+    return [compute_teacher_targets(teacher, torch.tensor(np.array(w), device=ctx.device), cfg.data.prefix_len, 0,
                                     cfg.loss.prefill_chunk, cfg.teacher.continuation_chunk,
                                     precision=teacher_precision, device=ctx.device)
             for w in ctx.eval_windows]
@@ -132,7 +133,7 @@ def _row_ids(row: dict, device: torch.device) -> torch.Tensor:
     x = row["input_ids"]
     if torch.is_tensor(x):
         return x.view(1, -1).long().to(device)
-    return torch.tensor(np.array(x)).view(1, -1).long().to(device)
+    return torch.tensor(np.array(x), device=device).view(1, -1).long()
 
 
 def _window_targets(cfg: TrainJobConfig, row: dict, ids: torch.Tensor, teacher, need_topk: int,
@@ -143,7 +144,7 @@ def _window_targets(cfg: TrainJobConfig, row: dict, ids: torch.Tensor, teacher, 
     if ids.shape[1] != P + T:
         raise ValueError(f"window has {ids.shape[1]} tokens, config says prefix_len + "
                          f"continuation_len = {P + T}")
-    targets = row_targets(row)
+    targets = row_targets(row, ids.device)
     if targets is not None and targets.length != T:
         raise ValueError(f"offline targets hold {targets.length} positions, config says "
                          f"continuation_len = {T}")
