@@ -239,3 +239,20 @@ def test_frozen_embedding_is_kept_and_noted(tmp_path):
     assert id(m.get_input_embeddings().weight) not in in_opt
     notes = json.loads((tmp_path / "final" / TRAINING_NOTES).read_text())
     assert notes["freeze_embedding"] is True
+
+
+def test_reference_configs_use_the_draft_vocabulary_and_the_fast_config_loads():
+    from pathlib import Path
+
+    from bd_ray.config.train import TeacherTargetsJobConfig
+
+    root = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+    for name in ("pg_mini_2k.yaml", "pg_mini_2k_naive.yaml", "pg_mini_2k_fixed.yaml", "pg_mini_distill_512.yaml",
+                 "pg_mini_distill_fast.yaml"):
+        assert load_train_config(root / name).models.draft_vocab == "runs/draft_vocab/pg_mini_8192/draft_vocab.json"
+    fast = load_train_config(root / "pg_mini_distill_fast.yaml")
+    assert (fast.run.executor, fast.teacher.mode, fast.optim.precision, fast.models.freeze_embedding) == \
+        ("local", "offline", "auto", True)
+    targets = load_train_config(root / "pg_mini_distill_targets.yaml", model=TeacherTargetsJobConfig)
+    assert targets.teacher.targets_path == fast.teacher.targets_path and targets.batch_size > 1
+    assert (targets.data.prefix_len, targets.data.continuation_len) == (fast.data.prefix_len, fast.data.continuation_len)
