@@ -18,48 +18,59 @@ import torch
 
 from bd_ray import models
 from bd_ray.config.train import TrainJobConfig
+from bd_ray.device import as_device, autocast
 from bd_ray.kvcache import compact_cache, forward_with_cache, prefill
 from bd_ray.losses import TeacherTargets
 
-__all__ = ["compute_teacher_targets", "build_teacher", "teacher_dense_max_abs_diff", "local_param_fraction"]
+__all__ = ["compute_teacher_targets", "compute_teacher_targets_batch", "build_teacher", "teacher_dense_max_abs_diff", "local_param_fraction"]
 
 
 @torch.no_grad()
-def compute_teacher_targets(teacher: torch.nn.Module, window: torch.Tensor, prefix_len: int, top_k: int = 0,
-                            prefill_chunk: int = 512, cont_chunk: int = 64, sparse_budgets: Iterable[int] = (),
-                            policy=None, return_logits: bool = False):
-    """Teacher targets of one window (docs/DESIGN.md sec 2): full-cache greedy argmax per continuation position.
+def compute_teacher_targets_batch(teacher: torch.nn.Module, windows: torch.Tensor, prefix_len: int, top_k: int = 0,
+                                  prefill_chunk: int = 512, cont_chunk: int = 64, sparse_budgets: Iterable[int] = (),
+                                  policy=None, precision: str = "fp32", device: torch.device | str | None = None,
+                                  return_logits: bool = False):
+    """Teacher targets of ``N`` windows of equal length in one batched forward (docs/DESIGN.md sec 2):
+    the full-cache greedy argmax per continuation position, per window.
 
     Args:
         teacher: the frozen verifier (dense, or the module of a ZeRO-3 engine: then every rank must
-            call this with a window of the same length, the forwards are collective).
-        window: ``[P+T]`` or ``[1, P+T]`` token ids.
+            call this with windows of the same shape, the forwards are collective).
+        windows: ``[N, P+T]`` (or ``[P+T]``) token ids, on any device.
         prefix_len: ``P``.
-        top_k: also return the top-k log-probs (``[T, k]``; 0 = argmax only).
+        top_k: also return the top-k log-probs (``[T, k]`` per window; 0 = argmax only).
         prefill_chunk: prefix tokens per no-grad forward.
-        cont_chunk: continuation positions per logits chunk (at most ``[cont_chunk, V]`` logits exist).
+        cont_chunk: continuation positions per logits chunk (at most ``[N, cont_chunk, V]`` logits exist).
         sparse_budgets: budgets at which the teacher's *own* prefix cache is compacted
             (``bd_ray.kvcache.compact_cache`` with ``policy``) for ``L_B``; budgets >= ``P`` skipped.
-        return_logits: also return the ``[T, V]`` full-cache logits (tests only).
+        precision: a resolved precision (``bd_ray.device.resolve_precision``): fp32, or the forwards
+            under bf16 / fp16 autocast (logits are taken in fp32 either way).
+        device: where the ids go (the teacher's device); None = the ids' device.
+        return_logits: also return the ``[N, T, V]`` full-cache logits (tests only).
 
     Returns:
-        :class:`TeacherTargets` (CPU tensors), or ``(targets, logits)`` with ``return_logits``.
+        one :class:`TeacherTargets` (CPU tensors) per window, or ``(targets, logits)`` with
+        ``return_logits``.
 
     Raises:
-        ValueError: the window cannot hold ``P`` + a continuation; sparse budgets without ``top_k``.
+        ValueError: the windows cannot hold ``P`` + a continuation; sparse budgets without ``top_k``.
     """
-    ids = window.view(1, -1).long()
-    P = int(prefix_len)
+    ids = windows.view(1, -1) if windows.dim() == 1 else windows
+    ids = ids.long().to(ids.device if device is None else as_device(device))
+    N, P = ids.shape[0], int(prefix_len)
     T = ids.shape[1] - P
     if T < 1 or P < 1:
         raise ValueError(f"window of {ids.shape[1]} tokens cannot hold prefix {P} + a continuation")
-    pre = prefill(teacher, ids[:, :P], chunk_size=prefill_chunk)
+    with autocast(ids.device, precision):
+        pre = prefill(teacher, ids[:, :P], chunk_size=prefill_chunk)
 
     def run(cache):
         am, ti, tl, full = [], [], [], []
         for s in range(0, T, cont_chunk):
             e = min(T, s + cont_chunk)
-            logits = forward_with_cache(teacher, cache, ids[:, P + s:P + e], P + s)[0].float()
+            with autocast(ids.device, precision):
+                logits = forward_with_cache(teacher, cache, ids[:, P + s:P + e], P + s)
+            logits = logits.float()
             am.append(logits.argmax(-1))
             if top_k:
                 lp, ix = torch.log_softmax(logits, -1).topk(top_k, -1)
@@ -67,26 +78,41 @@ def compute_teacher_targets(teacher: torch.nn.Module, window: torch.Tensor, pref
                 tl.append(lp)
             if return_logits:
                 full.append(logits)
-        return (torch.cat(am), torch.cat(ti) if ti else None, torch.cat(tl) if tl else None,
-                torch.cat(full) if full else None)
+        cat = lambda xs: torch.cat(xs, 1).cpu() if xs else None  # noqa: E731 -- [N, T, ...] on the host
+        return cat(am), cat(ti), cat(tl), (torch.cat(full, 1) if full else None)
 
     sparse = {}
     for B in sorted(set(int(b) for b in sparse_budgets)):
         if B < P:
-            view = compact_cache(pre.cache, B, policy)
-            _, ti, tl, _ = run(view)
+            _, ti, tl, _ = run(compact_cache(pre.cache, B, policy))
             if ti is None:
                 raise ValueError("L_B needs loss.top_k > 0")
             sparse[B] = (ti, tl)
     am, ti, tl, full = run(pre.cache)
-    tgt = TeacherTargets(argmax=am.cpu(), topk_ids=None if ti is None else ti.cpu(),
-                         topk_logprobs=None if tl is None else tl.cpu(), sparse=sparse)
-    return (tgt, full) if return_logits else tgt
+    tgts = [TeacherTargets(argmax=am[i], topk_ids=None if ti is None else ti[i],
+                           topk_logprobs=None if tl is None else tl[i],
+                           sparse={b: (x[i], y[i]) for b, (x, y) in sparse.items()}) for i in range(N)]
+    return (tgts, full) if return_logits else tgts
 
 
-def build_teacher(cfg: TrainJobConfig, model: torch.nn.Module, distributed: bool) -> tuple[torch.nn.Module, Any]:
+def compute_teacher_targets(teacher: torch.nn.Module, window: torch.Tensor, prefix_len: int, top_k: int = 0,
+                            prefill_chunk: int = 512, cont_chunk: int = 64, sparse_budgets: Iterable[int] = (),
+                            policy=None, precision: str = "fp32", device: torch.device | str | None = None,
+                            return_logits: bool = False):
+    """Teacher targets of one window (``[P+T]`` or ``[1, P+T]``): :func:`compute_teacher_targets_batch`
+    with ``N = 1``. Returns one :class:`TeacherTargets` (CPU tensors), or ``(targets, logits [T, V])``
+    with ``return_logits``. Raises what the batched function raises."""
+    out = compute_teacher_targets_batch(teacher, window.view(1, -1), prefix_len, top_k, prefill_chunk, cont_chunk,
+                                        sparse_budgets, policy, precision, device, return_logits)
+    return (out[0][0], out[1][0]) if return_logits else out[0]
+
+
+def build_teacher(cfg: TrainJobConfig, model: torch.nn.Module, distributed: bool,
+                  device: torch.device | str | None = None) -> tuple[torch.nn.Module, Any]:
     """Wrap the frozen teacher: ZeRO-3 engine without optimizer (parameters partitioned across
-    ranks), AutoTP ``init_inference``, or dense. Returns ``(module to call, engine or None)``.
+    ranks, on DeepSpeed's current device), AutoTP ``init_inference``, or dense on ``device`` (None =
+    CPU). Its weights keep their dtype (``models.dtype``); its forward precision is ``teacher.precision``
+    (applied by :func:`compute_teacher_targets`). Returns ``(module to call, engine or None)``.
 
     Raises:
         ValueError: ``deepspeed.teacher_shard=tp`` (data-parallel workers feed different windows,
@@ -96,9 +122,7 @@ def build_teacher(cfg: TrainJobConfig, model: torch.nn.Module, distributed: bool
     model.eval()
     ds = cfg.deepspeed
     if not (distributed and ds.enabled) or ds.teacher_shard == "none":
-        if ds.precision == "bf16":
-            model = model.to(torch.bfloat16)
-        return model, None
+        return model.to(as_device(device)), None
     import deepspeed
 
     if ds.teacher_shard == "tp":
@@ -109,7 +133,8 @@ def build_teacher(cfg: TrainJobConfig, model: torch.nn.Module, distributed: bool
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": ds.teacher_persistence_threshold,
                               "stage3_prefetch_bucket_size": 0, "overlap_comm": False},
-        "bf16": {"enabled": ds.precision == "bf16"},
+        "bf16": {"enabled": cfg.models.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.models.dtype == "float16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -118,12 +143,16 @@ def build_teacher(cfg: TrainJobConfig, model: torch.nn.Module, distributed: bool
     return engine.module, engine
 
 
-def teacher_dense_max_abs_diff(teacher: torch.nn.Module, verifier_path: str, window: np.ndarray, P: int) -> float:
+def teacher_dense_max_abs_diff(teacher: torch.nn.Module, verifier_path: str, window: np.ndarray, P: int,
+                               device: torch.device | str | None = None) -> float:
     """Max |logit difference| between ``teacher`` (e.g. ZeRO-3-sharded; collective) and a dense fp32
-    copy of the verifier at ``verifier_path`` over the continuation of ``window`` (``run.check_teacher_dense``)."""
+    copy of the verifier at ``verifier_path``, both on ``device``, over the continuation of ``window``
+    (``run.check_teacher_dense``)."""
     dense, _ = models.load_verifier(verifier_path, dtype=torch.float32)
-    _, a = compute_teacher_targets(teacher, torch.tensor(np.array(window)), P, return_logits=True)
-    _, b = compute_teacher_targets(dense, torch.tensor(np.array(window)), P, return_logits=True)
+    dense = dense.to(as_device(device))
+    w = torch.tensor(np.array(window), device=as_device(device))
+    _, a = compute_teacher_targets(teacher, w, P, device=device, return_logits=True)
+    _, b = compute_teacher_targets(dense, w, P, device=device, return_logits=True)
     return float((a.float() - b.float()).abs().max())
 
 

@@ -19,9 +19,9 @@ Each row: ``input_ids`` int32 ``[P+T]``, ``doc_id``, ``start``, ``argmax`` int32
 teacher's full-cache greedy token at each continuation position) and, with ``top_k > 0``,
 ``topk_ids`` int32 ``[T*k]`` / ``topk_logprobs`` float32 ``[T*k]`` (row-major ``[T, k]``);
 :func:`row_targets` reads a row back as :class:`bd_ray.losses.TeacherTargets`. The targets are
-computed by the same :func:`bd_ray.teacher.compute_teacher_targets` as online mode (chunked
-no-grad prefill of the prefix, then the continuation in chunks), so both modes give the same
-targets (tests/test_teacher_targets.py).
+computed by the same :func:`bd_ray.teacher.compute_teacher_targets_batch` as online mode (chunked
+no-grad prefill of the prefix, then the continuation in chunks), ``batch_size`` windows per forward,
+so both modes give the same targets (tests/test_teacher_targets.py; batched == one at a time in fp32).
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ from bd_ray import models
 from bd_ray.store import atomic_write_json, replace_dir
 from bd_ray.config.train import TeacherTargetsJobConfig
 from bd_ray.data import build_window_dataset
+from bd_ray.device import as_device, resolve_precision
 from bd_ray.losses import TeacherTargets
 from bd_ray.ray_connect import connect
-from bd_ray.teacher import compute_teacher_targets
+from bd_ray.teacher import compute_teacher_targets_batch
 
 __all__ = ["TeacherPredictor", "MANIFEST", "read_manifest", "read_target_rows", "row_targets",
-           "write_teacher_targets"]
+           "materialize_rows", "write_teacher_targets"]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -53,40 +54,45 @@ FORMAT_VERSION = 1
 class TeacherPredictor:
     """``map_batches`` callable class: one frozen teacher per actor, window rows -> rows + targets.
 
+    A batch of windows (``batch_size`` of the job; all windows of a job have the same length) goes
+    through the teacher as one batched forward (:func:`bd_ray.teacher.compute_teacher_targets_batch`).
+
     Args:
         verifier_path: the verifier checkpoint (= teacher).
         prefix_len: ``P``; windows are ``P + T`` tokens.
         top_k: store the top-k log-probs too (0 = argmax only).
-        prefill_chunk, cont_chunk: as :func:`bd_ray.teacher.compute_teacher_targets`.
+        prefill_chunk, cont_chunk: as :func:`bd_ray.teacher.compute_teacher_targets_batch`.
         threads: torch intra-op threads of this actor.
+        device: ``cuda`` for a GPU actor (``actor_num_gpus > 0``; Ray sets its visible device), else ``cpu``.
+        precision: ``teacher.precision`` (fp32 | bf16 | fp16 | auto), resolved on ``device``.
     """
 
     def __init__(self, verifier_path: str, prefix_len: int, top_k: int = 0, prefill_chunk: int = 512,
-                 cont_chunk: int = 64, threads: int = 1):
+                 cont_chunk: int = 64, threads: int = 1, device: str = "cpu", precision: str = "fp32"):
         torch.set_num_threads(threads)
+        self.device = as_device(device)
+        self.precision = resolve_precision(precision, self.device, "teacher.precision")
         self.model, _ = models.load_verifier(verifier_path, dtype=torch.float32)
-        self.model.requires_grad_(False).eval()
+        self.model = self.model.to(self.device).requires_grad_(False).eval()
         self.P, self.top_k = int(prefix_len), int(top_k)
         self.prefill_chunk, self.cont_chunk = int(prefill_chunk), int(cont_chunk)
         self.done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        am, ti, tl = [], [], []
-        for w in batch["input_ids"]:
-            t0 = time.time()
-            t = compute_teacher_targets(self.model, torch.as_tensor(np.asarray(w, dtype=np.int64)), self.P,
-                                        self.top_k, self.prefill_chunk, self.cont_chunk)
-            self.done += 1
-            print(f"[bd-ray] teacher window {self.done}: {len(w)} tokens in {time.time() - t0:.1f}s", flush=True)
-            am.append(t.argmax.numpy().astype(np.int32))
-            if self.top_k:
-                ti.append(t.topk_ids.numpy().astype(np.int32).reshape(-1))
-                tl.append(t.topk_logprobs.numpy().astype(np.float32).reshape(-1))
+        t0 = time.time()
+        ids = np.stack([np.asarray(w, dtype=np.int64) for w in batch["input_ids"]])
+        tgts = compute_teacher_targets_batch(self.model, torch.from_numpy(ids), self.P, self.top_k,
+                                             self.prefill_chunk, self.cont_chunk, precision=self.precision,
+                                             device=self.device)
+        self.done += len(tgts)
+        print(f"[bd-ray] teacher windows {self.done - len(tgts) + 1}-{self.done}: {len(tgts)} x {ids.shape[1]} "
+              f"tokens in {time.time() - t0:.1f}s ({self.precision}, {self.device})", flush=True)
         out = dict(batch)
-        out["input_ids"] = np.stack([np.asarray(w, dtype=np.int32) for w in batch["input_ids"]])
-        out["argmax"] = np.stack(am)
+        out["input_ids"] = ids.astype(np.int32)
+        out["argmax"] = np.stack([t.argmax.numpy().astype(np.int32) for t in tgts])
         if self.top_k:
-            out["topk_ids"], out["topk_logprobs"] = np.stack(ti), np.stack(tl)
+            out["topk_ids"] = np.stack([t.topk_ids.numpy().astype(np.int32).reshape(-1) for t in tgts])
+            out["topk_logprobs"] = np.stack([t.topk_logprobs.numpy().astype(np.float32).reshape(-1) for t in tgts])
         return out
 
 
@@ -129,18 +135,38 @@ def read_target_rows(path: str, split: str = "eval", limit: int | None = None) -
     return out
 
 
-def row_targets(row: dict) -> TeacherTargets | None:
+def row_targets(row: dict, device: torch.device | str | None = None) -> TeacherTargets | None:
     """The teacher targets stored in one window row (the columns :class:`TeacherPredictor` writes:
-    ``argmax`` ``[T]``, optional ``topk_ids`` / ``topk_logprobs`` ``[T*k]``), or None when the row has
-    no ``argmax`` column (online mode: the loop computes them)."""
+    ``argmax`` ``[T]``, optional ``topk_ids`` / ``topk_logprobs`` ``[T*k]``; or the ``targets`` of a
+    :func:`materialize_rows` row, as it is), or None when the row has no ``argmax`` column (online
+    mode: the loop computes them). Read columns become tensors on ``device`` (None = CPU)."""
+    if isinstance(row.get("targets"), TeacherTargets):
+        return row["targets"]
     if "argmax" not in row:
         return None
-    t = TeacherTargets(argmax=torch.tensor(np.array(row["argmax"])).long())
+    dev = as_device(device)
+    t = TeacherTargets(argmax=torch.tensor(np.array(row["argmax"]), device=dev).long())
     if row.get("topk_ids") is not None and len(np.asarray(row["topk_ids"]).reshape(-1)):
         T = t.length
-        t.topk_ids = torch.tensor(np.array(row["topk_ids"])).long().view(T, -1)
-        t.topk_logprobs = torch.tensor(np.array(row["topk_logprobs"])).float().view(T, -1)
+        t.topk_ids = torch.tensor(np.array(row["topk_ids"]), device=dev).long().view(T, -1)
+        t.topk_logprobs = torch.tensor(np.array(row["topk_logprobs"]), device=dev).float().view(T, -1)
     return t
+
+
+def materialize_rows(rows: list[dict], device: torch.device | str | None = None) -> list[dict]:
+    """Target rows converted once to what the training loop consumes: ``input_ids`` as a long tensor
+    ``[P+T]`` and ``targets`` (:class:`TeacherTargets`) on ``device``, so epochs over them neither
+    re-read nor re-convert anything. Other columns are kept. Rows without targets keep only ids."""
+    dev = as_device(device)
+    out = []
+    for r in rows:
+        t = row_targets(r, dev)
+        m = {k: v for k, v in r.items() if k not in ("argmax", "topk_ids", "topk_logprobs")}
+        m["input_ids"] = torch.tensor(np.array(r["input_ids"]), device=dev).view(-1).long()
+        if t is not None:
+            m["targets"] = t
+        out.append(m)
+    return out
 
 
 def _tag(batch: dict[str, np.ndarray], part: str) -> dict[str, np.ndarray]:
@@ -150,16 +176,21 @@ def _tag(batch: dict[str, np.ndarray], part: str) -> dict[str, np.ndarray]:
 
 
 def _infer(ds, cfg: TeacherTargetsJobConfig, verifier_path: str):
+    """``map_batches`` of :class:`TeacherPredictor`: ``batch_size`` windows per call, one teacher per
+    actor, each actor on a GPU when ``actor_num_gpus > 0`` (Ray gives it a visible CUDA device)."""
     import ray.data
 
+    gpu = cfg.actor_num_gpus > 0
     return ds.map_batches(
         TeacherPredictor,
         fn_constructor_kwargs={"verifier_path": verifier_path, "prefix_len": cfg.data.prefix_len,
                                "top_k": cfg.top_k, "prefill_chunk": cfg.prefill_chunk,
-                               "cont_chunk": cfg.teacher.continuation_chunk, "threads": cfg.threads_per_actor},
-        batch_size=1, batch_format="numpy",
+                               "cont_chunk": cfg.teacher.continuation_chunk, "threads": cfg.threads_per_actor,
+                               "device": "cuda" if gpu else "cpu", "precision": cfg.teacher.precision},
+        batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.actor_num_cpus,
+        **({"num_gpus": cfg.actor_num_gpus} if gpu else {}),
     )
 
 

@@ -5,7 +5,8 @@
   output is committed atomically (no temp dir left, an existing output is not overwritten, a
   directory without the manifest is refused);
 - the training loop fed offline rows (and no teacher at all) gives exactly the losses of the
-  online loop on the same windows.
+  online loop on the same windows;
+- a teacher actor fed several windows per batch writes the targets of one window at a time (fp32).
 """
 
 from __future__ import annotations
@@ -109,3 +110,21 @@ def test_loop_reads_offline_targets_without_teacher(tmp_path):
     with pytest.raises(ValueError, match="no teacher"):  # a row without targets and no teacher: clear error
         run_local(cfg, [{"input_ids": w} for w in windows], None, init_drafter_from_verifier(teacher, 1),
                   out_dir=str(tmp_path / "bad"), resume=False, log=lambda s: None)
+
+
+def test_teacher_predictor_batches_give_the_targets_of_single_windows(tmp_path):
+    """``batch_size > 1`` (one batched teacher forward per map_batches call) writes the same rows as
+    batch 1 in fp32: argmax exactly, top-k ids exactly, log-probs to rounding."""
+    from bd_ray.teacher_targets import TeacherPredictor
+
+    tok, evals = write_tiny_world(tmp_path, P + T)
+    pred = TeacherPredictor(str(tmp_path / "verifier"), P, top_k=3, prefill_chunk=32, cont_chunk=8)
+    assert pred.device == torch.device("cpu") and pred.precision == "fp32"
+    wins = np.stack(evals[:3])
+    many = pred({"input_ids": wins, "doc_id": np.array(["a", "b", "c"], dtype=object)})
+    for i, w in enumerate(wins):
+        one = pred({"input_ids": w[None], "doc_id": np.array(["x"], dtype=object)})
+        assert np.array_equal(one["argmax"][0], many["argmax"][i])
+        assert np.array_equal(one["topk_ids"][0], many["topk_ids"][i])
+        assert np.allclose(one["topk_logprobs"][0], many["topk_logprobs"][i], atol=1e-5)
+    assert list(many["doc_id"]) == ["a", "b", "c"] and many["input_ids"].dtype == np.int32

@@ -53,14 +53,21 @@ class TrainModelsConfig(StrictModel):
     the same tokenizer (``bd_ray.models.load_drafter``). ``draft_vocab``: a ``draft_vocab.json`` (file or its
     directory, ``jobs/draft_vocab.py``): the drafter's head is trained over that subset only and
     the exports carry the file, so the engine decodes with the same subset (FR-Spec;
-    ``loss.target: hard`` only).
+    ``loss.target: hard`` only). ``freeze_embedding``: the drafter's input embedding (tied to its head
+in SmolLM2/Llama-style checkpoints) stays the verifier's and gets no gradient nor optimizer
+state: the embedding is most of a small drafter's parameters, so this cuts the backward's and
+AdamW's work (docs/DESIGN.md section 2).
     """
 
     verifier: str = "smollm2-135m"
     drafter: str | None = None
     drafter_layers: int = Field(4, ge=1, le=512, description="layers copied from the verifier when drafter is null")
     draft_vocab: str | None = Field(None, description="draft_vocab.json for a subset drafter head; null = full vocabulary")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weight dtype of the frozen teacher; the drafter keeps fp32 master weights "
+                               "(its compute precision is optim.precision)")
+    freeze_embedding: bool = Field(False, description="keep the drafter's (tied) token embedding = the "
+                                   "verifier's, out of the optimizer; the export notes it")
 
 
 class TrainDataConfig(StrictModel):
@@ -142,7 +149,8 @@ class LossConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    """AdamW with linear warm-up then cosine decay (docs/DESIGN.md section 2)."""
+    """AdamW with linear warm-up then cosine decay (docs/DESIGN.md section 2), and the drafter's
+    mixed precision (``precision``; resolved per device by ``bd_ray.device.resolve_precision``)."""
 
     lr: float = Field(1e-5, gt=0.0, le=10.0)
     weight_decay: float = Field(0.01, ge=0.0, le=10.0)
@@ -155,6 +163,10 @@ class OptimConfig(StrictModel):
     grad_accum: int = Field(1, ge=1, le=4096, description="windows per optimizer step per worker")
     batch_size: int = Field(1, ge=1, le=1, description="windows per micro-batch (the paper's 1; only 1 is supported)")
     seed: int = Field(42, ge=0)
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="drafter compute: fp32; bf16 / fp16 autocast with fp32 master weights and AdamW "
+                            "state (fp16 with loss scaling, CUDA only); auto = bf16 where the device has fast "
+                            "bf16 (CUDA, or a CPU with AMX / AVX512-BF16), else fp32")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "OptimConfig":
@@ -174,7 +186,6 @@ class DeepSpeedConfig(StrictModel):
 
     enabled: bool = True
     zero_stage: int = Field(2, ge=0, le=2, description="drafter ZeRO stage (3 is not useful for a small drafter)")
-    precision: Literal["fp32", "bf16"] = "fp32"
     teacher_shard: Literal["zero3", "tp", "none"] = "zero3"
     teacher_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3: parameters smaller than this stay unpartitioned (0 = shard everything)")
     allgather_bucket_size: int = Field(50_000_000, ge=1)
@@ -183,11 +194,14 @@ class DeepSpeedConfig(StrictModel):
 
 class TeacherConfig(StrictModel):
     """Where teacher targets come from: ``online`` (inside the train loop) or ``offline`` parquet
-    written by jobs/teacher_targets.py (``targets_path``)."""
+    written by jobs/teacher_targets.py (``targets_path``), and the teacher forward's precision
+    (``precision``: fp32, or bf16 / fp16 autocast; auto = bf16 where the device has fast bf16).
+    A bf16 teacher's argmax can differ from fp32's where two logits are nearly tied."""
 
     mode: Literal["online", "offline"] = "online"
     targets_path: str | None = None
     continuation_chunk: int = Field(64, ge=1, description="continuation positions per teacher logits chunk")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field("fp32", description="teacher forward compute precision")
 
     @model_validator(mode="after")
     def _offline_needs_path(self) -> "TeacherConfig":
@@ -220,7 +234,8 @@ class TrainRunConfig(StrictModel):
                                     "always a private one (bd_ray.ray_connect)")
     ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs when starting a local cluster")
     num_workers: int = Field(1, ge=1, le=4096)
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="train on one CUDA device per worker (NCCL between workers); "
+                          "also the local executor's device")
     cpus_per_worker: float = Field(1.0, gt=0.0)
     memory_per_worker: MemoryBytes = Field(None, description="RAM reserved per Train worker (Ray's `memory` "
                                            "resource): bytes, or with a unit (20GiB, 20Gi, 20GB); null = none")
@@ -230,6 +245,7 @@ class TrainRunConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
     eval_every: int = Field(100, ge=1, description="optimizer steps between held-out agreement evaluations")
+    eval_batch: int = Field(8, ge=1, le=4096, description="held-out windows per batched agreement forward")
     log_every: int = Field(1, ge=1)
     export: bool = True
     resume: bool = True
@@ -271,6 +287,9 @@ class TrainJobConfig(StrictModel):
             raise FieldError("run.executor", "local trains from offline teacher targets only: set "
                                              "teacher.mode=offline and teacher.targets_path (jobs/teacher_targets.py "
                                              "output), or use run.executor=ray")
+        for name, value in (("optim.precision", self.optim.precision), ("teacher.precision", self.teacher.precision)):
+            if value == "fp16" and not self.run.use_gpu:
+                raise FieldError(name, "fp16 needs a CUDA device (run.use_gpu=true); use bf16 or auto on CPU")
         if self.teacher.mode == "offline" and self.loss.lb_weight > 0:
             raise FieldError("loss.lb_weight", "must be 0 with teacher.mode=offline: L_B needs the teacher's "
                                                "sparse-cache top-k at the sampled budget, which offline targets "
@@ -304,7 +323,10 @@ class TeacherTargetsJobConfig(StrictModel):
     top_k: int = Field(0, ge=0, le=4096, description="top-k log-probs stored per position; 0 = argmax only")
     prefill_chunk: int = Field(512, ge=1, description="prefix tokens per no-grad teacher forward")
     num_actors: int = Field(1, ge=1, description="teacher actors (each holds one dense teacher)")
+    batch_size: int = Field(1, ge=1, le=4096, description="windows per teacher forward (map_batches batch_size)")
     actor_num_cpus: float = Field(1.0, gt=0.0, description="logical CPUs per teacher actor")
+    actor_num_gpus: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per teacher actor; > 0 runs the "
+                                  "teacher on CUDA")
     threads_per_actor: int = Field(1, ge=1, le=256, description="torch intra-op threads per teacher actor")
     ray_num_cpus: int | None = Field(4, ge=1, description="logical CPUs when starting a local cluster "
                                      "(more than the cores: the read/tokenize tasks need a free one)")
@@ -315,6 +337,8 @@ class TeacherTargetsJobConfig(StrictModel):
     def _needs_path(self) -> "TeacherTargetsJobConfig":
         if not self.teacher.targets_path:
             raise FieldError("teacher.targets_path", "required (the output directory)")
+        if self.teacher.precision == "fp16" and not self.actor_num_gpus:
+            raise FieldError("teacher.precision", "fp16 needs a CUDA device (actor_num_gpus > 0); use bf16 or auto on CPU")
         return self
 
 

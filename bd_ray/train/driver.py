@@ -43,15 +43,16 @@ from bd_ray.checkpoints import select_local_checkpoint
 from bd_ray.store import atomic_write_json, publish_dir
 from bd_ray.config.train import TrainJobConfig
 from bd_ray.data import build_window_dataset, eval_windows, offline_window_dataset
+from bd_ray.device import dist_backend
 from bd_ray.ray_connect import connect
 from bd_ray.teacher import build_teacher
-from bd_ray.teacher_targets import read_target_rows
+from bd_ray.teacher_targets import materialize_rows, read_target_rows
 from bd_ray.train.compat import absolute_local_paths, check_models_compatible, check_offline_targets
 from bd_ray.train.engines import build_drafter_engine, load_models
 from bd_ray.train.loop import LoopContext, train_loop
 from bd_ray.train.worker import train_loop_per_worker
 
-__all__ = ["run", "run_ray", "run_offline_local", "run_local"]
+__all__ = ["run", "run_ray", "run_offline_local", "run_local", "local_device"]
 
 
 def run(cfg: TrainJobConfig, log: Callable[[str], None] = print) -> dict:
@@ -82,12 +83,28 @@ def _offline_held_out(cfg: TrainJobConfig) -> tuple[list[np.ndarray], list[np.nd
     return [r["input_ids"].astype(np.int64) for r in rows], [r["argmax"].astype(np.int64) for r in rows]
 
 
+def local_device(cfg: TrainJobConfig) -> torch.device:
+    """The device of a single-process run: CUDA with ``run.use_gpu``, else CPU.
+
+    Raises:
+        ValueError: ``run.use_gpu`` without a CUDA device (the message names the field).
+    """
+    if cfg.run.use_gpu:
+        if not torch.cuda.is_available():
+            raise ValueError("run.use_gpu: true, but torch sees no CUDA device here")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def run_local(cfg: TrainJobConfig, windows: Iterable[dict] | Callable[[int], Iterator[dict]],
               teacher: torch.nn.Module | None, drafter: torch.nn.Module,
               eval_windows: list[np.ndarray] | None = None, out_dir: str | None = None,
               tokenizer_path: str | None = None, resume: bool | None = None,
-              log: Callable[[str], None] = print, eval_targets: list | None = None) -> dict:
-    """Single process, no Ray, no DeepSpeed: :func:`train_loop` with :class:`~bd_ray.train.engines.LocalEngine`.
+              log: Callable[[str], None] = print, eval_targets: list | None = None,
+              device: torch.device | str | None = None) -> dict:
+    """Single process, no Ray, no DeepSpeed: :func:`train_loop` with :class:`~bd_ray.train.engines.LocalEngine`
+    on ``device`` (None = :func:`local_device`): the drafter, the (dense) teacher, every window and
+    target are moved there.
 
     Checkpoints go to ``out_dir/checkpoints/step_XXXXXXX`` (the newest ``run.keep_checkpoints``);
     with ``resume`` (default ``run.resume``) the newest intact one is loaded first. ``windows``: a
@@ -99,9 +116,10 @@ def run_local(cfg: TrainJobConfig, windows: Iterable[dict] | Callable[[int], Ite
     out_dir = out_dir or os.path.join(cfg.run.output_dir, cfg.run.name)
     ck_root = os.path.join(out_dir, "checkpoints")
     resume = cfg.run.resume if resume is None else resume
-    engine = build_drafter_engine(cfg, drafter, distributed=False)
+    device = local_device(cfg) if device is None else torch.device(device)
+    engine = build_drafter_engine(cfg, drafter, distributed=False, device=device)
     if teacher is not None:
-        teacher, _ = build_teacher(cfg, teacher, distributed=False)
+        teacher, _ = build_teacher(cfg, teacher, distributed=False, device=device)
 
     if callable(windows):
         make = windows
@@ -133,7 +151,7 @@ def run_local(cfg: TrainJobConfig, windows: Iterable[dict] | Callable[[int], Ite
 
     ctx = LoopContext(rank=0, world=1, windows=make, eval_windows=list(eval_windows or []), report=report,
                       restore_dir=select_local_checkpoint(ck_root, log=log) if resume else None, out_dir=out_dir,
-                      tokenizer_path=tokenizer_path, log=log, eval_targets=eval_targets)
+                      tokenizer_path=tokenizer_path, log=log, eval_targets=eval_targets, device=device)
     summary = train_loop(cfg, ctx, teacher, engine)
     summary["engine"] = engine
     summary["metrics"] = dict(reported)
@@ -143,8 +161,10 @@ def run_local(cfg: TrainJobConfig, windows: Iterable[dict] | Callable[[int], Ite
 def run_offline_local(cfg: TrainJobConfig, log: Callable[[str], None] = print) -> dict:
     """``run.executor=local``: train in this process (no Ray, no DeepSpeed) on the offline teacher
     targets at ``teacher.targets_path``. The training rows are taken in a seeded order
-    (``data.shuffle_seed``, the same order every epoch); the held-out windows are the targets'
-    ``eval`` split. Resumes from the newest intact ``checkpoints/step_*`` when ``run.resume``.
+    (``data.shuffle_seed``, the same order every epoch), read and converted to tensors on the run's
+    device once (:func:`~bd_ray.teacher_targets.materialize_rows`: no re-reading or re-conversion per
+    epoch); the held-out windows are the targets' ``eval`` split. Resumes from the newest intact
+    ``checkpoints/step_*`` when ``run.resume``.
 
     Returns the :func:`run_local` summary plus ``out_dir``.
 
@@ -156,23 +176,25 @@ def run_offline_local(cfg: TrainJobConfig, log: Callable[[str], None] = print) -
     if cfg.teacher.mode != "offline":
         raise ValueError("run.executor=local trains from offline targets only (teacher.mode=offline)")
     cfg, verifier_path, _ = _driver_checks(cfg)
+    device = local_device(cfg)
     rows = read_target_rows(cfg.teacher.targets_path, "train")
     order = np.random.default_rng(cfg.data.shuffle_seed).permutation(len(rows))
-    rows = [rows[i] for i in order]
+    rows = materialize_rows([rows[i] for i in order], device)
     evals, eval_targets = _offline_held_out(cfg)
-    teacher, drafter = load_models(cfg, verifier_path)
+    teacher, drafter = load_models(cfg, verifier_path)  # on the CPU; run_local moves the drafter
     del teacher  # every target is precomputed
     out_dir = os.path.abspath(os.path.join(cfg.run.output_dir, cfg.run.name))
     log(f"[bd-ray] local executor: {len(rows)} training windows, {len(evals)} held-out windows")
     summary = run_local(cfg, rows, None, drafter, eval_windows=evals, eval_targets=eval_targets, out_dir=out_dir,
-                        tokenizer_path=verifier_path, log=log)
+                        tokenizer_path=verifier_path, log=log, device=device)
     summary["out_dir"] = out_dir
     return summary
 
 
 def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
             eval_windows_override: list[np.ndarray] | None = None) -> dict:
-    """Driver: Ray Data windows + held-out windows, then a Ray Train ``TorchTrainer`` (gloo, DeepSpeed).
+    """Driver: Ray Data windows + held-out windows, then a Ray Train ``TorchTrainer`` (DeepSpeed; NCCL
+    between GPU workers with ``run.use_gpu``, else gloo: :func:`bd_ray.device.dist_backend`).
 
     Resumes from the latest checkpoint of the run ``run.name`` under ``run.output_dir`` (Ray Train
     restores a run with the same name and storage path); ``run.resume=false`` starts a new run name.
@@ -220,7 +242,7 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json", by_alias=True), "verifier_path": verifier_path,
                            "eval_windows": evals, "eval_targets": eval_targets, "out_dir": out_dir},
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=TorchConfig(backend=dist_backend("cuda" if cfg.run.use_gpu else "cpu")),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                                resources_per_worker=cfg.run.worker_resources()),
         run_config=ray.train.RunConfig(

@@ -3,21 +3,29 @@ final export and each checkpoint's ``hf/``) and the plot of its loss / agreement
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from bd_ray.store import replace_dir
 from bd_ray.draft_vocab import save_draft_vocab
+from bd_ray.store import atomic_write_json, replace_dir
 
-__all__ = ["export_hf", "write_plot"]
+__all__ = ["TRAINING_NOTES", "export_hf", "write_plot"]
 
 
-def export_hf(model: torch.nn.Module, d: str, tokenizer_path: str | None, draft_vocab=None) -> None:
+TRAINING_NOTES = "bd_ray_training.json"
+
+
+def export_hf(model: torch.nn.Module, d: str, tokenizer_path: str | None, draft_vocab=None,
+              notes: dict | None = None) -> None:
     """HF ``save_pretrained`` of ``model`` (+ tokenizer, + ``draft_vocab.json`` when training with a
-    draft vocabulary) as the directory ``d``, built next to it and renamed into place (never
-    half-written)."""
+    draft vocabulary, + ``bd_ray_training.json`` with ``notes`` such as a frozen embedding) as the
+    directory ``d``, built next to it and renamed into place (never half-written)."""
 
     def build(tmp: str) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
+        if notes:
+            atomic_write_json(os.path.join(tmp, TRAINING_NOTES), notes, indent=1)
         if draft_vocab is not None:
             save_draft_vocab(draft_vocab, tmp)
         if tokenizer_path:

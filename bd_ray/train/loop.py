@@ -30,6 +30,7 @@ import torch
 from bd_ray.checkpoints import write_manifest
 from bd_ray.store import atomic_write_json
 from bd_ray.config.train import TrainJobConfig
+from bd_ray.device import as_device, resolve_precision
 from bd_ray.draft_vocab import load_draft_vocab
 from bd_ray.kvcache import prefill
 from bd_ray.losses import BudgetSampler, TeacherTargets, budgetdraft_loss
@@ -60,6 +61,8 @@ class LoopContext:
             None = computed here with the teacher.
         out_dir: where rank 0 writes metrics.json, the plot and the final export.
         tokenizer_path: copied next to exported weights (None = skip).
+        device: where the drafter (the engine's module), every batch, target and collective live;
+            the engine must have placed the drafter there (bd_ray.train.engines.build_drafter_engine).
     """
 
     rank: int
@@ -73,13 +76,15 @@ class LoopContext:
     log: Callable[[str], None] = print
     extra: dict = field(default_factory=dict)
     eval_targets: list | None = None
+    device: torch.device | str = "cpu"
 
 
-def _all_true(flag: bool, world: int) -> bool:
-    """``flag`` AND-ed over all ranks (one all-reduce; the local value with one rank)."""
+def _all_true(flag: bool, world: int, device: torch.device | str | None = None) -> bool:
+    """``flag`` AND-ed over all ranks (one all-reduce of a tensor on ``device``, as NCCL requires on
+    CUDA; the local value with one rank)."""
     if world <= 1 or not torch.distributed.is_initialized():
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=as_device(device))
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
 
@@ -106,30 +111,41 @@ def _restore(ctx: LoopContext, engine) -> dict:
     return state
 
 
-def _held_out_targets(cfg: TrainJobConfig, ctx: LoopContext, teacher) -> list[TeacherTargets]:
-    """Teacher targets of the held-out windows: given (offline) or computed once with the teacher
-    (collective when the teacher is sharded)."""
+def _held_out_targets(cfg: TrainJobConfig, ctx: LoopContext, teacher, teacher_precision: str) -> list[TeacherTargets]:
+    """Teacher targets of the held-out windows: given (offline) or computed once with the teacher on
+    ``ctx.device`` (collective when the teacher is sharded)."""
     if not ctx.eval_windows:
         return []
     if ctx.eval_targets is not None:
         if len(ctx.eval_targets) != len(ctx.eval_windows):
             raise ValueError(f"{len(ctx.eval_targets)} held-out targets for {len(ctx.eval_windows)} windows")
-        return [TeacherTargets(argmax=torch.tensor(np.array(a, dtype=np.int64)).view(-1)) for a in ctx.eval_targets]
+        return [TeacherTargets(argmax=torch.tensor(np.array(a, dtype=np.int64), device=ctx.device).view(-1))
+                for a in ctx.eval_targets]
     if teacher is None:
         raise ValueError("held-out windows without teacher targets and no teacher to compute them")
-    return [compute_teacher_targets(teacher, torch.tensor(np.array(w)), cfg.data.prefix_len, 0,
-                                    cfg.loss.prefill_chunk, cfg.teacher.continuation_chunk)
+    return [compute_teacher_targets(teacher, torch.tensor(np.array(w), device=ctx.device), cfg.data.prefix_len, 0,
+                                    cfg.loss.prefill_chunk, cfg.teacher.continuation_chunk,
+                                    precision=teacher_precision, device=ctx.device)
             for w in ctx.eval_windows]
 
 
+def _row_ids(row: dict, device: torch.device) -> torch.Tensor:
+    """``[1, P+T]`` long ids of a row on ``device`` (a materialised row's tensor is used as it is)."""
+    x = row["input_ids"]
+    if torch.is_tensor(x):
+        return x.view(1, -1).long().to(device)
+    return torch.tensor(np.array(x), device=device).view(1, -1).long()
+
+
 def _window_targets(cfg: TrainJobConfig, row: dict, ids: torch.Tensor, teacher, need_topk: int,
-                    budgets: list[int]) -> TeacherTargets:
-    """Targets of one window: the row's offline columns (checked against the config), else the teacher's."""
+                    budgets: list[int], teacher_precision: str) -> TeacherTargets:
+    """Targets of one window: the row's offline columns (checked against the config), else the
+    teacher's (on the ids' device)."""
     L, P, T = cfg.loss, cfg.data.prefix_len, cfg.data.continuation_len
     if ids.shape[1] != P + T:
         raise ValueError(f"window has {ids.shape[1]} tokens, config says prefix_len + "
                          f"continuation_len = {P + T}")
-    targets = row_targets(row)
+    targets = row_targets(row, ids.device)
     if targets is not None and targets.length != T:
         raise ValueError(f"offline targets hold {targets.length} positions, config says "
                          f"continuation_len = {T}")
@@ -142,15 +158,16 @@ def _window_targets(cfg: TrainJobConfig, row: dict, ids: torch.Tensor, teacher, 
                              "teacher: teacher.mode=offline needs jobs/teacher_targets.py output")
         targets = compute_teacher_targets(
             teacher, ids, P, need_topk, L.prefill_chunk, cfg.teacher.continuation_chunk,
-            sparse_budgets=budgets if L.lb_weight > 0 else (), policy=L.policy)
+            sparse_budgets=budgets if L.lb_weight > 0 else (), policy=L.policy, precision=teacher_precision)
     return targets
 
 
 def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module | None, engine) -> dict:
     """Run optimizer steps ``[resume step, max_steps)`` (or until ``run.stop_after_steps``).
 
-    ``teacher``: the frozen teacher (bd_ray.teacher.build_teacher), or None when every row and
-    held-out window comes with offline targets. ``engine``: bd_ray.train.engines.
+    ``teacher``: the frozen teacher (bd_ray.teacher.build_teacher) on ``ctx.device``, or None when
+    every row and held-out window comes with offline targets. ``engine``: bd_ray.train.engines, its
+    drafter on ``ctx.device``; the drafter's forwards run under ``engine.autocast()``.
 
     Returns (on every rank) a summary dict: final step, skipped windows, last metrics, eval history,
     paths written (rank 0).
@@ -158,7 +175,7 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
     Raises:
         RuntimeError: ``MAX_WINDOW_TRIES`` consecutive non-finite windows in one micro-step.
         ValueError: a window or its offline targets do not match ``data``/``loss``; no targets and
-            no teacher.
+            no teacher; the drafter is not on ``ctx.device``.
     """
     L, O, R = cfg.loss, cfg.optim, cfg.run
     P, T = cfg.data.prefix_len, cfg.data.continuation_len
@@ -168,18 +185,25 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
     need_topk = L.top_k if (L.target != "hard" or L.lb_weight > 0) else 0
     draft_vocab = load_draft_vocab(cfg.models.draft_vocab) if cfg.models.draft_vocab else None
     drafter = engine.module
-    dev = next(drafter.parameters()).device
+    dev = as_device(ctx.device)
+    on = {p.device for p in drafter.parameters()}
+    if on != {dev} and not (dev.index is None and {d.type for d in on} == {dev.type}):
+        raise ValueError(f"the drafter's parameters are on {sorted(map(str, on))}, the loop's device is {dev}")
+    teacher_precision = resolve_precision(cfg.teacher.precision, dev, "teacher.precision")
+    notes = ({"freeze_embedding": True, "embedding": f"the verifier's ({cfg.models.verifier}), not trained"}
+             if cfg.models.freeze_embedding else None)
 
     state = _restore(ctx, engine)
     start_step = int(state["step"])
     windows = ctx.windows(int(state["consumed"]))
-    eval_targets = _held_out_targets(cfg, ctx, teacher)
+    eval_targets = _held_out_targets(cfg, ctx, teacher, teacher_precision)
 
     def do_eval(step: int) -> None:
         if ctx.rank == 0 and ctx.eval_windows:
             t0 = time.time()
             agree = evaluate_agreement(drafter, ctx.eval_windows, eval_targets, P, eval_budgets, L.policy,
-                                       L.prefill_chunk, L.logits_chunk, draft_vocab=draft_vocab)
+                                       L.prefill_chunk, L.logits_chunk, draft_vocab=draft_vocab, device=dev,
+                                       batch=R.eval_batch, precision=engine.precision)
             state["eval_history"].append({"step": step, **{f"agree_{k}": v for k, v in agree.items()}})
             ctx.log(f"[bd-ray] eval step {step}: held-out top-1 agreement " +
                     " ".join(f"{k}={v:.3f}" for k, v in agree.items()) + f" ({time.time() - t0:.1f}s)")
@@ -190,7 +214,7 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
             engine.save(d)
             if ctx.rank == 0:
                 atomic_write_json(os.path.join(d, "state.json"), {**state, "step": step, "world": ctx.world})
-                export_hf(drafter, os.path.join(d, "hf"), ctx.tokenizer_path, draft_vocab)
+                export_hf(drafter, os.path.join(d, "hf"), ctx.tokenizer_path, draft_vocab, notes)
             write_manifest(d, ctx.rank, ctx.world, step)  # last: seals this rank's files
             ctx.report(metrics, d)
         finally:
@@ -212,17 +236,18 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
             for _attempt in range(MAX_WINDOW_TRIES):
                 row = next(windows)
                 state["consumed"] += 1
-                ids = torch.tensor(np.array(row["input_ids"])).view(1, -1).long().to(dev)
+                ids = _row_ids(row, dev)
                 t0 = time.time()
-                targets = _window_targets(cfg, row, ids, teacher, need_topk, budgets).to(dev)
+                targets = _window_targets(cfg, row, ids, teacher, need_topk, budgets, teacher_precision).to(dev)
                 t1 = time.time()
-                with torch.no_grad():
-                    pre = prefill(drafter, ids[:, :P], chunk_size=L.prefill_chunk, capture_queries_window=qwin)
-                terms = budgetdraft_loss(drafter, pre.cache, ids[:, P:], P, targets, budgets, lam=L.lam,
-                                         policy=L.policy, queries=pre.queries, kind=L.target,
-                                         lb_weight=L.lb_weight, full_cache_only=L.full_cache_only,
-                                         chunk=L.logits_chunk, draft_vocab=draft_vocab)
-                ok = _all_true(bool(torch.isfinite(terms.loss.detach()).all()), ctx.world)
+                with engine.autocast():
+                    with torch.no_grad():
+                        pre = prefill(drafter, ids[:, :P], chunk_size=L.prefill_chunk, capture_queries_window=qwin)
+                    terms = budgetdraft_loss(drafter, pre.cache, ids[:, P:], P, targets, budgets, lam=L.lam,
+                                             policy=L.policy, queries=pre.queries, kind=L.target,
+                                             lb_weight=L.lb_weight, full_cache_only=L.full_cache_only,
+                                             chunk=L.logits_chunk, draft_vocab=draft_vocab)
+                ok = _all_true(bool(torch.isfinite(terms.loss.detach()).all()), ctx.world, dev)
                 if ok:
                     engine.backward(terms.loss)
                     engine.step()
@@ -266,12 +291,12 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
                                "eval_history": state["eval_history"], "history": state["history"],
                                "restores": state["restores"], "finished": state["step"] >= O.max_steps}
     if ctx.rank == 0:
-        _write_outputs(cfg, ctx, summary, drafter, draft_vocab)
+        _write_outputs(cfg, ctx, summary, drafter, draft_vocab, notes)
     return summary
 
 
 def _write_outputs(cfg: TrainJobConfig, ctx: LoopContext, summary: dict, drafter: torch.nn.Module,
-                   draft_vocab) -> None:
+                   draft_vocab, notes: dict | None) -> None:
     """Rank 0 at the end: ``metrics.json``, ``curves.png`` and (finished runs) the ``final/`` export;
     their paths are added to ``summary``."""
     os.makedirs(ctx.out_dir, exist_ok=True)
@@ -286,6 +311,6 @@ def _write_outputs(cfg: TrainJobConfig, ctx: LoopContext, summary: dict, drafter
         ctx.log(f"[bd-ray] plot failed: {exc!r}")
     if cfg.run.export and summary["finished"]:
         export = os.path.join(ctx.out_dir, "final")
-        export_hf(drafter, export, ctx.tokenizer_path, draft_vocab)
+        export_hf(drafter, export, ctx.tokenizer_path, draft_vocab, notes)
         summary["export_path"] = export
         ctx.log(f"[bd-ray] drafter exported to {export} (AutoModelForCausalLM.from_pretrained)")

@@ -1,5 +1,6 @@
-"""The Ray Train worker: one per data-parallel rank, DeepSpeed engines over gloo, the training loop
-fed by the worker's Ray Data shard, checkpoints handed to ``ray.train.report``.
+"""The Ray Train worker: one per data-parallel rank on its device (its GPU with ``run.use_gpu``, else
+CPU), DeepSpeed engines over the device's backend (NCCL / gloo), the training loop fed by the
+worker's Ray Data shard, checkpoints handed to ``ray.train.report``.
 
 Source: docs/DESIGN.md section 5 (the stack). Started by :func:`bd_ray.train.driver.run_ray`.
 """
@@ -14,6 +15,7 @@ import torch
 from bd_ray.checkpoints import restorable_checkpoint_dir
 from bd_ray.config.train import TrainJobConfig
 from bd_ray.data import iter_rows
+from bd_ray.device import dist_backend
 from bd_ray.teacher import build_teacher, local_param_fraction, teacher_dense_max_abs_diff
 from bd_ray.train.engines import build_drafter_engine, disable_deepspeed_shm_op, load_models
 from bd_ray.train.loop import LoopContext, train_loop
@@ -26,18 +28,20 @@ def train_loop_per_worker(config: dict) -> None:
     ``verifier_path``, ``eval_windows``, ``eval_targets`` (offline held-out argmax or None),
     ``out_dir``, ``data_stats`` (optional)."""
     import ray.train
+    import ray.train.torch
 
     cfg = TrainJobConfig.model_validate(config["cfg"])
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.run.use_gpu else torch.device("cpu")
     distributed = world > 1 or torch.distributed.is_initialized()
     if distributed and cfg.deepspeed.enabled:
         import deepspeed
 
         disable_deepspeed_shm_op()
-        deepspeed.init_distributed("gloo")
-    teacher_model, drafter = load_models(cfg, config["verifier_path"])
-    engine = build_drafter_engine(cfg, drafter, distributed)
+        deepspeed.init_distributed(dist_backend(device))
+    teacher_model, drafter = load_models(cfg, config["verifier_path"], device)
+    engine = build_drafter_engine(cfg, drafter, distributed, device)
     eval_targets = config.get("eval_targets")
     offline = cfg.teacher.mode == "offline" and (eval_targets is not None or not config["eval_windows"])
     if offline:  # every target is precomputed: no teacher in the workers (memory, no ZeRO-3 collectives)
@@ -47,13 +51,13 @@ def train_loop_per_worker(config: dict) -> None:
         # ZeRO-3 over a single rank partitions nothing and only adds per-module gather hooks
         # (the held-out teacher forwards of the distillation run took over twice as long); one
         # worker keeps a dense teacher.
-        teacher, teacher_engine = build_teacher(cfg, teacher_model, distributed and world > 1)
+        teacher, teacher_engine = build_teacher(cfg, teacher_model, distributed and world > 1, device)
     extra: dict[str, Any] = {"world_size": world, "data_stats": config.get("data_stats"),
                              "teacher_mode": cfg.teacher.mode}
     if cfg.run.check_teacher_dense and teacher is not None:
         w = config["eval_windows"][0] if config["eval_windows"] else np.arange(cfg.data.window_len) % 7
         extra["teacher_dense_max_abs_diff"] = teacher_dense_max_abs_diff(teacher, config["verifier_path"], w,
-                                                                         cfg.data.prefix_len)
+                                                                         cfg.data.prefix_len, device)
         if teacher_engine is not None:
             extra["teacher_param_fraction_local"] = local_param_fraction(teacher)
 
@@ -70,7 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
         ctx = LoopContext(rank=rank, world=world, windows=lambda skip: iter_rows(shard, skip=skip),
                           eval_windows=list(config["eval_windows"]), report=report, restore_dir=restore_dir,
                           out_dir=config["out_dir"], tokenizer_path=config["verifier_path"], extra=extra,
-                          eval_targets=eval_targets)
+                          eval_targets=eval_targets, device=device)
         return train_loop(cfg, ctx, teacher, engine)
 
     if ckpt is not None:
