@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -276,12 +277,15 @@ def _run_child(name: str, args, timeout: float) -> dict:
     part_json.unlink(missing_ok=True)
     log_path = args.out / f"part_{name}.log"
     with open(log_path, "w") as logf:
+        # its own process group: a timeout also ends what the part started (pytest, kernels_gpu.py)
+        p = subprocess.Popen(_child_argv(args, name, part_json), cwd=REPO, stdout=logf, stderr=subprocess.STDOUT,
+                             start_new_session=True)
         try:
-            p = subprocess.run(_child_argv(args, name, part_json), cwd=REPO, stdout=logf, stderr=subprocess.STDOUT,
-                               timeout=timeout)
-            rc = p.returncode
+            rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
     out = log_path.read_text(errors="replace")
     rec = json.loads(part_json.read_text()) if part_json.exists() else {}
     if rc is None:
