@@ -13,12 +13,13 @@ a failing part never stops the others, and ``gpu_check.json`` is rewritten after
    and a llama-68m-shaped drafter with random bf16 weights created on the device, at 4K/8K/16K and
    1/16 rows (fewer where memory is short, said in the record): T_v(γ+1)/T_v(1), the drafter step
    at B = 256 vs the full cache, and the speedup predicted for ``--alphas``;
-4. ``train``         -- 20 BudgetDraft optimizer steps of tiny random models on the device in bf16
-   through the single-process driver (``bd_ray.train.driver.run_local``: the local engine, no Ray,
-   no DeepSpeed): losses finite, drafter weights changed, every parameter on the device;
+4. ``train``         -- one all-reduce in a one-process group with the device's backend (NCCL on
+   CUDA), then 20 BudgetDraft optimizer steps of tiny random models on the device in bf16 through
+   the single-process driver (``bd_ray.train.driver.run_local``: the local engine, no Ray, no
+   DeepSpeed): losses finite, drafter weights changed, every parameter on the device;
 5. ``engine``        -- greedy speculative output equal to plain decoding (AR) in fp32 on the
    device with tiny models, batch 1 (``SpeculativeGenerator.generate``) and batch 8
-   (``generate_many`` on the batched engine).
+   (``generate_many`` on the batched engine), with no ``torch.cuda.synchronize`` while decoding.
 
 Parts run in the order 1, 5, 4, 2, 3 (correctness first, the long measurements last, each given
 what is left of ``--deadline-s``); on CUDA each runs in its own process (a crashed CUDA context or
@@ -160,6 +161,30 @@ def part_step_costs(args, save) -> dict:
 
 
 # ---- part 4: BudgetDraft training steps ------------------------------------------------------------
+def _one_process_all_reduce(dev) -> dict:
+    """A one-process process group with the device's backend (NCCL on CUDA, gloo on CPU) and one
+    all-reduce of a tensor on ``dev``: the collective a training worker uses, checked in isolation."""
+    import socket as _socket
+
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        t = torch.ones(1, device=dev)
+        dist.all_reduce(t)
+        return {"backend": backend, "all_reduce_ok": bool(t.item() == 1.0)}
+    except Exception as exc:  # noqa: BLE001 - recorded; the training steps below do not need it (one process)
+        return {"backend": backend, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def part_train(args, save) -> dict:
     import torch
 
@@ -168,6 +193,7 @@ def part_train(args, save) -> dict:
 
     dev = _device(args)
     steps = 4 if args.cpu_smoke else args.train_steps
+    collective = _one_process_all_reduce(dev)
     cfg = tiny_train_cfg(deepspeed__precision="bf16", optim__max_steps=steps)
     teacher, drafter = tiny_train_models()
     teacher.to(dev)
@@ -189,7 +215,7 @@ def part_train(args, save) -> dict:
            "drafter_param_dtypes": sorted({str(p.dtype) for p in module.parameters()}),
            "optimizer_state_dtypes": state_dtypes, "precision": cfg.deepspeed.precision,
            "fp32_optimizer_state": bool(state_dtypes) and state_dtypes == ["torch.float32"],
-           "engine": type(summary["engine"]).__name__}
+           "engine": type(summary["engine"]).__name__, "collective": collective}
     problems = []
     if len(losses) != steps:
         problems.append(f"{len(losses)} steps recorded, {steps} asked")
@@ -230,19 +256,33 @@ def part_engine(args, save) -> dict:
     ar = ARGenerator(verifier, tok)
     want = [ar.generate(p, sampling).token_ids for p in prompts]
     sd = SpeculativeGenerator(verifier, drafter, tok, spec, options=BatchOptions(max_num_seqs=8))
-    one = sd.generate(prompts[0], sampling)
-    many = sd.generate_many([RowRequest(p, sampling) for p in prompts])
+    syncs = [0]                 # device-wide synchronize calls while decoding (the engine times by events)
+    real_sync = torch.cuda.synchronize
+
+    def counting_sync(*a, **k):
+        syncs[0] += 1
+        return real_sync(*a, **k)
+
+    torch.cuda.synchronize = counting_sync
+    try:
+        one = sd.generate(prompts[0], sampling)
+        many = sd.generate_many([RowRequest(p, sampling) for p in prompts])
+    finally:
+        torch.cuda.synchronize = real_sync
     agree = [greedy_agreement(w, r.token_ids) for w, r in zip(want, many)]
     res = {"device": str(next(sd.verifier.parameters()).device), "dtype": str(next(verifier.parameters()).dtype),
            "attention_backend": backend_name(dev),
            "batch1_equal": one.token_ids == want[0], "batch1_agreement": greedy_agreement(want[0], one.token_ids),
            "batch8_equal": [a["first_divergence"] is None for a in agree],
            "batch8_first_divergence": [a["first_divergence"] for a in agree],
-           "acceptance_rate": [r.metrics.acceptance_rate for r in many], "engine_stats": sd.engine.stats()}
+           "acceptance_rate": [r.metrics.acceptance_rate for r in many], "engine_stats": sd.engine.stats(),
+           "cuda_synchronize_calls": syncs[0]}
     if not (res["batch1_equal"] and all(res["batch8_equal"])):
         raise AssertionError(f"greedy SD differs from AR in fp32 on {dev}\n{json.dumps(res, default=str)}")
     if res["device"].split(":")[0] != dev.type:
         raise AssertionError(f"verifier on {res['device']}, expected {dev.type}")
+    if syncs[0]:
+        raise AssertionError(f"{syncs[0]} torch.cuda.synchronize calls while decoding (expected none)")
     return res
 
 

@@ -59,9 +59,11 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     train = parts["train"]["result"]
     assert train["steps"] == 4 and train["all_finite"] and train["max_weight_change"] > 0
     assert train["drafter_devices"] == ["cpu"] and train["teacher_devices"] == ["cpu"]
+    assert train["collective"] == {"backend": "gloo", "all_reduce_ok": True}
     assert all(math.isfinite(x) for x in train["losses"])
     eng = parts["engine"]["result"]
     assert eng["batch1_equal"] and eng["batch8_equal"] == [True] * 8 and eng["dtype"] == "torch.float32"
+    assert eng["cuda_synchronize_calls"] == 0
     assert max(eng["acceptance_rate"]) > 0               # some drafts accepted: partial rollbacks ran
     assert "[gpu_check] OK" in p.stdout
 
