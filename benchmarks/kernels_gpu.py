@@ -15,7 +15,7 @@ vs gather+SDPA). Also times the ``chunk_topk`` chunk scoring (Triton vs torch) a
 
 Usage (GPU): ``python benchmarks/kernels_gpu.py``; ``--quick`` for a smaller grid;
 ``--device cpu`` runs a tiny smoke version through the Triton interpreter (needs TRITON_INTERPRET=1;
-timings are then meaningless). ``--json PATH`` also writes the rows.
+timings are then meaningless). ``--json PATH`` also writes the rows (after each one).
 """
 
 from __future__ import annotations
@@ -139,6 +139,12 @@ def main(argv=None) -> int:
     print(f"  triton {triton.__version__}  dtype fp16  context {args.context}")
 
     rows = []
+
+    def dump(rows: list) -> None:      # after every row: a timeout keeps what was measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
     hdr = (f"{'shape':<13}{'B':>6}{'batch':>6}{'n_new':>6} | {'gather+sdpa ms':>14}{'sdpa ms':>10}{'triton ms':>10}"
            f" | {'gath/tri':>8}{'sdpa/tri':>9} | {'err ref':>9}{'err sdpa':>9}")
     print(hdr)
@@ -162,6 +168,7 @@ def main(argv=None) -> int:
                                sdpa_ms=t_s, triton_ms=t_t, gather_over_triton=t_g / t_t,
                                sdpa_over_triton=t_s / t_t, max_abs_err_ref=err_ref, max_abs_err_sdpa=err_sdpa)
                     rows.append(row)
+                    dump(rows)
                     print(f"{shape:<13}{budget:>6}{batch:>6}{n_new:>6} | {t_g:>14.4f}{t_s:>10.4f}{t_t:>10.4f}"
                           f" | {t_g / t_t:>8.2f}{t_s / t_t:>9.2f} | {err_ref:>9.2e}{err_sdpa:>9.2e}", flush=True)
                     del q, kc, vc, gather_sdpa, sdpa, triton_fn
@@ -181,9 +188,7 @@ def main(argv=None) -> int:
             rows.append(dict(kind="chunk_scores", shape=shape, batch=batch, seq=args.context, torch_ms=t_r,
                              triton_ms=t_t, max_abs_err=err))
     print(f"\nworst max abs error vs fp32 reference (attention): {worst:.3e}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    dump(rows)
     ok = worst < 2e-2
     print("CORRECTNESS", "OK" if ok else "FAILED")
     return 0 if ok else 1

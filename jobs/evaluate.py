@@ -137,6 +137,7 @@ def main(argv=None) -> int:
             print(f"[bd-ray] --merge-journal {d}: no runs.journal.jsonl there", file=sys.stderr)
             return 2
     from bd_ray.evaluate.driver import EvalItemError, LosslessError, run_evaluation
+    from bd_ray.evaluate.summaries import lossless_line
     from bd_ray.evaluate.prompts import HeldOutError
 
     t0 = time.time()
@@ -163,8 +164,7 @@ def main(argv=None) -> int:
     if res.get("needle"):
         print("\n## Needle" + md.split("## Needle")[1].split("## Lossless")[0].rstrip())
     ll = res["lossless"]
-    print(f"\n[bd-ray] lossless check: {ll['checked']} greedy runs equal to AR; "
-          f"{len(res['cells'])} cells in {time.time() - t0:.0f}s")
+    print(f"\n[bd-ray] lossless check: {lossless_line(ll)}; {len(res['cells'])} cells in {time.time() - t0:.0f}s")
     print(f"[bd-ray] results: {paths['json']}\n[bd-ray] table:   {paths['markdown']}")
     for p in paths["plots"]:
         print(f"[bd-ray] plot:    {p}")

@@ -288,6 +288,66 @@ def test_lossless_check_fails_the_job_loudly(tiny_assets, tmp_path, corrupt_one_
     assert {c["lossless"] for c in res["cells"] if c["cell_id"] != bad} == {"ok"}
 
 
+def test_greedy_agreement_and_the_lossless_mode_by_dtype():
+    from bd_ray.evaluate.aggregate import greedy_agreement, lossless_report
+
+    assert greedy_agreement([1, 2, 3], [1, 2, 3]) == {"equal": 3, "compared": 3, "agreement": 1.0,
+                                                      "first_divergence": None}
+    assert greedy_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == {"equal": 3, "compared": 4, "agreement": 0.75,
+                                                            "first_divergence": 2}
+    assert greedy_agreement([1, 2], [1, 2, 3])["first_divergence"] == 2          # a prefix diverges at its end
+    assert greedy_agreement([], [])["agreement"] == 1.0
+
+    def run(kind, prompt, ids, cell=None):
+        return {"kind": kind, "prompt_id": prompt, "mode": "greedy", "greedy": True, "drafter": "d",
+                "cell_id": cell, "token_ids": ids}
+
+    runs = [run("ar", "p0", [5, 6, 7, 8]), run("sd", "p0", [5, 6, 1, 2], "c1"),
+            run("ar", "p1", [1, 1]), run("sd", "p1", [1, 1], "c1"),
+            {**run("sd", "p1", [0], "c2"), "error": "boom"}]                      # failed runs are skipped
+    exact = lossless_report(runs, "float32")
+    assert exact["mode"] == "exact" and exact["checked"] == 2 and exact["agreement"] == 4 / 6
+    assert exact["failures"] == exact["differ"] == [
+        {"cell_id": "c1", "prompt_id": "p0", "first_difference": 2, "agreement": 0.5, "ar_tokens": [7, 8],
+         "sd_tokens": [1, 2]}]
+    for dtype in ("bfloat16", "float16"):     # reported as agreement, never a failure
+        low = lossless_report(runs, dtype)
+        assert low["mode"] == "agreement" and low["failures"] == [] and low["differ"] == exact["differ"]
+
+
+@pytest.mark.timeout(180)
+def test_bf16_evaluation_reports_agreement_not_a_false_failure(tiny_assets, tmp_path, corrupt_one_cell, capsys):
+    """bf16 models on CPU: the greedy comparison is agreement (fraction equal, first divergence); even
+    a cell whose SD tokens really differ (the corrupted one) fails nothing, and the report says why."""
+    job = _job()
+
+    out = tmp_path / "out"
+    cfg = _config(tiny_assets, out, executor="local")
+    cfg["models"].update({"drafters": {"tiny": tiny_assets["drafter"]}, "dtype": "bfloat16"})
+    cfg["matrix"]["policies"] = {"chunk": cfg["matrix"]["policies"]["chunk"]}
+    cfg["matrix"]["modes"] = [{"name": "greedy"}]
+    cfg["needle"]["enabled"] = False
+    rc = job.main(["--config", str(_write_config(cfg, tmp_path / "eval.yaml"))])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.out + cap.err
+    assert "LOSSLESS" not in cap.out + cap.err
+    res = json.loads((out / "results.json").read_text())
+    check_results_schema(res)
+    ll = res["lossless"]
+    bad = f"{CONTEXT}|chunk|16|g3|tiny|greedy"
+    assert ll["mode"] == "agreement" and ll["dtype"] == "bfloat16" and ll["failures"] == []
+    assert ll["checked"] == 4 * 2 and 0.0 <= ll["agreement"] < 1.0     # (budgets 16, full) x γ (2, 3) x 2 prompts
+    assert bad in {d["cell_id"] for d in ll["differ"]}
+    assert all(0 <= d["first_difference"] < 8 and 0.0 <= d["agreement"] < 1.0 for d in ll["differ"])
+    labels = {c["cell_id"]: c["lossless"] for c in res["cells"]}
+    assert all(v.startswith("agree ") and 0.0 <= float(v.split()[1]) <= 1.0 for v in labels.values())
+    assert float(labels[bad].split()[1]) < 1.0
+    assert f"cell {bad} prompt c{CONTEXT}-p0: greedy SD diverges from AR at token" in cap.out
+    md = (out / "results.md").read_text()
+    assert "compared with AR as agreement (bfloat16: exact equality is not expected below fp32)" in md
+    assert "lossless check: 8 greedy runs compared with AR as agreement" in cap.out
+
+
 def test_prompts_come_only_from_held_out_split(tmp_path):
     import pyarrow as pa
 

@@ -1,7 +1,7 @@
 """Kernels: torch reference vs brute force, Triton kernels vs the torch reference.
 
 Devices: ``BD_RAY_KERNEL_TEST_DEVICES`` (comma list, default ``cpu`` plus ``cuda`` when available).
-On ``cuda`` the compiled Triton kernels run (benchmarks/gpu_check.sh sets ``cuda`` only). On ``cpu``
+On ``cuda`` the compiled Triton kernels run (benchmarks/gpu_check.py, part 1, sets ``cuda`` only). On ``cpu``
 the Triton code runs in the interpreter, which Triton fixes at *its* import time
 (``TRITON_INTERPRET=1`` must be set before ``import triton``: its standard library is decorated
 then). So the CPU Triton cases run in-process only when the interpreter is already active (e.g.

@@ -14,10 +14,13 @@ drafter, mode) is the one with the highest measured SD tokens/s, never the highe
 Prefill reuse: every prompt is prefilled once by the verifier and once per drafter; AR and all SD
 cells of that prompt reuse those prefills (each cell compacts the drafter prefill to its own budget).
 
-Lossless check: in greedy modes, the SD token ids must equal the AR token ids for every cell and
-prompt; any difference is reported naming the cell and prompt, and the run raises
+Lossless check (:func:`bd_ray.evaluate.aggregate.lossless_report`): in greedy modes with fp32
+models, the SD token ids must equal the AR token ids for every cell and prompt; any difference is
+reported naming the cell and prompt, and the run raises
 :class:`bd_ray.evaluate.driver.LosslessError` after writing the outputs (``jobs/evaluate.py``
-exits with status 3).
+exits with status 3). With bf16/fp16 models the same comparison is reported as agreement
+(fraction of equal tokens, first divergence) and never fails the run: low-precision verification
+of γ+1 rows and of one row round differently (vLLM documents the same).
 
 Modules, one job each (import from them; this package re-exports nothing, so the journal and
 report tools load without torch):

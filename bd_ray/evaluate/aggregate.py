@@ -1,6 +1,13 @@
 """Aggregation of measurements into cells: pooled α/τ/per-position acceptance, tokens/s, speedup,
 the best γ per group, the lossless check and the needle report.
 
+The lossless check compares each greedy SD run with the AR run of the same prompt and mode. In
+fp32 it is exact: any differing token is a failure (the job fails). In bf16/fp16 it is reported as
+agreement (fraction of equal tokens, first divergence) and never fails: the verifier scores γ+1
+rows in SD and one row in AR, and low-precision reductions of different shapes round differently,
+so a near-tie can flip greedy argmax without any bug (vLLM's docs, "Lossless guarantees of
+Speculative Decoding": batch size and precision change logprobs; exact equality is not promised).
+
 α, τ and per-position acceptance are pooled through :class:`bd_ray.speculative.metrics.SpecMetrics`
 (its :meth:`~bd_ray.speculative.metrics.SpecMetrics.merge` sums the counters), the one place that
 defines them.
@@ -15,8 +22,10 @@ from bd_ray.config.evaluate import EvalJobConfig, budget_label
 from bd_ray.evaluate.items import ARIndex
 from bd_ray.speculative.metrics import SpecMetrics
 
-__all__ = ["pooled_rate", "pooled_metrics", "aggregate_cells", "best_gammas", "lossless_failures",
-           "needle_report"]
+__all__ = ["pooled_rate", "pooled_metrics", "aggregate_cells", "best_gammas", "EXACT_DTYPES", "lossless_mode",
+           "greedy_agreement", "lossless_report", "needle_report"]
+
+EXACT_DTYPES = ("float32",)  # model dtypes whose greedy SD must equal AR token for token
 
 
 def pooled_rate(tokens: Iterable[int], seconds: Iterable[float]) -> float | None:
@@ -44,7 +53,8 @@ def aggregate_cells(runs: list[dict], cfg: EvalJobConfig) -> list[dict]:
     over the same prompts), speedup = SD tokens/s / AR tokens/s; ``speedup_mean`` is the mean of
     per-prompt speedups. ``draft_step_s`` / ``verify_step_s``: seconds per cycle; ``ar_step_s``:
     seconds per AR verifier forward. ``drafter_cache``: largest peak drafter cache (entries per
-    layer and KV head). ``lossless``: ``ok`` / ``FAIL`` (greedy) or ``n/a`` (sampled).
+    layer and KV head). ``lossless``: greedy cells ``ok`` / ``FAIL`` (fp32) or ``agree 0.973`` (the
+    fraction of equal tokens in bf16/fp16, :func:`lossless_report`); sampled cells ``n/a``.
     """
     ar = ARIndex(runs)
     cells: dict[str, list[dict]] = {}
@@ -64,7 +74,7 @@ def aggregate_cells(runs: list[dict], cfg: EvalJobConfig) -> list[dict]:
                                if a is not None and a["tokens_per_s"] and math.isfinite(r["tokens_per_s"])]
         lossless = "n/a"
         if r0["greedy"]:
-            lossless = "ok" if all(a is not None and a["token_ids"] == r["token_ids"] for r, a in zip(rs, ars)) else "FAIL"
+            lossless = _cell_lossless(rs, ars, lossless_mode(cfg.models.dtype))
         ar_steps = sum(max(a["n_tokens"] - 1, 1) for a in ars) if have_ar else 0
         out.append({
             "cell_id": cid, "context": r0["context"], "policy": r0["policy"], "budget": r0["budget"],
@@ -110,22 +120,72 @@ def best_gammas(cells: list[dict]) -> list[dict]:
     return out
 
 
-def lossless_failures(runs: list[dict]) -> list[dict]:
-    """Greedy SD runs whose token ids differ from the AR run of the same prompt and mode."""
+def lossless_mode(dtype: str) -> str:
+    """``"exact"`` for the model dtypes of :data:`EXACT_DTYPES` (fp32), else ``"agreement"`` (bf16/fp16)."""
+    return "exact" if dtype in EXACT_DTYPES else "agreement"
+
+
+def greedy_agreement(ar_ids: list[int], sd_ids: list[int]) -> dict:
+    """Token agreement of two greedy outputs of the same prompt.
+
+    Returns ``{"equal": positions with the same token, "compared": the longer length (a missing
+    token counts as different), "agreement": equal / compared (1.0 for two empty outputs),
+    "first_divergence": first differing index (the shorter length when one is a prefix of the
+    other), None when identical}``. After a divergence the two continue from different prefixes,
+    so later equal tokens say little; ``first_divergence`` is the figure to read first.
+    """
+    equal = sum(1 for x, y in zip(ar_ids, sd_ids) if x == y)
+    compared = max(len(ar_ids), len(sd_ids))
+    first = None
+    if list(ar_ids) != list(sd_ids):
+        first = next((i for i, (x, y) in enumerate(zip(ar_ids, sd_ids)) if x != y), min(len(ar_ids), len(sd_ids)))
+    return {"equal": equal, "compared": compared, "agreement": equal / compared if compared else 1.0,
+            "first_divergence": first}
+
+
+def _cell_lossless(rs: list[dict], ars: list[dict | None], mode: str) -> str:
+    if any(a is None for a in ars):
+        return "FAIL" if mode == "exact" else "n/a"
+    if mode == "exact":
+        return "ok" if all(a["token_ids"] == r["token_ids"] for r, a in zip(rs, ars)) else "FAIL"
+    agree = [greedy_agreement(a["token_ids"], r["token_ids"]) for r, a in zip(rs, ars)]
+    compared = sum(g["compared"] for g in agree)
+    return f"agree {sum(g['equal'] for g in agree) / compared:.3f}" if compared else "agree 1.000"
+
+
+def lossless_report(runs: list[dict], dtype: str = "float32") -> dict:
+    """The lossless check of greedy SD runs against the AR run of the same prompt and mode.
+
+    Args:
+        runs: measurement records (``results.json`` ``runs``); SD records with an ``error`` are skipped.
+        dtype: the models' dtype (``models.dtype``); it picks the mode (:func:`lossless_mode`).
+
+    Returns ``{"mode": "exact" | "agreement", "dtype", "checked": greedy SD runs with an AR run,
+    "differ": [per differing run: cell_id, prompt_id, first_difference, agreement, ar_tokens,
+    sd_tokens (5 tokens from the divergence)], "agreement": equal / compared tokens pooled over the
+    checked runs (None when none), "failures": ``differ`` in exact mode, [] in agreement mode}``.
+    Only ``failures`` fails the evaluation job.
+    """
+    mode = lossless_mode(dtype)
     ar = ARIndex(runs, kinds=("ar", "needle_ar"))
-    bad = []
+    differ, checked, equal, compared = [], 0, 0, 0
     for r in runs:
         if r["kind"] not in ("sd", "needle_sd") or not r.get("greedy") or "error" in r:
             continue
         a = ar.get(r)
         if a is None:
             continue
-        if a["token_ids"] != r["token_ids"]:
-            k = next((i for i, (x, y) in enumerate(zip(a["token_ids"], r["token_ids"])) if x != y),
-                     min(len(a["token_ids"]), len(r["token_ids"])))
-            bad.append({"cell_id": r["cell_id"], "prompt_id": r["prompt_id"], "first_difference": k,
-                        "ar_tokens": a["token_ids"][k:k + 5], "sd_tokens": r["token_ids"][k:k + 5]})
-    return bad
+        g = greedy_agreement(a["token_ids"], r["token_ids"])
+        checked += 1
+        equal, compared = equal + g["equal"], compared + g["compared"]
+        k = g["first_divergence"]
+        if k is not None:
+            differ.append({"cell_id": r["cell_id"], "prompt_id": r["prompt_id"], "first_difference": k,
+                           "agreement": g["agreement"], "ar_tokens": a["token_ids"][k:k + 5],
+                           "sd_tokens": r["token_ids"][k:k + 5]})
+    return {"mode": mode, "dtype": dtype, "checked": checked, "differ": differ,
+            "agreement": equal / compared if compared else None,
+            "failures": differ if mode == "exact" else []}
 
 
 def needle_report(runs: list[dict], cells: list[dict]) -> list[dict]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bd_ray.config import FULL_BUDGET
+from bd_ray.evaluate.summaries import lossless_line
 
 __all__ = ["render_markdown", "make_plots", "write_outputs", "json_default"]
 
@@ -78,9 +79,13 @@ def render_markdown(results: dict) -> str:
                          f"{'yes' if n['ar_retrieved'] else 'no'} | {'yes' if n['sd_retrieved'] else 'no'} | "
                          f"{_f(n['alpha_needle'])} | {_f(n['alpha_ordinary'])} | {_f(n['needle_kept_fraction'])} |")
     ll = results["lossless"]
-    lines += ["", f"## Lossless check: {ll['checked']} greedy runs compared with AR, {len(ll['failures'])} differ", ""]
+    lines += ["", f"## Lossless check: {lossless_line(ll)}", ""]
     for f in ll["failures"]:
         lines.append(f"- FAIL {f['cell_id']} prompt {f['prompt_id']}: first difference at token {f['first_difference']}")
+    if ll.get("mode") == "agreement":
+        for f in ll["differ"]:
+            lines.append(f"- {f['cell_id']} prompt {f['prompt_id']}: first divergence at token "
+                         f"{f['first_difference']}, agreement {f['agreement']:.3f}")
     if results.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e['item']}: {e['error']}" for e in results["errors"]]
     if results.get("plots"):

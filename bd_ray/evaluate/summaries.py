@@ -9,7 +9,19 @@ from __future__ import annotations
 
 from bd_ray.config.evaluate import budget_label
 
-__all__ = ["summary_table", "headline_summary"]
+__all__ = ["summary_table", "headline_summary", "lossless_line"]
+
+
+def lossless_line(ll: dict) -> str:
+    """One line for ``results.json``'s ``lossless`` block (:func:`bd_ray.evaluate.aggregate.lossless_report`;
+    blocks written before the bf16 rule, without ``mode``, are exact-mode ones)."""
+    if ll.get("mode", "exact") == "exact":
+        return f"{ll['checked']} greedy runs compared with AR, {len(ll['failures'])} differ"
+    differ = ll.get("differ", [])
+    agree = "n/a" if ll.get("agreement") is None else f"{ll['agreement']:.3f}"
+    first = (f", first divergence at token {min(d['first_difference'] for d in differ)}" if differ else "")
+    return (f"{ll['checked']} greedy runs compared with AR as agreement ({ll['dtype']}: exact equality is "
+            f"not expected below fp32): {agree} of tokens equal, {len(differ)} diverge{first}")
 
 
 def _adaptive_modes(results: dict) -> set[str]:
@@ -82,5 +94,5 @@ def headline_summary(results: dict, gamma: int = 2, budget: str = "256", mode: s
                        f"{fixed['speedup']:.2f}x (B={fixed['budget']}, γ={fixed['gamma']})"
                        + (f"  adaptive {min(ad):.2f}-{max(ad):.2f}x" if ad else ""))
     ll = results["lossless"]
-    out.append(f"lossless: {ll['checked']} greedy runs compared with AR, {len(ll['failures'])} differ")
+    out.append(f"lossless: {lossless_line(ll)}")
     return "\n".join(out)

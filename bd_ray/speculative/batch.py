@@ -65,10 +65,32 @@ class BatchOptions:
     disable_above: int | None = None
 
 
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+class _Clock:
+    """Phase timings without a host sync per phase.
+
+    :meth:`mark` returns ``time.perf_counter()`` on CPU and a recorded ``torch.cuda.Event`` on
+    CUDA (queued on the device's current stream, no wait); :meth:`seconds` turns two marks into
+    seconds, waiting on the end event only. Callers read the marks after the phase's own host sync
+    (the verifier's verdict, a prefill's logits), so a draft step is never followed by a
+    ``torch.cuda.synchronize`` and an engine step waits at most once more than its work does.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
 def _pieces(n: int, chunk: int, need: int) -> list[tuple[int, int]]:
@@ -96,6 +118,7 @@ class BatchEngine:
         self.verifier, self.drafter, self.tokenizer, self.spec = verifier, drafter, tokenizer, spec
         self.options = options or BatchOptions()
         self.device = next(verifier.parameters()).device
+        self.clock = _Clock(self.device)
         self.eos_token_ids = eos_token_ids or []
         self.vcache = RaggedKVCache(verifier.config.num_hidden_layers)
         self.dcache = RaggedKVCache(drafter.config.num_hidden_layers) if drafter is not None else None
@@ -207,22 +230,36 @@ class BatchEngine:
 
     def _prefill(self) -> None:
         left = self.spec.prefill_chunk
+        clock = self.clock
+        spans: list[tuple[Row, str, Any, Any]] = []   # read once, after this step's prefill work
         for row in [r for r in self.rows.values() if r.phase == "prefill"]:
             if left <= 0:
                 break
             tail = PROMPT_PROBE_TOKENS if row.controller is not None else 0
             if row.v_pieces:
                 left -= row.v_pieces[0][1] - row.v_pieces[0][0]
-                t = _clock(self.device)
+                t = clock.mark()
                 row.v_tmp = self._prefill_piece(self.verifier, row, row.v_pieces, row.v_tmp, 0, tail)
-                row.timings.verifier_prefill_s += _clock(self.device) - t
+                spans.append((row, "verifier_prefill_s", t, clock.mark()))
             if row.d_pieces:
-                t = _clock(self.device)
+                t = clock.mark()
                 row.d_tmp = self._prefill_piece(self.drafter, row, row.d_pieces, row.d_tmp,
                                                 queries_needed(row.policy), tail)
-                row.timings.drafter_prefill_s += _clock(self.device) - t
+                spans.append((row, "drafter_prefill_s", t, clock.mark()))
             if not row.v_pieces and not row.d_pieces:
+                spans = self._add_spans(spans, row)   # before a result can be built from the timings
                 self._start_decoding(row)
+        self._add_spans(spans, None)
+
+    def _add_spans(self, spans: list[tuple[Row, str, Any, Any]], row: Row | None) -> list:
+        """Add the prefill spans of ``row`` (``None``: all) to their rows' timings; return the rest."""
+        rest = []
+        for r, name, a, b in spans:
+            if row is None or r is row:
+                setattr(r.timings, name, getattr(r.timings, name) + self.clock.seconds(a, b))
+            else:
+                rest.append((r, name, a, b))
+        return rest
 
     def _start_decoding(self, row: Row) -> None:
         vpre, dpre = row.v_tmp, row.d_tmp
@@ -236,10 +273,10 @@ class BatchEngine:
                 agreement = prompt_agreement(vpre.tail_argmax, dpre.tail_argmax)
                 if agreement is not None:
                     row.controller.observe_prompt_agreement(*agreement)
-            t = _clock(self.device)
+            t = self.clock.mark()
             compact = kvcache.compact_cache(dpre.cache, row.budget, row.policy, queries=dpre.queries)
             self.dcache.install(row.slot, [(l.keys, l.values) for l in compact.layers])
-            row.timings.drafter_prefill_s += _clock(self.device) - t
+            row.timings.drafter_prefill_s += self.clock.seconds(t, self.clock.mark())
             row.kept = row.peak_d = kvcache.cache_len(compact)
             row.kept_positions = compact.kept_positions
             row.d_len = row.n_prompt
@@ -262,38 +299,46 @@ class BatchEngine:
         gammas = self.policy.choose(rows)
         drafts: dict[Row, list[int]] = {r: [] for r in rows}
         qs: dict[Row, list[torch.Tensor]] = {r: [] for r in rows}
-        catch_up: dict[Row, float] = {}
-        row_draft_s: dict[Row, float] = {r: 0.0 for r in rows}   # drafter forwards the row took part in
-        draft_s = 0.0
+        clock = self.clock
+        # each drafter forward's marks and its rows; timed after the verdicts (no sync per draft step)
+        spans: list[tuple[Any, Any, list[Row], list[Row]]] = []
         g_max = max(gammas.values())
         for k in range(g_max):
             part = [r for r in rows if gammas[r] > k]
             feeds = {r.slot: (r.committed[r.d_len:] if k == 0 else [drafts[r][-1]]) for r in part}
-            t = _clock(self.device)
+            t = clock.mark()
             out = ragged_forward(self.drafter, self.dcache, feeds,
                                  {r.slot: r.d_len for r in part}, {r.slot: 1 for r in part})
-            dt = _clock(self.device) - t
-            draft_s += dt
+            spans.append((t, clock.mark(), part,
+                          # catching up on plainly decoded tokens
+                          [r for r in part if k == 0 and len(feeds[r.slot]) > 2]))
             for r in part:
-                if k == 0 and len(feeds[r.slot]) > 2:   # catching up on plainly decoded tokens
-                    catch_up[r] = dt
                 r.d_len += len(feeds[r.slot])
                 tok, q = r.draft_token(out[r.slot][-1])
                 drafts[r].append(tok)
                 if q is not None:
                     qs[r].append(q)
-                r.timings.draft_s += dt
-                row_draft_s[r] += dt
         for r in rows:
             if gammas[r]:
                 r.peak_d = max(r.peak_d, r.kept + r.d_len - r.n_prompt)
 
         feeds = {r.slot: r.committed[r.v_len:] + drafts[r] for r in rows}
-        t = _clock(self.device)
+        t = clock.mark()
         out = ragged_forward(self.verifier, self.vcache, feeds, {r.slot: r.v_len for r in rows},
                              {r.slot: gammas[r] + 1 for r in rows})
         verdicts = self._verify(rows, drafts, qs, out)
-        verify_s = _clock(self.device) - t
+        verify_s = clock.seconds(t, clock.mark())
+        catch_up: dict[Row, float] = {}
+        row_draft_s: dict[Row, float] = {r: 0.0 for r in rows}   # drafter forwards the row took part in
+        draft_s = 0.0
+        for a, b, part, catching_up in spans:
+            dt = clock.seconds(a, b)
+            draft_s += dt
+            for r in catching_up:
+                catch_up[r] = dt
+            for r in part:
+                r.timings.draft_s += dt
+                row_draft_s[r] += dt
         tokens = 0
         for r in rows:
             g, verdict = gammas[r], verdicts[r]
