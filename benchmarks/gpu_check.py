@@ -194,14 +194,14 @@ def part_train(args, save) -> dict:
     dev = _device(args)
     steps = 4 if args.cpu_smoke else args.train_steps
     collective = _one_process_all_reduce(dev)
-    cfg = tiny_train_cfg(deepspeed__precision="bf16", optim__max_steps=steps)
+    cfg = tiny_train_cfg(optim__precision="bf16", optim__max_steps=steps)
     teacher, drafter = tiny_train_models()
     teacher.to(dev)
     drafter.to(dev)
     before = {n: p.detach().float().clone() for n, p in drafter.named_parameters()}
     with tempfile.TemporaryDirectory(prefix="bd_ray_gpu_train_") as tmp:
         summary = run_local(cfg, tiny_train_rows(40), teacher, drafter, out_dir=tmp, resume=False,
-                            log=lambda s: print(s, flush=True))
+                            log=lambda s: print(s, flush=True), device=dev)
     module = summary["engine"].module
     losses = [h["loss"] for h in summary["history"]]
     placement = sorted({str(p.device) for p in module.parameters()})
@@ -213,7 +213,7 @@ def part_train(args, save) -> dict:
            "skipped_windows": summary["skipped"], "max_weight_change": changed,
            "drafter_devices": placement, "teacher_devices": sorted({str(p.device) for p in teacher.parameters()}),
            "drafter_param_dtypes": sorted({str(p.dtype) for p in module.parameters()}),
-           "optimizer_state_dtypes": state_dtypes, "precision": cfg.deepspeed.precision,
+           "optimizer_state_dtypes": state_dtypes, "precision": cfg.optim.precision,
            "fp32_optimizer_state": bool(state_dtypes) and state_dtypes == ["torch.float32"],
            "engine": type(summary["engine"]).__name__, "collective": collective}
     problems = []
