@@ -19,10 +19,9 @@ import sys
 import pytest
 import torch
 
-from bd_ray_kernels import backend_name, chunk_scores, chunk_topk_select, sparse_attention, triton_available
+from bd_ray_kernels import backend_name, chunk_scores, sparse_attention, triton_available
 from bd_ray_kernels.reference import (
     chunk_scores_reference,
-    chunk_topk_select_reference,
     sparse_attention_bruteforce,
     sparse_attention_reference,
 )
@@ -124,17 +123,6 @@ def test_chunk_reference_rules():
     assert s.shape == (2, 3, 5) and s.dtype == torch.float32
     brute = torch.stack([(keys[:, :, c * 8:(c + 1) * 8].mean(2) * q).sum(-1) for c in range(5)], -1)
     torch.testing.assert_close(s, brute)
-    sel = chunk_topk_select_reference(keys, q, 8, 2)
-    assert sel.shape == (2, 3, 2) and sel.dtype == torch.int64
-    assert torch.all(sel >= 1) and torch.all(sel[..., 0] < sel[..., 1])
-    expect = torch.topk(s[..., 1:], 2).indices.add(1).sort(-1).values
-    assert torch.equal(sel, expect)
-    # tie rule: equal scores -> lower chunk index wins
-    tie_keys = torch.ones(1, 1, 40, 4)
-    assert chunk_topk_select_reference(tie_keys, torch.ones(1, 1, 4), 8, 2).tolist() == [[[1, 2]]]
-    assert chunk_topk_select_reference(keys, q, 8, 0).shape == (2, 3, 0)
-    with pytest.raises(ValueError, match="k_chunks"):
-        chunk_topk_select_reference(keys, q, 8, 5)
     with pytest.raises(ValueError, match="query must be"):
         chunk_scores_reference(keys, q[:, :2], 8)
     with pytest.raises(ValueError, match="num_chunks"):
@@ -210,7 +198,7 @@ def test_triton_prefill_strides_and_empty_rows(device):
 @pytest.mark.parametrize("seq,cs,d,num_chunks", [(45, 8, 16, None), (130, 5, 24, 20)])
 def test_triton_chunk_scores(device, dtype, seq, cs, d, num_chunks):
     _need_triton(device)
-    from bd_ray_kernels.chunk_select import chunk_scores_triton, chunk_topk_select_triton
+    from bd_ray_kernels.chunk_select import chunk_scores_triton
 
     g = torch.Generator().manual_seed(seq)
     keys = torch.randn(2, 3, seq, d, generator=g).to(device=device, dtype=dtype)
@@ -219,13 +207,7 @@ def test_triton_chunk_scores(device, dtype, seq, cs, d, num_chunks):
     got = chunk_scores_triton(keys, q, cs, num_chunks)
     assert got.dtype == torch.float32 and got.shape == ref.shape
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    k_chunks = 3
-    sel = chunk_topk_select_triton(keys, q, cs, k_chunks, num_chunks)
-    sel_ref = chunk_topk_select_reference(keys, q, cs, k_chunks, num_chunks)
-    # compare selected *scores* (robust to near-ties), and indices are valid and ascending
-    torch.testing.assert_close(ref.gather(-1, sel).sort(-1).values, ref.gather(-1, sel_ref).sort(-1).values,
-                               atol=1e-4, rtol=1e-4)
-    assert torch.all(sel[..., 1:] > sel[..., :-1]) and torch.all(sel >= 1)
+
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -240,7 +222,6 @@ def test_triton_dispatch(device, monkeypatch):
     keys = torch.randn(1, 2, 32, 16, device=device)
     torch.testing.assert_close(chunk_scores(keys, keys[:, :, -1], 8), chunk_scores_reference(keys, keys[:, :, -1], 8),
                                atol=1e-4, rtol=1e-4)
-    assert chunk_topk_select(keys, keys[:, :, -1], 8, 2, backend="torch").shape == (1, 2, 2)
 
 
 def test_interpreter_in_subprocess():

@@ -5,7 +5,8 @@ Importable as ``bd_ray_kernels`` (the source lives under ``kernels/``, but a top
 
 Public entry points (dispatching to Triton on CUDA, the torch reference elsewhere; see
 :mod:`bd_ray_kernels.dispatch`): :func:`sparse_attention`, :func:`chunk_scores`,
-:func:`chunk_topk_select`, :func:`backend_name`. The torch references live in
+:func:`backend_name`. Which chunks are kept is decided once, in :func:`bd_ray.sparse.select_positions`,
+from these scores. The torch references live in
 :mod:`bd_ray_kernels.reference`; the Triton code in :mod:`.sparse_attention` / :mod:`.chunk_select`
 (imported lazily: CPU-only use never imports triton).
 """
@@ -13,25 +14,21 @@ Public entry points (dispatching to Triton on CUDA, the torch reference elsewher
 from .dispatch import (
     backend_name,
     chunk_scores,
-    chunk_topk_select,
     sparse_attention,
     triton_available,
     use_triton,
 )
 from .reference import (
     chunk_scores_reference,
-    chunk_topk_select_reference,
     sparse_attention_reference,
 )
 
 __all__ = [
     "backend_name",
     "chunk_scores",
-    "chunk_topk_select",
     "sparse_attention",
     "triton_available",
     "use_triton",
     "chunk_scores_reference",
-    "chunk_topk_select_reference",
     "sparse_attention_reference",
 ]

@@ -3,9 +3,8 @@
 ``score[b, h, c] = query[b, h] . mean(keys[b, h, c*cs:(c+1)*cs])`` for the full chunks
 ``c < num_chunks``. One program scores ``BLOCK_C`` chunks of one (batch, kv_head): it sums the
 ``chunk_size`` keys of each chunk in fp32 (one masked ``[BLOCK_C, BLOCK_D]`` load per offset inside
-the chunk), divides by ``chunk_size`` and dots with the query proxy. The top-k itself runs in torch
-on the ``[batch, kv_heads, num_chunks]`` scores (:func:`reference.chunk_topk_from_scores`), so the
-tie rule (lower chunk index wins) is shared with the reference.
+the chunk), divides by ``chunk_size`` and dots with the query proxy. The selection itself (top-k,
+ties to the lower chunk index) is :func:`bd_ray.sparse.select_positions`, on these scores.
 """
 
 from __future__ import annotations
@@ -16,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_chunk_args, chunk_topk_from_scores
+from .reference import check_chunk_args
 from .sparse_attention import _wrap, interpreter_active
 
-__all__ = ["chunk_scores_triton", "chunk_topk_select_triton"]
+__all__ = ["chunk_scores_triton"]
 
 
 def _chunk_scores_kernel(
@@ -73,17 +72,3 @@ def chunk_scores_triton(
         BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, **({} if interpret else {"num_warps": 4}),
     )
     return scores
-
-
-def chunk_topk_select_triton(
-    keys: torch.Tensor,
-    query: torch.Tensor,
-    chunk_size: int,
-    k_chunks: int,
-    num_chunks: Optional[int] = None,
-) -> torch.Tensor:
-    """``chunk_topk`` selection: Triton scores + torch stable top-k (lower index wins ties).
-
-    Returns ``[batch, kv_heads, k_chunks]`` int64 chunk indices in ``1..num_chunks-1``, ascending.
-    """
-    return chunk_topk_from_scores(chunk_scores_triton(keys, query, chunk_size, num_chunks), k_chunks)

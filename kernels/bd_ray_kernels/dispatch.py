@@ -32,7 +32,6 @@ __all__ = [
     "backend_name",
     "sparse_attention",
     "chunk_scores",
-    "chunk_topk_select",
 ]
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -167,22 +166,3 @@ def chunk_scores(
 
         return chunk_scores_triton(keys, query, chunk_size, num_chunks)
     return _ref.chunk_scores_reference(keys, query, chunk_size, num_chunks)
-
-
-def chunk_topk_select(
-    keys: torch.Tensor,
-    query: torch.Tensor,
-    chunk_size: int,
-    k_chunks: int,
-    num_chunks: Optional[int] = None,
-    *,
-    backend: Optional[str] = None,
-) -> torch.Tensor:
-    """Top-``k_chunks`` chunks among ``1..num_chunks-1`` by :func:`chunk_scores` (chunk 0 is kept by
-    the caller). Returns ``[batch, kv_heads, k_chunks]`` int64, ascending; ties: lower index wins
-    (note that the two backends may round scores differently, so exact near-ties can differ).
-
-    Raises ValueError unless ``0 <= k_chunks <= num_chunks - 1``.
-    """
-    scores = chunk_scores(keys, query, chunk_size, num_chunks, backend=backend)
-    return _ref.chunk_topk_from_scores(scores, k_chunks)

@@ -5,9 +5,9 @@ Two operations, both used by the drafter (see docs/DESIGN.md sections 2-3):
 * :func:`sparse_attention_reference` -- decode / verify attention of ``n_new`` new query tokens
   against a *compact* KV cache (the kept prefix positions, then the new tokens themselves),
   causal among the new tokens, GQA, optional ragged batch lengths.
-* :func:`chunk_scores_reference` / :func:`chunk_topk_select_reference` -- the BudgetDraft /
-  TriForce ``chunk_topk`` selection rule: score of chunk ``c`` = ``query . mean(keys[c])``, chunk 0
-  always kept by the caller, top-k of the others.
+* :func:`chunk_scores_reference` -- the BudgetDraft / TriForce ``chunk_topk`` score of chunk ``c``:
+  ``query . mean(keys[c])``. Which chunks are kept is decided once, in
+  :func:`bd_ray.sparse.select_positions` (training views and inference caches alike).
 
 Everything here is plain PyTorch (no gathers over the cache, no Triton), computes in fp32 and runs
 on any device. Shape checks live here too (``check_*``) so that the Triton path raises the same
@@ -27,8 +27,6 @@ __all__ = [
     "sparse_attention_reference",
     "sparse_attention_bruteforce",
     "chunk_scores_reference",
-    "chunk_topk_from_scores",
-    "chunk_topk_select_reference",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -248,43 +246,3 @@ def chunk_scores_reference(
     b, kvh, _, d = keys.shape
     kc = keys[:, :, : n * chunk_size].float().reshape(b, kvh, n, chunk_size, d).mean(dim=3)
     return torch.matmul(kc, query.float().unsqueeze(-1)).squeeze(-1)
-
-
-def chunk_topk_from_scores(scores: torch.Tensor, k_chunks: int) -> torch.Tensor:
-    """Top-``k_chunks`` chunk indices among chunks ``1..n-1`` of ``scores`` [batch, kv_heads, n].
-
-    Tie rule: among equal scores the lower chunk index wins (stable descending sort), so the
-    result is deterministic. Returns ``[batch, kv_heads, k_chunks]`` int64, sorted ascending.
-    Raises ``ValueError`` unless ``0 <= k_chunks <= n - 1``.
-    """
-    n = scores.shape[-1]
-    if not 0 <= k_chunks <= max(n - 1, 0):
-        raise ValueError(
-            f"k_chunks={k_chunks} but only {max(n - 1, 0)} chunks besides chunk 0 are available "
-            f"(num_chunks={n})"
-        )
-    if k_chunks == 0:
-        return torch.zeros(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
-    order = torch.sort(scores[..., 1:], dim=-1, descending=True, stable=True).indices
-    return (order[..., :k_chunks] + 1).sort(dim=-1).values
-
-
-def chunk_topk_select_reference(
-    keys: torch.Tensor,
-    query: torch.Tensor,
-    chunk_size: int,
-    k_chunks: int,
-    num_chunks: Optional[int] = None,
-) -> torch.Tensor:
-    """``chunk_topk`` selection, torch reference: indices of the kept chunks besides chunk 0.
-
-    Args: as :func:`chunk_scores_reference`, plus ``k_chunks``: chunks to select among
-    ``1..num_chunks-1`` (paper: ``B / chunk_size - 1``; chunk 0 is always kept by the caller).
-
-    Returns:
-        ``[batch, kv_heads, k_chunks]`` int64 chunk indices, ascending. Ties: lower index wins.
-
-    Raises:
-        ValueError on bad shapes or ``k_chunks`` outside ``[0, num_chunks - 1]``.
-    """
-    return chunk_topk_from_scores(chunk_scores_reference(keys, query, chunk_size, num_chunks), k_chunks)
