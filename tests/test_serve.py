@@ -152,14 +152,16 @@ def test_bad_inputs_documented_errors(server, client, serve_reference):
         # (kwargs, status, param, substring of the message)
         (dict(prompt=long_prompt, max_tokens=MAX_MODEL_LEN), 400, "max_tokens", str(MAX_MODEL_LEN)),
         (dict(prompt="hi", temperature=5), 400, "temperature", "temperature"),
-        (dict(prompt="hi", n=2), 400, "n", "n=1"),
+        (dict(prompt="hi", n=17), 400, "n", "16"),
         (dict(prompt="hi", max_tokens=0), 400, "max_tokens", "max_tokens"),
         (dict(prompt="hi", extra_body={"gamma": 99}), 400, "gamma", "gamma"),
         (dict(prompt="hi", extra_body={"kv_budget": 0}), 400, "kv_budget", "kv_budget"),
         (dict(prompt=long_prompt, max_tokens=8, extra_body={"kv_budget": 4}), 400, "kv_budget", "minimum"),
         (dict(prompt="hi", extra_body={"sparse_policy": "nope"}), 400, "sparse_policy", "sparse_policy"),
         (dict(prompt="hi", extra_body={"frobnicate": 1}), 400, "frobnicate", "unknown field"),
-        (dict(prompt="hi", logprobs=2), 400, "logprobs", "not supported"),
+        (dict(prompt="hi", logprobs=21), 400, "logprobs", "20"),
+        (dict(prompt="hi", logprobs=2, echo=True), 400, "echo", "not supported"),
+        (dict(prompt="hi", suffix="x"), 400, "suffix", "not supported"),
         (dict(prompt="hi", model="gpt-5"), 404, "model", "gpt-5"),
     ]
     assert n_long < MAX_MODEL_LEN
