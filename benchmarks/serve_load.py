@@ -7,8 +7,8 @@ no request ``gamma``), C closed-loop clients each send ``--requests-per-client``
 ``/v1/completions`` requests of held-out prompts (``--prompt-tokens``, default 2048 tokens of the
 corpus's test split, :func:`bd_ray.evaluate.prompts.select_prompts`) for ``--max-tokens`` (128)
 tokens. Reported per cell (like vLLM's ``benchmark_serving``): aggregate output tokens/s over the
-cell's wall time (end to end, prefills included) and of decoding (each request's tokens after the
-first over its time after the first, times C: the rows decoding together), p50/p99 TTFT and TPOT,
+cell's wall time (end to end, prefills included) and of decoding (tokens after each request's
+first over the time any request was decoding: :func:`_decode_rate`), p50/p99 TTFT and TPOT,
 mean α / τ, and what the batch policy chose (``spec_metrics.mode`` counts and reasons).
 
 ``--late-joiner``: 8 streams decode, a ``--late-long``-token prompt (4096) arrives, and a
@@ -81,6 +81,18 @@ async def one_request(client, url: str, body: dict) -> dict:
             "tpot": ((last - first) / (n - 1)) if first and n > 1 else None, "tokens": n, "spec": spec}
 
 
+def _decode_rate(ok: list[dict]) -> float | None:
+    """Tokens after each request's first over the time any request was decoding (the union of
+    their [first token, end] intervals): decode throughput, prefill-only stretches excluded."""
+    spans = sorted((r["t0"] + r["ttft"], r["t_end"]) for r in ok if r.get("ttft") is not None)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    tokens = sum(r["tokens"] - 1 for r in ok if r.get("ttft") is not None)
+    return tokens / busy if busy > 0 else None
+
+
 async def run_cell(url: str, concurrency: int, speculative: bool, prompts: list[list[int]], args) -> dict:
     """One cell: ``concurrency`` closed-loop clients over ``prompts`` (token ids, round robin)."""
     import httpx
@@ -109,13 +121,11 @@ async def run_cell(url: str, concurrency: int, speculative: bool, prompts: list[
     modes: dict[str, int] = {}
     for s in specs:
         modes[s.get("mode", "?")] = modes.get(s.get("mode", "?"), 0) + 1
-    rates = [(r["tokens"] - 1) / (r["t_end"] - r["t0"] - r["ttft"]) for r in ok
-             if r.get("ttft") is not None and r["tokens"] > 1 and r["t_end"] - r["t0"] > r["ttft"]]
     return {
         "concurrency": concurrency, "speculative": speculative, "requests": len(results), "ok": len(ok),
         "rejected_503": sum(r["status"] == 503 for r in results), "wall_s": wall,
         "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
-        "decode_tokens_per_s": statistics.fmean(rates) * concurrency if rates else None,
+        "decode_tokens_per_s": _decode_rate(ok),
         "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "tpot_p50_s": pct(tpot, 50),
         "tpot_p99_s": pct(tpot, 99),
         "alpha_mean": statistics.fmean(s["alpha"] for s in drafted) if drafted else None,
