@@ -52,9 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompt", help="prompt text")
     pr.add_argument("--prompt-file", help="file holding the prompt text")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    p.add_argument("--gamma", type=_positive_int, default=4, help="draft length (the cap with --adaptive)")
-    p.add_argument("--adaptive", action="store_true",
-                   help="choose gamma per cycle by measured tokens/s; stop speculating when it cannot pay")
+    p.add_argument("--gamma", type=_positive_int, default=4,
+                   help="the largest draft length the speculation policy may choose (with --fixed-gamma: every step's)")
+    p.add_argument("--fixed-gamma", action="store_true",
+                   help="draft exactly --gamma tokens every step (default: the speculation policy chooses "
+                        "gamma per step by measured tokens/s, 0 when speculation cannot pay)")
     p.add_argument("--budget", type=_budget, default=256,
                    help="drafter KV budget in tokens, or 'full' (at least the policy's minimum for the prompt, "
                         "bd_ray.sparse.min_budget)")
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         drafter = models.init_drafter_from_verifier(verifier, args.drafter_layers)
     spec = SpecConfig(gamma=args.gamma, budget=args.budget, policy=SparsePolicyConfig(name=args.policy),
-                      adaptive=args.adaptive)
+                      adaptive=not args.fixed_gamma)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, stop=args.stop)
     ids = tok(text, add_special_tokens=False)["input_ids"]

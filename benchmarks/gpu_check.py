@@ -252,7 +252,8 @@ def part_engine(args, save) -> dict:
     prompts = ([torch.randint(1, len(tok), (n,), generator=g).tolist() for n in (150, 40, 90, 200)]
                + [rep[:n] for n in (60, 95, 130, 33)])
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=24, eos_token_ids=[])
-    spec = SpecConfig(gamma=4, budget=48, policy=SparsePolicyConfig(name="chunk_topk", chunk_size=8, recent=8))
+    spec = SpecConfig(gamma=4, budget=48, policy=SparsePolicyConfig(name="chunk_topk", chunk_size=8, recent=8),
+                      adaptive=False)  # a fixed γ: every row drafts, so partial rollbacks run
     ar = ARGenerator(verifier, tok)
     want = [ar.generate(p, sampling).token_ids for p in prompts]
     sd = SpeculativeGenerator(verifier, drafter, tok, spec, options=BatchOptions(max_num_seqs=8))

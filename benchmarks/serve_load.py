@@ -1,23 +1,25 @@
-"""Bounded load generator for the bd-ray OpenAI server (127.0.0.1 only): speculative vs AR.
+"""Load benchmark of the bd-ray OpenAI server (127.0.0.1 only): continuous batching and speculation.
 
-For each concurrency C in ``--concurrency`` (default 1 4 8) and each mode (``speculative``
-false = AR, true = BudgetDraft), C closed-loop clients each send ``--requests-per-client``
-streaming greedy ``/v1/completions`` requests; every cell is also cut off after
-``--max-cell-s`` seconds. Reported per cell (like vLLM's ``benchmark_serving``):
+Cells: for each server *build variant* (``batched``: the config's ``max_num_seqs``; ``unbatched``:
+``max_num_seqs: 1``, one request decoded at a time, the old behaviour) on the same code, each
+concurrency C in ``--concurrency`` (default 1 4 8 16) and speculation off / on (the batch policy:
+no request ``gamma``), C closed-loop clients each send ``--requests-per-client`` streaming greedy
+``/v1/completions`` requests of held-out prompts (``--prompt-tokens``, default 2048 tokens of the
+corpus's test split, :func:`bd_ray.evaluate.prompts.select_prompts`) for ``--max-tokens`` (128)
+tokens. Reported per cell (like vLLM's ``benchmark_serving``): aggregate output tokens/s over the
+cell's wall time (end to end, prefills included) and of decoding (tokens after each request's
+first over the time any request was decoding: :func:`_decode_rate`), p50/p99 TTFT and TPOT,
+mean α / τ, and what the batch policy chose (``spec_metrics.mode`` counts and reasons).
 
-* requests/s and output tokens/s over the cell's wall time;
-* p50/p99 time to first token (TTFT, s: request sent -> first text chunk);
-* p50/p99 per-token latency (TPOT, s: (last chunk - first chunk) / (completion tokens - 1));
-* mean α / τ of the speculative requests (from the response's ``spec_metrics``);
-* per concurrency: the speculative/AR ratio of output tokens/s and of p50 TPOT.
+``--late-joiner``: 8 streams decode, a ``--late-long``-token prompt (4096) arrives, and a
+``--late-short``-token prompt (100) arrives during its prefill: the short request's TTFT, the long
+one's TTFT, and the 8 streams' inter-chunk gaps during the long prefill (p99 / median).
 
-Either point it at a running server (``--url http://127.0.0.1:8000``) or let it start one
-(``--start tiny``: random tiny models, an 8-layer verifier whose layers 2..7 are damped and a drafter
-made of its first 2 layers, so α is high and the cost ratio is ~1:4; measures the serving loop;
-``--start default``: ``serve_configs/default.yaml``'s embedded SmolLM2-135M). Examples::
+``--smoke``: the tiny random models, short prompts, C in {1, 4}, both variants, the late joiner
+scaled down: checks the harness end to end in under 2 minutes. Examples::
 
-    python benchmarks/serve_load.py --start tiny --out /tmp/serve_load.json
-    serve run serve_configs/default.yaml &  python benchmarks/serve_load.py --url http://127.0.0.1:8000
+    python benchmarks/serve_load.py --smoke
+    python benchmarks/serve_load.py --start default --late-joiner --out results/serving/serve_load.json
 
 Raises ``SystemExit`` for a URL that is not on 127.0.0.1/localhost.
 """
@@ -40,14 +42,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT_TEXT = (
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
-    "in want of a wife. However little known the feelings or views of such a man may be on his first "
-    "entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that "
-    "he is considered the rightful property of some one or other of their daughters. "
-)
-
-
 def pct(xs: list[float], q: float) -> float | None:
     """The q-th percentile (0..100, nearest rank) of ``xs``; ``None`` when empty."""
     if not xs:
@@ -87,24 +81,33 @@ async def one_request(client, url: str, body: dict) -> dict:
             "tpot": ((last - first) / (n - 1)) if first and n > 1 else None, "tokens": n, "spec": spec}
 
 
-async def run_cell(url: str, concurrency: int, speculative: bool, args) -> dict:
+def _decode_rate(ok: list[dict]) -> float | None:
+    """Tokens after each request's first over the time any request was decoding (the union of
+    their [first token, end] intervals): decode throughput, prefill-only stretches excluded."""
+    spans = sorted((r["t0"] + r["ttft"], r["t_end"]) for r in ok if r.get("ttft") is not None)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    tokens = sum(r["tokens"] - 1 for r in ok if r.get("ttft") is not None)
+    return tokens / busy if busy > 0 else None
+
+
+async def run_cell(url: str, concurrency: int, speculative: bool, prompts: list[list[int]], args) -> dict:
+    """One cell: ``concurrency`` closed-loop clients over ``prompts`` (token ids, round robin)."""
     import httpx
 
-    body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
-            "speculative": speculative, "ignore_eos": True}
-    if speculative:
-        if args.gamma:
-            body["gamma"] = args.gamma
-        if args.kv_budget:
-            body["kv_budget"] = args.kv_budget
     deadline = time.perf_counter() + args.max_cell_s
     results: list[dict] = []
     limits = httpx.Limits(max_connections=concurrency + 2)
+    counter = iter(range(1 << 30))
     async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
         async def worker():
             for _ in range(args.requests_per_client):
                 if time.perf_counter() > deadline:
                     return
+                body = {"prompt": prompts[next(counter) % len(prompts)], "max_tokens": args.max_tokens,
+                        "temperature": 0, "stream": True, "speculative": speculative, "ignore_eos": True}
                 results.append(await one_request(client, url, body))
 
         t0 = time.perf_counter()
@@ -113,20 +116,67 @@ async def run_cell(url: str, concurrency: int, speculative: bool, args) -> dict:
     ok = [r for r in results if r["status"] == 200 and r.get("tokens")]
     ttft = [r["ttft"] for r in ok if r.get("ttft") is not None]
     tpot = [r["tpot"] for r in ok if r.get("tpot") is not None]
-    specs = [r["spec"] for r in ok if r.get("spec") and r["spec"].get("drafted")]
+    specs = [r["spec"] for r in ok if r.get("spec")]
+    drafted = [s for s in specs if s.get("drafted")]
+    modes: dict[str, int] = {}
+    for s in specs:
+        modes[s.get("mode", "?")] = modes.get(s.get("mode", "?"), 0) + 1
     return {
         "concurrency": concurrency, "speculative": speculative, "requests": len(results), "ok": len(ok),
         "rejected_503": sum(r["status"] == 503 for r in results), "wall_s": wall,
-        "requests_per_s": len(ok) / wall, "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "decode_tokens_per_s": _decode_rate(ok),
         "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "tpot_p50_s": pct(tpot, 50),
         "tpot_p99_s": pct(tpot, 99),
-        "alpha_mean": statistics.fmean(s["alpha"] for s in specs) if specs else None,
-        "tau_mean": statistics.fmean(s["tau"] for s in specs) if specs else None,
+        "alpha_mean": statistics.fmean(s["alpha"] for s in drafted) if drafted else None,
+        "tau_mean": statistics.fmean(s["tau"] for s in drafted) if drafted else None,
+        "modes": modes, "mode_reasons": sorted({s.get("mode_reason") or "" for s in specs} - {""})[:3],
     }
 
 
-def server_args(kind: str) -> dict:
-    """Serve app args (``ServeAppConfig`` tree): the tiny test models (written to a temp dir) or the default config."""
+async def _chunk_times(client, url: str, body: dict, out: dict) -> None:
+    """Stream one request, recording the arrival time of every text chunk in ``out["times"]``."""
+    out["t0"], out["times"] = time.perf_counter(), []
+    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+        async for line in resp.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                obj = json.loads(line[6:])
+                if obj.get("choices") and obj["choices"][0].get("text"):
+                    out["times"].append(time.perf_counter())
+
+
+async def late_joiner(url: str, streams: list[list[int]], long: list[int], short: list[int], args) -> dict:
+    """8 streams decode; ``long`` arrives; ``short`` arrives during its prefill (module docstring)."""
+    import httpx
+
+    base = {"temperature": 0, "stream": True, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=httpx.Limits(max_connections=16)) as c:
+        outs = [{} for _ in streams]
+        tasks = [asyncio.create_task(_chunk_times(c, url, {**base, "prompt": p, "max_tokens": args.late_stream_tokens}, o))
+                 for p, o in zip(streams, outs)]
+        while not all(len(o.get("times", [])) >= 2 for o in outs):
+            await asyncio.sleep(0.01)
+        lo, sh = {}, {}
+        t_long = asyncio.create_task(_chunk_times(c, url, {**base, "prompt": long, "max_tokens": 4}, lo))
+        await asyncio.sleep(args.late_short_delay_s)
+        t_short = asyncio.create_task(_chunk_times(c, url, {**base, "prompt": short, "max_tokens": 4}, sh))
+        await asyncio.gather(t_long, t_short, *tasks)
+    start, end = lo["t0"], lo["times"][0] if lo["times"] else lo["t0"]
+    gaps_during, gaps_all = [], []
+    for o in outs:
+        ts = o["times"]
+        for a, b in zip(ts, ts[1:]):
+            gaps_all.append(b - a)
+            if start <= b <= end:
+                gaps_during.append(b - a)
+    return {"long_ttft_s": end - start, "short_ttft_s": (sh["times"][0] - sh["t0"]) if sh["times"] else None,
+            "stream_gap_p50_s": pct(gaps_all, 50), "stream_gap_during_prefill_p99_s": pct(gaps_during, 99),
+            "gaps_during_prefill": len(gaps_during)}
+
+
+def server_args(kind: str, max_num_seqs: int | None) -> dict:
+    """Serve app args (``ServeAppConfig`` tree): the tiny models (written to a temp dir) or
+    ``serve_configs/default.yaml``, one replica, ``max_num_seqs`` rows per step (``None``: the config's)."""
     import yaml
 
     if kind == "tiny":
@@ -149,82 +199,127 @@ def server_args(kind: str) -> dict:
         for m, d in ((verifier, root / "v"), (drafter, root / "d")):
             m.save_pretrained(d)
             tok.save_pretrained(d)
-        args = {"model": {"name": "tiny", "verifier": str(root / "v"), "drafter": str(root / "d"), "device": "cpu",
-                          "torch_threads": 1},
+        args = {"model": {"name": "tiny", "verifier": str(root / "v"), "drafter": str(root / "d"), "device": "cpu"},
                 "spec": {"gamma": 4, "budget": "full"},  # random tiny attention is diffuse: sparse views kill alpha
-                "engine": {"num_cpus": 1, "max_ongoing_requests": 8, "max_queued_requests": 32,
-                           "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}
+                "engine": {"num_cpus": 1, "max_num_seqs": 16, "max_ongoing_requests": 32, "max_queued_requests": 64,
+                           "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                "ingress": {"num_cpus": 0}}
     else:
         cfg = yaml.safe_load((REPO / "serve_configs" / "default.yaml").read_text())
         args = cfg["applications"][0]["args"]
         args["engine"]["autoscaling"].update({"min_replicas": 1, "max_replicas": 1})
-        args["engine"]["max_ongoing_requests"] = 8
-        args["engine"]["max_queued_requests"] = 32
+    if max_num_seqs is not None:
+        args["engine"]["max_num_seqs"] = max_num_seqs
     return args
+
+
+def held_out_prompts(kind: str, tokens: int, n: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of ``tokens`` token ids: held-out corpus text (the test split) for the default
+    models, random ids of the tiny vocabulary for ``tiny``."""
+    if kind == "tiny":
+        import random
+
+        rng = random.Random(f"{seed}:{tokens}")
+        return [[rng.randrange(1, 320) for _ in range(tokens)] for _ in range(n)]
+    from bd_ray import models
+    from bd_ray.config.evaluate import EvalJobConfig
+    from bd_ray.evaluate.prompts import corpus_table, select_prompts
+
+    cfg = EvalJobConfig()
+    tok = models.load_tokenizer("smollm2-135m")
+    return [p.token_ids for p in select_prompts(corpus_table(cfg), tok, [tokens], n, seed)[tokens]]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", default=None, help="running server, http://127.0.0.1:PORT")
-    ap.add_argument("--start", choices=["tiny", "default"], default=None, help="start a server here")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--url", default=None, help="running server, http://127.0.0.1:PORT (one variant: 'given')")
+    ap.add_argument("--start", choices=["tiny", "default"], default=None, help="start a server per variant here")
+    ap.add_argument("--smoke", action="store_true", help="tiny models, short everything (< 2 min)")
+    ap.add_argument("--variants", nargs="+", default=["batched", "unbatched"], choices=["batched", "unbatched"])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--requests-per-client", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--prompt-repeats", type=int, default=3, help="copies of the built-in paragraph in the prompt")
-    ap.add_argument("--gamma", type=int, default=None)
-    ap.add_argument("--kv-budget", type=int, default=None)
-    ap.add_argument("--max-cell-s", type=float, default=60.0, help="stop starting requests after this (s)")
-    ap.add_argument("--request-timeout-s", type=float, default=300.0)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=2048)
+    ap.add_argument("--late-joiner", action="store_true", help="also run the late-joiner scenario")
+    ap.add_argument("--late-long", type=int, default=4096)
+    ap.add_argument("--late-short", type=int, default=100)
+    ap.add_argument("--late-stream-tokens", type=int, default=256)
+    ap.add_argument("--late-short-delay-s", type=float, default=0.5, help="short prompt this long after the long one")
+    ap.add_argument("--max-cell-s", type=float, default=600.0, help="stop starting requests after this (s)")
+    ap.add_argument("--request-timeout-s", type=float, default=900.0)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = ap.parse_args(argv)
-    args.prompt = PROMPT_TEXT * args.prompt_repeats
-
+    if args.smoke:
+        args.start, args.concurrency, args.requests_per_client = "tiny", [1, 4], 1
+        args.max_tokens, args.prompt_tokens = 16, 128
+        args.late_long, args.late_short, args.late_stream_tokens, args.late_short_delay_s = 1536, 32, 48, 0.05
+        args.late_joiner = True
     if (args.url is None) == (args.start is None):
-        ap.error("give exactly one of --url or --start")
-    cells = []
-    with contextlib.ExitStack() as stack:
-        if args.start:
-            from bd_ray.testing.serve import local_serve_app
+        ap.error("give exactly one of --url, --start or --smoke")
+    kind = args.start or "default"
+    prompts = held_out_prompts(kind, args.prompt_tokens, max(args.concurrency) * args.requests_per_client)
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "variants": {}}
+    for variant in (args.variants if args.start else ["given"]):
+        cells: list[dict] = []
+        with contextlib.ExitStack() as stack:
+            if args.start:
+                from bd_ray.testing.serve import local_serve_app
 
-            t = time.perf_counter()
-            url = stack.enter_context(local_serve_app(server_args(args.start), "bench"))
-            print(f"server up in {time.perf_counter() - t:.1f} s", flush=True)
-        else:
-            url = args.url.rstrip("/")
-            if urlparse(url).hostname not in ("127.0.0.1", "localhost"):
-                raise SystemExit(f"refusing to send load to {url}: only 127.0.0.1 is allowed")
-        # warm-up
-        asyncio.run(run_cell(url, 1, False, argparse.Namespace(**{**vars(args), "requests_per_client": 1})))
-        for c in args.concurrency:
-            for spec in (False, True):
-                cell = asyncio.run(run_cell(url, c, spec, args))
-                cells.append(cell)
-                print(json.dumps(cell), flush=True)
-
-    ratios = {}
-    for c in args.concurrency:
-        ar = next(x for x in cells if x["concurrency"] == c and not x["speculative"])
-        sd = next(x for x in cells if x["concurrency"] == c and x["speculative"])
-        ratios[c] = {
-            "output_tokens_per_s": sd["output_tokens_per_s"] / ar["output_tokens_per_s"] if ar["output_tokens_per_s"] else None,
-            "tpot_p50": (sd["tpot_p50_s"] / ar["tpot_p50_s"]) if sd["tpot_p50_s"] and ar["tpot_p50_s"] else None,
-        }
-    hdr = f"{'C':>2} {'mode':>5} {'ok':>3} {'req/s':>6} {'tok/s':>7} {'TTFT p50/p99 ms':>17} {'TPOT p50/p99 ms':>17} {'alpha':>5} {'tau':>4}"
-    print(hdr)
-    ms = lambda x: f"{1000 * x:.0f}" if x is not None else "-"  # noqa: E731
-    for x in cells:
-        print(f"{x['concurrency']:>2} {'SD' if x['speculative'] else 'AR':>5} {x['ok']:>3} {x['requests_per_s']:>6.2f} "
-              f"{x['output_tokens_per_s']:>7.1f} {ms(x['ttft_p50_s']) + '/' + ms(x['ttft_p99_s']):>17} "
-              f"{ms(x['tpot_p50_s']) + '/' + ms(x['tpot_p99_s']):>17} "
-              f"{x['alpha_mean'] if x['alpha_mean'] is None else round(x['alpha_mean'], 2)!s:>5} "
-              f"{x['tau_mean'] if x['tau_mean'] is None else round(x['tau_mean'], 2)!s:>4}")
-    for c, r in ratios.items():
-        print(f"C={c}: SD/AR output tok/s = {r['output_tokens_per_s']:.2f}, SD/AR p50 TPOT = "
-              f"{r['tpot_p50'] if r['tpot_p50'] is None else round(r['tpot_p50'], 2)}")
+                t = time.perf_counter()
+                app = server_args(kind, 1 if variant == "unbatched" else None)
+                url = stack.enter_context(local_serve_app(app, "bench"))
+                print(f"[{variant}] server up in {time.perf_counter() - t:.1f} s", flush=True)
+            else:
+                url = args.url.rstrip("/")
+                if urlparse(url).hostname not in ("127.0.0.1", "localhost"):
+                    raise SystemExit(f"refusing to send load to {url}: only 127.0.0.1 is allowed")
+            warm = argparse.Namespace(**{**vars(args), "requests_per_client": 1, "max_tokens": 4})
+            asyncio.run(run_cell(url, 1, True, prompts[:1], warm))
+            for c in args.concurrency:
+                for spec in (False, True):
+                    cell = asyncio.run(run_cell(url, c, spec, prompts, args))
+                    cells.append(cell)
+                    print(json.dumps({"variant": variant, **cell}), flush=True)
+            entry: dict = {"cells": cells}
+            if args.late_joiner and variant != "unbatched":
+                long = held_out_prompts(kind, args.late_long, 1, seed=1)[0]
+                short = held_out_prompts(kind, args.late_short, 1, seed=2)[0]
+                entry["late_joiner"] = asyncio.run(late_joiner(url, prompts[:8] if len(prompts) >= 8 else
+                                                               (prompts * 8)[:8], long, short, args))
+                print(json.dumps({"variant": variant, "late_joiner": entry["late_joiner"]}), flush=True)
+        report["variants"][variant] = entry
+    print_table(report)
     if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "prompt"},
-                                        "cells": cells, "ratios": ratios}, indent=2))
+        args.out.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def print_table(report: dict) -> None:
+    """The concurrency x spec on/off x variant table, with the ratios the issue's targets use."""
+    ms = lambda x: f"{1000 * x:.0f}" if x is not None else "-"  # noqa: E731
+    print(f"{'variant':>9} {'C':>2} {'spec':>4} {'ok':>3} {'tok/s':>7} {'dec tok/s':>9} {'TTFT p50/p99 ms':>17} "
+          f"{'TPOT p50/p99 ms':>17} {'tau':>4}  modes")
+    for variant, entry in report["variants"].items():
+        for x in entry["cells"]:
+            dec = x["decode_tokens_per_s"]
+            print(f"{variant:>9} {x['concurrency']:>2} {'on' if x['speculative'] else 'off':>4} {x['ok']:>3} "
+                  f"{x['output_tokens_per_s']:>7.1f} {dec if dec is None else round(dec, 1)!s:>9} "
+                  f"{ms(x['ttft_p50_s']) + '/' + ms(x['ttft_p99_s']):>17} "
+                  f"{ms(x['tpot_p50_s']) + '/' + ms(x['tpot_p99_s']):>17} "
+                  f"{x['tau_mean'] if x['tau_mean'] is None else round(x['tau_mean'], 2)!s:>4}  {x['modes']}")
+        cells = {(x["concurrency"], x["speculative"]): x for x in entry["cells"]}
+        cs = sorted({c for c, _ in cells})
+        for c in cs:
+            on, off = cells[(c, True)], cells[(c, False)]
+            if off["output_tokens_per_s"]:
+                print(f"{variant} C={c}: spec on/off tok/s = {on['output_tokens_per_s'] / off['output_tokens_per_s']:.2f}")
+        if len(cs) > 1 and cells[(cs[0], False)]["output_tokens_per_s"]:
+            lo, hi = cells[(cs[0], False)], cells[(cs[-1], False)]
+            print(f"{variant}: AR tok/s C={cs[-1]} / C={cs[0]} = "
+                  f"{hi['output_tokens_per_s'] / lo['output_tokens_per_s']:.2f} end to end, decode "
+                  f"{(hi['decode_tokens_per_s'] or 0) / (lo['decode_tokens_per_s'] or 1):.2f}")
+        if "late_joiner" in entry:
+            print(f"{variant} late joiner: {entry['late_joiner']}")
 
 
 if __name__ == "__main__":

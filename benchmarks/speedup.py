@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         hf_drafter, _ = models.load_drafter(args.drafter, tok, verifier=hf_verifier, draft_vocab=None,
                                             attn_implementation="sdpa")
     budget = None if args.budget == "full" else int(args.budget)
-    spec = SpecConfig(gamma=args.gamma, budget=budget, policy=SparsePolicyConfig(name="chunk_topk"))
+    spec = SpecConfig(gamma=args.gamma, budget=budget, policy=SparsePolicyConfig(name="chunk_topk"), adaptive=False)
     ar = ARGenerator(verifier, tok)
     sd = SpeculativeGenerator(verifier, drafter, tok, spec)
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens, eos_token_ids=[])

@@ -2,8 +2,10 @@
 
 One module-scoped Serve application on tiny random models saved to a temp dir (a 4-layer verifier,
 a drafter made of its first 3 layers, the tiny BPE tokenizer with a chat template), so replicas
-load them by path in a second. Tests run in file order on purpose: the live-request checks come
-before the load tests that make the autoscaler add a replica.
+load them by path in a second. Each engine replica batches up to 8 requests (16 routed to it,
+32 more queued at the ingress) within a KV-cache budget that holds 8 rows of the admission test's
+requests (:func:`admission_budget`). Tests run in file order on purpose: the live-request checks
+come before the load tests that make the autoscaler add a replica.
 """
 
 from __future__ import annotations
@@ -28,13 +30,39 @@ from bd_ray.testing.tiny import serve_app_args as app_args  # noqa: E402
 
 APP = "bd"
 MAX_MODEL_LEN = SERVE_MAX_MODEL_LEN
+MAX_NUM_SEQS = 8
+ADMIT_PROMPTS = [(p + " ") * 3 for p in PROMPTS]   # the admission test's prompts
+ADMIT_TOKENS = 24
+REPETITIVE = " ".join(["1 2 3"] * 12)
+
+
+def _kv_bytes_per_token(model_dir) -> int:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+
+
+def admission_budget(vdir, ddir, tok, rows: int = 8, gamma: int = 3, budget: int = 48) -> int:
+    """kv_cache_bytes holding ``rows`` decoding rows of the admission requests (padded to the longest,
+    the engine's rule: bd_ray.speculative.batch.BatchEngine.projected_bytes) plus one prefill."""
+    v, d = _kv_bytes_per_token(vdir), _kv_bytes_per_token(ddir)
+    n = max(len(tok(p)["input_ids"]) for p in ADMIT_PROMPTS)
+    extra = ADMIT_TOKENS + gamma + 2
+    return rows * ((n + extra) * v + (min(budget, n) + extra) * d) + n * (v + d)
 
 
 @pytest.fixture(scope="module")
 def server(serve_model_dirs):
     """Start Ray (4 logical CPUs) + Serve on 127.0.0.1 and the app; tear both down afterwards."""
+    from transformers import AutoTokenizer
+
     from bd_ray.serve.app import build_app
 
+    vdir, ddir = serve_model_dirs
+    args = app_args(vdir, ddir)
+    args["engine"].update(max_num_seqs=MAX_NUM_SEQS, max_ongoing_requests=16, max_queued_requests=32,
+                          kv_cache_bytes=admission_budget(vdir, ddir, AutoTokenizer.from_pretrained(vdir)))
     # Fast autoscaling metrics for the autoscaling test (inherited by the cluster's processes).
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
@@ -42,7 +70,7 @@ def server(serve_model_dirs):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(app_args(*serve_model_dirs)), name=APP, route_prefix="/")
+        serve.run(build_app(args), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -152,14 +180,16 @@ def test_bad_inputs_documented_errors(server, client, serve_reference):
         # (kwargs, status, param, substring of the message)
         (dict(prompt=long_prompt, max_tokens=MAX_MODEL_LEN), 400, "max_tokens", str(MAX_MODEL_LEN)),
         (dict(prompt="hi", temperature=5), 400, "temperature", "temperature"),
-        (dict(prompt="hi", n=2), 400, "n", "n=1"),
+        (dict(prompt="hi", n=17), 400, "n", "16"),
         (dict(prompt="hi", max_tokens=0), 400, "max_tokens", "max_tokens"),
         (dict(prompt="hi", extra_body={"gamma": 99}), 400, "gamma", "gamma"),
         (dict(prompt="hi", extra_body={"kv_budget": 0}), 400, "kv_budget", "kv_budget"),
         (dict(prompt=long_prompt, max_tokens=8, extra_body={"kv_budget": 4}), 400, "kv_budget", "minimum"),
         (dict(prompt="hi", extra_body={"sparse_policy": "nope"}), 400, "sparse_policy", "sparse_policy"),
         (dict(prompt="hi", extra_body={"frobnicate": 1}), 400, "frobnicate", "unknown field"),
-        (dict(prompt="hi", logprobs=2), 400, "logprobs", "not supported"),
+        (dict(prompt="hi", logprobs=21), 400, "logprobs", "20"),
+        (dict(prompt="hi", logprobs=2, echo=True), 400, "echo", "not supported"),
+        (dict(prompt="hi", suffix="x"), 400, "suffix", "not supported"),
         (dict(prompt="hi", model="gpt-5"), 404, "model", "gpt-5"),
     ]
     assert n_long < MAX_MODEL_LEN
@@ -233,7 +263,7 @@ def test_eight_concurrent_streams_no_crosstalk(server, serve_reference):
     prompts = [(PROMPTS[i % 4] + " ") * (1 + i % 3) for i in range(8)]
     wants = [ar(ids(tok, p), 40) for p in prompts]
 
-    # 2 ongoing + 6 queued per replica hold all 8; should a 503 still happen, retry it as a client would.
+    # 16 ongoing per replica hold all 8; should a 503 still happen, retry it as a client would.
     results = [None] * 8
     for _ in range(10):
         todo = [i for i in range(8) if results[i] is None]
@@ -258,12 +288,187 @@ def test_eight_concurrent_streams_no_crosstalk(server, serve_reference):
         assert sm["speculative"] is (configs[i].get("speculative", True))
 
 
+# ---- continuous batching (issue 19, cases 12-15 of docs/cases) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def ar_result(serve_model_dirs):
+    """``ar_result(prompt_ids, max_tokens, logprobs=None) -> GenerationResult``: the verifier's own
+    greedy decoding, ignoring EOS (ids, text and logprobs)."""
+    from bd_ray.config import SamplingConfig
+    from bd_ray.models import load_verifier
+    from bd_ray.speculative.engine import ARGenerator
+
+    verifier, tok = load_verifier(str(serve_model_dirs[0]))
+    gen = ARGenerator(verifier, tok)
+
+    def run(prompt_ids, max_tokens, logprobs=None):
+        sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_tokens, eos_token_ids=[])
+        return gen.generate(prompt_ids, sampling, logprobs=logprobs)
+
+    return run
+
+
+def all_replica_stats(url: str, tries: int = 12) -> dict[str, dict]:
+    """Stats of every engine replica reached in ``tries`` calls, keyed by replica id."""
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        s = httpx.get(url + "/debug/engine", timeout=30).json()
+        seen[s["replica_id"]] = s
+    return seen
+
+
+def wait_idle(url: str, timeout_s: float = 30) -> dict[str, dict]:
+    """Until every replica reached holds no live request, no row and no cache bytes."""
+    deadline = time.time() + timeout_s
+    while True:
+        stats = all_replica_stats(url)
+        idle = all(s["live_requests"] == 0 and s["engine"]["live_rows"] == 0 and s["engine"]["waiting"] == 0
+                   and s["engine"]["cache_bytes"] == 0 for s in stats.values())
+        if idle or time.time() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+async def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as c:
+        return await asyncio.gather(*(c.post(url + "/v1/completions", json=b) for b in bodies))
+
+
+def test_case12_sixteen_concurrent_mixed_draft_lengths_equal_solo(server, serve_reference):
+    ar, tok = serve_reference
+    prose = [(PROMPTS[i % 4] + " ") * (1 + i % 2) for i in range(8)]
+    prompts = [REPETITIVE] * 4 + [" ".join(["7 8"] * 10)] * 4 + prose
+    extras = [{"gamma": 8}, {"gamma": 5}, {}, {"speculative": False}] * 4
+    bodies = [{"model": "tiny", "prompt": p, "max_tokens": 64, "temperature": 0, "ignore_eos": True, **x}
+              for p, x in zip(prompts, extras)]
+    wants = {p: ar(ids(tok, p), 64, ignore_eos=True) for p in set(prompts)}
+    responses = asyncio.run(_post_all(server, bodies))
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, (i, r.text[:300])
+        body = r.json()
+        assert body["choices"][0]["text"] == wants[prompts[i]], (i, extras[i])
+        sm = body["spec_metrics"]
+        if extras[i].get("speculative") is False:
+            assert sm["mode"] == "plain" and sm["drafted"] == 0 and sm["speculative"] is False
+        else:
+            assert sm["mode"] in ("speculative", "mixed") and sm["drafted"] > 0 and sm["speculative"] is True
+    assert any(s["engine"]["max_rows"] > 1 for s in all_replica_stats(server).values()), "never batched"
+
+
+def test_case13_completion_tokens_per_block(server, ar_result, serve_reference):
+    _, tok = serve_reference
+    prompt_ids = ids(tok, REPETITIVE)
+    for m in (1, 3, 7, 8, 9, 64):
+        want = ar_result(prompt_ids, m)
+        body = {"model": "tiny", "prompt": REPETITIVE, "max_tokens": m, "temperature": 0, "gamma": 8,
+                "ignore_eos": True, "logprobs": 1}
+        r = httpx.post(server + "/v1/completions", json=body, timeout=60).json()
+        ch = r["choices"][0]
+        assert ch["finish_reason"] == "length" and r["usage"]["completion_tokens"] == m, (m, r["usage"])
+        assert ch["text"] == want.text and len(ch["logprobs"]["tokens"]) == m == len(want.token_ids)
+        # streamed: the same count, every token's entry exactly once
+        with httpx.stream("POST", server + "/v1/completions", json={**body, "stream": True}, timeout=60) as resp:
+            events = [json.loads(x.removeprefix("data: ")) for x in resp.iter_lines() if x and x != "data: [DONE]"]
+        streamed = [t for e in events for t in ((e["choices"][0].get("logprobs") or {}).get("tokens") or [])]
+        assert len(streamed) == m and "".join(e["choices"][0]["text"] for e in events) == want.text
+        assert events[-1]["usage"]["completion_tokens"] == m
+
+
+def test_case14_logprobs_equal_with_and_without_speculation(server, ar_result, serve_reference):
+    _, tok = serve_reference
+    prompt = "The capital of France is"
+    want = ar_result(ids(tok, prompt), 10, logprobs=3)
+    got = {}
+    for spec in (True, False):
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 3,
+                "ignore_eos": True, "speculative": spec, **({"gamma": 8} if spec else {})}
+        r = httpx.post(server + "/v1/completions", json=body, timeout=60).json()
+        lp = r["choices"][0]["logprobs"]
+        assert len(lp["token_logprobs"]) == r["usage"]["completion_tokens"] == 10
+        assert all(v < 0.0 for v in lp["token_logprobs"])           # never exactly 0.0 (no p = 1 here)
+        # k alternatives + the chosen token, keyed by text (ids decoding to the same text share a key)
+        assert all(1 <= len(t) <= 4 for t in lp["top_logprobs"])
+        got[spec] = lp["token_logprobs"]
+    assert max(abs(a - b) for a, b in zip(got[True], got[False])) < 1e-4
+    assert max(abs(a - e["logprob"]) for a, e in zip(got[True], want.logprobs)) < 1e-4
+    # a stop string completing inside an accepted block: no entries for the trimmed text
+    cut = next(k for k in range(3, 10) if tok.decode(want.token_ids[k:k + 1]).strip()
+               and tok.decode(want.token_ids[k:k + 1]) not in want.text[:len(tok.decode(want.token_ids[:k]))])
+    stop = tok.decode(want.token_ids[cut:cut + 1])
+    r = httpx.post(server + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 3, "gamma": 8,
+        "ignore_eos": True, "stop": [stop]}).json()
+    ch = r["choices"][0]
+    assert ch["finish_reason"] == "stop" and stop not in ch["text"]
+    k = r["usage"]["completion_tokens"]
+    assert k <= cut and len(ch["logprobs"]["token_logprobs"]) == k
+    assert max([abs(a - b) for a, b in zip(ch["logprobs"]["token_logprobs"], got[True][:k])] or [0]) < 1e-4
+    # chat shape
+    r = httpx.post(server + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 5, "temperature": 0,
+        "logprobs": True, "top_logprobs": 2}).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == r["usage"]["completion_tokens"] and all(len(c["top_logprobs"]) == 2 for c in content)
+
+
+def test_case15_abort_then_same_prompt_equals_fresh(server, serve_reference):
+    ar, tok = serve_reference
+    prompt = " ".join(["truth"] * 90)       # ~180 tokens: most of the tiny context
+    n = len(ids(tok, prompt))
+    want = ar(ids(tok, prompt), MAX_MODEL_LEN - n - 1)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_MODEL_LEN - n - 1, "temperature": 0}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", server + "/v1/completions", json={**body, "stream": True}) as resp:
+            lines = resp.iter_lines()
+            assert [next(lines) for _ in range(3)][0].startswith("data: ")
+    r = httpx.post(server + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    stats = wait_idle(server)
+    assert all(s["live_requests"] == 0 and s["engine"]["live_rows"] == 0 and s["engine"]["cache_bytes"] == 0
+               for s in stats.values()), stats
+
+
+def test_n_choices_and_echo(server, client, serve_reference):
+    ar, tok = serve_reference
+    prompt = PROMPTS[1]
+    base = dict(model="tiny", prompt=prompt, max_tokens=12, temperature=0.9, seed=7)
+    many = client.completions.create(n=3, **base)
+    one = client.completions.create(**base)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].text == one.choices[0].text        # choice i is seeded seed + i
+    assert len({c.text for c in many.choices}) > 1
+    assert 3 <= many.usage.completion_tokens <= 36 and len(many.model_extra["spec_metrics"]) == 3
+    # greedy n=2 streamed: both choices are the verifier's own text
+    want = ar(ids(tok, prompt), 12)
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, n=2,
+                                            stream=True))
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in (0, 1)]
+    assert texts == [want, want]
+    echo = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, echo=True)
+    assert echo.choices[0].text == prompt + want
+
+
+def test_admission_bounded_by_kv_cache_bytes(server, serve_reference):
+    ar, tok = serve_reference
+    wants = [ar(ids(tok, p), ADMIT_TOKENS, ignore_eos=True) for p in ADMIT_PROMPTS]
+    bodies = [{"model": "tiny", "prompt": ADMIT_PROMPTS[i % 4], "max_tokens": ADMIT_TOKENS, "temperature": 0,
+               "ignore_eos": True} for i in range(32)]
+    responses = asyncio.run(_post_all(server, bodies))
+    assert [r.status_code for r in responses] == [200] * 32, [r.text[:200] for r in responses if r.status_code != 200]
+    for i, r in enumerate(responses):
+        assert r.json()["choices"][0]["text"] == wants[i % 4], i
+    stats = wait_idle(server)
+    assert all(s["engine"]["max_rows"] <= MAX_NUM_SEQS for s in stats.values()), stats
+
+
 def test_overload_returns_503_with_retry_after_and_recovers(server, client):
     body = {"prompt": PROMPTS[1], "max_tokens": 60, "temperature": 0, "gamma": 1}
 
     async def burst():
-        async with httpx.AsyncClient(timeout=120) as c:
-            return await asyncio.gather(*(c.post(server + "/v1/completions", json=body) for _ in range(20)))
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=256)) as c:
+            # more than 2 replicas x 16 ongoing + 32 queued
+            return await asyncio.gather(*(c.post(server + "/v1/completions", json=body) for _ in range(128)))
 
     responses = asyncio.run(burst())
     codes = [r.status_code for r in responses]

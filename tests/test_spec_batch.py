@@ -66,7 +66,7 @@ def test_ragged_forward_equals_each_row_alone(attn):
 
 # ---- cases 4 and 12: every row equals its solo greedy decoding -------------------------------
 def test_mixed_batch_greedy_equals_solo(verifier, drafter, tok):
-    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4),
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4, adaptive=False),
                               options=BatchOptions(max_num_seqs=4))
     specs = [dict(prompt=_prompt(0, 150), gamma=1), dict(prompt=_prompt(1, 30), gamma=6, budget=None),
              dict(prompt=_prompt(2, 90), gamma=3, policy=STREAMING),
@@ -97,7 +97,7 @@ def test_case12_repetitive_and_prose_batch_isolation(verifier, tok):
     prose = tok("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
                 "must be in want of a wife.")["input_ids"]
     prompts = [rep[: 60 + 7 * i] for i in range(8)] + [prose[: 20 + 2 * i] for i in range(8)]
-    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=None, gamma=8),
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=None, gamma=8, adaptive=False),
                               options=BatchOptions(max_num_seqs=16))
     results = sd.generate_many([RowRequest(p, greedy(64), gamma=8 if i < 8 else 2) for i, p in enumerate(prompts)])
     for p, res in zip(prompts, results):
@@ -107,7 +107,7 @@ def test_case12_repetitive_and_prose_batch_isolation(verifier, tok):
 
 # ---- sampling ----------------------------------------------------------------------------------
 def test_seeded_sampling_same_alone_and_batched_unseeded_rows_differ(verifier, drafter, tok):
-    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=64, gamma=4))
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=64, gamma=4, adaptive=False))
     seeded = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=25, seed=7, eos_token_ids=[])
     prompt = _prompt(9, 80)
     alone = sd.generate(prompt, seeded)
@@ -121,7 +121,7 @@ def test_seeded_sampling_same_alone_and_batched_unseeded_rows_differ(verifier, d
 
 # ---- cases 1-3 and 9 per row in a batch --------------------------------------------------------
 def test_cases_1_2_3_9_per_row_in_a_batch(verifier, tok):
-    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4))
+    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4, adaptive=False))
     p_eos, p_stop, p_len = _prompt(11, 30), _prompt(5, 60), _prompt(3, 20)
     free = _solo(verifier, tok, p_eos, greedy(12)).token_ids
     eos_cfg = SamplingConfig(temperature=0.0, max_new_tokens=12, eos_token_ids=[5_000, free[2]])
@@ -145,7 +145,7 @@ def test_cases_1_2_3_9_per_row_in_a_batch(verifier, tok):
 # ---- cases 13 and 14: token accounting and logprobs ----------------------------------------------
 def test_case13_token_accounting_and_case14_logprobs(verifier, tok):
     rep = tok("1 2 3 " * 30)["input_ids"]
-    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=8))
+    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=8, adaptive=False))
     ns = (1, 3, 7, 8, 9, 64)
     results = sd.generate_many([RowRequest(rep, greedy(n), logprobs=3) for n in ns])
     for n, res in zip(ns, results):
@@ -165,7 +165,7 @@ def test_case13_token_accounting_and_case14_logprobs(verifier, tok):
 
 # ---- admission, joining/leaving, cancellation, slot reuse (case 15) ------------------------------
 def test_admission_by_rows_and_bytes_all_complete(verifier, drafter, tok):
-    spec = SpecConfig(budget=48, gamma=3)
+    spec = SpecConfig(budget=48, gamma=3, adaptive=False)
     probe = BatchEngine(verifier, drafter, tok, spec)
     row = new_row(probe, RowRequest(_prompt(0, 100), greedy(16)))
     two_rows = probe.projected_bytes([row, row])
@@ -187,7 +187,7 @@ def test_admission_by_rows_and_bytes_all_complete(verifier, drafter, tok):
 
 
 def test_cancel_then_same_prompt_equals_fresh_case15(verifier, drafter, tok):
-    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4))
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4, adaptive=False))
     prompt = _prompt(12, 300)
     other = sd.stream(_prompt(13, 50), greedy(40))
     next(other)                                       # a batch mate that stays
@@ -197,7 +197,7 @@ def test_cancel_then_same_prompt_equals_fresh_case15(verifier, drafter, tok):
     stream.close()                                    # client gone: the row and its entries are freed
     assert len(sd.engine.rows) == 1
     again = sd.generate(prompt, greedy(30))
-    fresh = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4)).generate(prompt, greedy(30))
+    fresh = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4, adaptive=False)).generate(prompt, greedy(30))
     assert again.token_ids == fresh.token_ids
     rest = list(other)
     assert rest[-1].result.token_ids == _solo(verifier, tok, _prompt(13, 50), greedy(40)).token_ids
@@ -205,7 +205,7 @@ def test_cancel_then_same_prompt_equals_fresh_case15(verifier, drafter, tok):
 
 
 def test_chunked_prefill_interleaves_with_decoding(verifier, drafter, tok):
-    spec = SpecConfig(budget=48, gamma=3, prefill_chunk=64)
+    spec = SpecConfig(budget=48, gamma=3, prefill_chunk=64, adaptive=False)
     engine = BatchEngine(verifier, drafter, tok, spec)
     short = engine.submit(new_row(engine, RowRequest(_prompt(0, 40), greedy(60))))
     engine.step()

@@ -41,7 +41,7 @@ def greedy(n: int, **kw) -> SamplingConfig:
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.name)
 def test_case4_greedy_equals_ar_every_budget_and_gamma(verifier, drafter, tok, policy):
     ar = ARGenerator(verifier, tok)
-    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(policy=policy))
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(policy=policy, adaptive=False))
     for seed in range(3):
         prompt = _prompt(seed, 150)
         pre = sd.prefill(prompt)
@@ -57,7 +57,7 @@ def test_case4_greedy_equals_ar_every_budget_and_gamma(verifier, drafter, tok, p
 
 
 def test_perfect_drafter_accepts_everything(verifier, tok):
-    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4))
+    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4, adaptive=False))
     res = sd.generate(_prompt(7, 40), greedy(21))
     assert res.metrics.acceptance_rate == 1.0
     assert res.metrics.mean_accepted_length == pytest.approx(5.0)
@@ -71,7 +71,7 @@ def test_case1_eos_inside_block_engine(verifier, tok):
     prompt = _prompt(11, 30)
     ar_free = ARGenerator(verifier, tok).generate(prompt, greedy(12)).token_ids
     eos = ar_free[2]                                   # 3rd token: inside the first drafted block
-    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4))
+    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4, adaptive=False))
     for eos_ids in ([eos], [5_000, eos]):              # a single id and a list of ids
         sampling = SamplingConfig(temperature=0.0, max_new_tokens=12, eos_token_ids=eos_ids)
         res = sd.generate(prompt, sampling)
@@ -92,14 +92,14 @@ def test_stop_strings_engine_equals_ar(verifier, drafter, tok):
         sampling = greedy(30, stop=[stop])
         ar = ARGenerator(verifier, tok).generate(prompt, sampling)
         for gamma in (3, 6):
-            res = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=None, gamma=gamma)).generate(
+            res = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=None, gamma=gamma, adaptive=False)).generate(
                 prompt, sampling)
             assert res.text == ar.text and res.token_ids == ar.token_ids
             assert stop not in res.text and res.finish_reason == "stop"
 
 
 def test_length_cap_inside_block(verifier, tok):
-    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=8))
+    sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=8, adaptive=False))
     for n in (1, 2, 5, 9, 10):
         res = sd.generate(_prompt(3, 20), greedy(n))
         assert len(res.token_ids) == n and res.finish_reason == "length"
@@ -119,7 +119,7 @@ def test_case5_sampling_distribution_matches_verifier(tok):
     # 3 tokens: the first from the prefill, then one cycle drafting 1 token (γ capped by the length)
     sampling = dict(temperature=0.7, top_p=0.9, max_new_tokens=3, eos_token_ids=[])
     prompt = [3, 7, 1, 4, 9, 2]
-    sd = SpeculativeGenerator(v, d, tok, SpecConfig(budget=None, gamma=3))
+    sd = SpeculativeGenerator(v, d, tok, SpecConfig(budget=None, gamma=3, adaptive=False))
     pre = sd.prefill(prompt)
 
     # expected marginal: sum_t1 p(t1) p(t2 | t1), both filtered exactly as the engine filters
@@ -145,7 +145,7 @@ def test_case5_sampling_distribution_matches_verifier(tok):
 
 
 def test_sampling_is_repeatable_with_a_seed(verifier, drafter, tok):
-    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=64, gamma=4))
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=64, gamma=4, adaptive=False))
     cfg = SamplingConfig(temperature=0.9, top_k=50, max_new_tokens=20, seed=123, eos_token_ids=[])
     a = sd.generate(_prompt(2, 120), cfg)
     b = sd.generate(_prompt(2, 120), cfg)
@@ -157,7 +157,7 @@ def test_case6_short_position_drafter(verifier, tok):
     small = tiny_llama(layers=1, seed=1, max_positions=2048)
     big_verifier = verifier
     assert big_verifier.config.max_position_embeddings == 4096
-    sd = SpeculativeGenerator(big_verifier, small, tok, SpecConfig(budget=64, gamma=4))
+    sd = SpeculativeGenerator(big_verifier, small, tok, SpecConfig(budget=64, gamma=4, adaptive=False))
     ar = ARGenerator(big_verifier, tok)
     for n in (2047, 2048, 2049, 4000):
         prompt = _prompt(n, n)
@@ -180,7 +180,7 @@ def test_case7_vocab_size_mismatch_refused(verifier, tok):
 # ---- case 10: no stale draft state --------------------------------------------------------------
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.name)
 def test_case10_caches_equal_fresh_rebuild_after_rejections(verifier, drafter, tok, policy):
-    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4, policy=policy))
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4, policy=policy, adaptive=False))
     prompt = _prompt(21, 100)
     checked = []
 
@@ -218,6 +218,6 @@ def test_case11_context_limit_refused_before_work(verifier, drafter, tok):
 
 
 def test_budget_below_minimum_names_it(verifier, drafter, tok):
-    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=10))
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=10, adaptive=False))
     with pytest.raises(ValueError, match="minimum"):
         sd.generate(_prompt(0, 200), greedy(4))

@@ -57,7 +57,7 @@ def test_greedy_lossless_every_policy_budget_gamma(smollm2, held_out_prompt):
     alphas = {}
     for policy in (SparsePolicyConfig(name="chunk_topk"), SparsePolicyConfig(name="streaming"),
                    SparsePolicyConfig(name="snapkv", window=16)):
-        sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(policy=policy))
+        sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(policy=policy, adaptive=False))
         window = policy.window if policy.name == "snapkv" else 0
         with torch.inference_mode():
             dpre = kvcache.prefill(drafter, torch.tensor([prompt]), capture_queries_window=window)
@@ -81,7 +81,7 @@ def test_batched_rows_equal_solo_greedy(smollm2, held_out_prompt):
     verifier, drafter, tok = smollm2
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=8)
     prompts = [held_out_prompt[:512], held_out_prompt[-1024:], held_out_prompt[100:400]]
-    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=64, gamma=4, prefill_chunk=256))
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=64, gamma=4, prefill_chunk=256, adaptive=False))
     reqs = [RowRequest(prompts[0], sampling), RowRequest(prompts[1], sampling, gamma=2, budget=256),
             RowRequest(prompts[2], sampling, speculative=False)]
     results = sd.generate_many(reqs)

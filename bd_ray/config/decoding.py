@@ -133,14 +133,21 @@ class SamplingConfig(StrictModel):
 
 
 class SpecConfig(StrictModel):
-    """Speculative decoding: draft length γ and the drafter's KV budget B (``"full"`` = full cache)."""
+    """Speculative decoding: draft length γ and the drafter's KV budget B (``"full"`` = full cache).
+
+    ``adaptive`` (the default in every entry point: Serve, ``python -m bd_ray.generate``, the Python
+    API): γ is a cap, the speculation policy picks γ per step from measured costs and acceptance,
+    0 (plain decoding) when speculation cannot pay (:mod:`bd_ray.speculative.batch_policy`,
+    :mod:`bd_ray.speculative.adaptive`). ``adaptive: false`` is an explicit fixed γ: every step
+    drafts exactly γ tokens (the paper's protocol, case 9's metrics).
+    """
 
     gamma: int = Field(4, ge=1, le=128, description="tokens drafted per cycle")
     budget: Budget = Field(256, description="drafter KV budget in tokens, or 'full' (no sparsity)")
     policy: SparsePolicyConfig = Field(default_factory=SparsePolicyConfig)
     prefill_chunk: int = Field(512, ge=1, le=1 << 20, description="tokens per prefill forward")
-    adaptive: bool = Field(False, description="choose γ per cycle (up to gamma) by measured tokens/s and "
-                                               "stop speculating when it cannot pay (bd_ray.speculative.adaptive)")
+    adaptive: bool = Field(True, description="the speculation policy chooses γ per step (up to gamma) by measured "
+                                              "tokens/s, 0 when speculation cannot pay; false = a fixed γ")
     adaptive_min_gain: float = Field(1.05, gt=0.0, le=10.0, description="speculate only when expected "
                                      "tokens/s beats plain decoding by this factor")
 

@@ -10,14 +10,16 @@ Sections:
   context limit.
 * ``spec``: the engine's own :class:`bd_ray.config.SpecConfig` (``gamma``, ``budget``, ``policy``,
   ``prefill_chunk``, ``adaptive``): what a request decodes with unless it overrides ``gamma``, the
-  KV budget (request field ``kv_budget``) or the policy (``sparse_policy``). Serve turns
-  ``adaptive`` on by default (:data:`SERVE_SPEC_DEFAULTS`).
+  KV budget (request field ``kv_budget``) or the policy (``sparse_policy``). ``adaptive`` (the
+  batch speculation policy) is on by default, as in every entry point; a request's ``gamma`` is
+  a fixed γ (an explicit choice).
 * ``speculation``: the serve-only part: whether requests speculate by default (``enabled``) and
   the largest γ a request may ask for (``max_gamma``).
 * ``defaults``: OpenAI sampling defaults (``max_tokens``, ``temperature``, ``top_p``, ``top_k``).
 * ``engine``: the engine deployment (the autoscaled verifier replicas, each with its paired
-  drafter): resources, ``max_ongoing_requests`` / ``max_queued_requests``, ``autoscaling``
-  (the fields of Ray Serve's ``AutoscalingConfig`` that matter here).
+  drafter and one continuous-batching engine): resources, batching (``max_num_seqs``,
+  ``kv_cache_bytes``, ``disable_spec_above``), ``max_ongoing_requests`` / ``max_queued_requests``,
+  ``autoscaling`` (the fields of Ray Serve's ``AutoscalingConfig`` that matter here).
 * ``ingress``: the FastAPI ingress deployment: resources, concurrency, ``Retry-After``, timeouts.
 """
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal, Mapping
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from bd_ray.config.base import ConfigError, FieldError, StrictModel, _format_validation_error, apply_overrides
 from bd_ray.config.decoding import SpecConfig, check_budget
@@ -36,7 +38,6 @@ from bd_ray.sparse import min_budget_any_length
 __all__ = [
     "ServeModelsConfig",
     "ServeSpeculationConfig",
-    "SERVE_SPEC_DEFAULTS",
     "ServeRequestConfig",
     "AutoscalingConfig",
     "ServeEngineConfig",
@@ -55,8 +56,10 @@ class ServeModelsConfig(StrictModel):
     ``drafter: null`` serves plain decoding only (requests asking for ``speculative: true`` then get
     400). ``max_model_len`` (tokens, prompt + completion) defaults to the verifier's
     ``max_position_embeddings``; a smaller value caps it (vLLM's ``--max-model-len``).
-    ``drafter_attn: auto`` selects the Triton sparse attention (``bd_ray_sparse``) on CUDA and
-    transformers' ``sdpa`` on CPU.
+    ``drafter_attn: auto`` selects ``bd_ray_sparse`` (:mod:`bd_ray.attention`: the Triton kernel on
+    CUDA, torch's fused flash kernel with stacked query heads on CPU, the faster path measured
+    there: results/speed/); the verifier always runs ``bd_ray_sparse``. ``torch_threads: null`` =
+    the CPUs an engine replica reserves (``engine.num_cpus``, at least 1).
     """
 
     name: str = Field("smollm2-135m", min_length=1, description="served model id (the OpenAI `model` field)")
@@ -68,7 +71,8 @@ class ServeModelsConfig(StrictModel):
     drafter_attn: Literal["auto", "sdpa", "eager", "bd_ray_sparse"] = "auto"
     max_model_len: int | None = Field(None, ge=2, description="context limit in tokens (prompt + max_tokens)")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
-    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads per engine replica")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads per engine "
+                                      "replica; null = engine.num_cpus (at least 1)")
 
 
 class ServeSpeculationConfig(StrictModel):
@@ -77,10 +81,6 @@ class ServeSpeculationConfig(StrictModel):
 
     enabled: bool = Field(True, description="default of a request's `speculative` field")
     max_gamma: int = Field(16, ge=1, le=128, description="largest gamma a request may ask for")
-
-
-# Serve's default for SpecConfig fields the `spec` section leaves out, where it differs from the engine's.
-SERVE_SPEC_DEFAULTS: dict[str, Any] = {"adaptive": True}
 
 
 class ServeRequestConfig(StrictModel):
@@ -99,7 +99,8 @@ class AutoscalingConfig(StrictModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
-    target_ongoing_requests: float = Field(2.0, gt=0, description="ongoing requests per replica Serve aims for")
+    target_ongoing_requests: float = Field(16.0, gt=0, description="ongoing requests per replica Serve aims "
+                                           "for (a batched replica decodes many at once)")
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
     look_back_period_s: float = Field(30.0, gt=0)
@@ -127,10 +128,15 @@ class AutoscalingConfig(StrictModel):
 class ServeEngineConfig(StrictModel):
     """The engine deployment: verifier replicas (full KV caches) each paired with an in-process drafter.
 
-    ``max_ongoing_requests`` requests decode concurrently per replica (interleaved one speculation
-    cycle at a time on one model thread); up to ``max_queued_requests`` more wait in the ingress's
-    handle queue; beyond that the ingress answers 503 with ``Retry-After`` (``-1`` = unbounded,
-    Serve's convention).
+    Batching (:class:`bd_ray.speculative.batch.BatchEngine`): a replica decodes up to
+    ``max_num_seqs`` requests together, one forward per step, while their caches fit
+    ``kv_cache_bytes`` (bytes, or with a unit: ``2GiB``; null = no limit); up to
+    ``max_ongoing_requests`` requests are routed to a replica, those beyond admission wait in its
+    queue (so ``max_ongoing_requests`` >= ``max_num_seqs``); up to ``max_queued_requests`` more wait
+    in the ingress's handle queue; beyond that the ingress answers 503 with ``Retry-After``
+    (``-1`` = unbounded, Serve's convention). ``disable_spec_above``: adaptive requests never
+    speculate with more decoding rows than this (vLLM's ``disable_by_batch_size``; null = the batch
+    policy decides from measured costs alone).
 
     Placement (``ray_actor_options``): ``num_cpus``, ``num_gpus``, ``memory`` (bytes, Ray's
     ``memory`` resource) and custom ``resources`` (e.g. ``{"gpu_a10g": 1}`` for a GPU kind) are
@@ -144,11 +150,33 @@ class ServeEngineConfig(StrictModel):
                                 "scheduling reservation): bytes, or with a unit (12GiB, 12Gi, 12GB); null = none")
     resources: CustomResources = Field(default_factory=dict, description="custom Ray resources per replica, "
                                        "e.g. {gpu_a10g: 1}")
-    max_ongoing_requests: int = Field(4, ge=1)
-    max_queued_requests: int = Field(16, ge=-1)
+    max_num_seqs: int | None = Field(None, ge=1, description="requests decoded together per replica; "
+                                     "null = max_ongoing_requests (every request routed here joins the batch)")
+    kv_cache_bytes: MemoryBytes = Field(None, description="KV-cache memory per replica (both models' caches "
+                                        "and in-flight prefills): bytes, or with a unit (2GiB); null = no limit")
+    disable_spec_above: int | None = Field(None, ge=1, description="adaptive requests decode plainly with more "
+                                           "decoding rows than this; null = the batch policy decides")
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     health_check_period_s: float = Field(10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+
+    @model_validator(mode="after")
+    def _room_for_a_batch(self) -> "ServeEngineConfig":
+        if self.max_num_seqs is not None and self.max_ongoing_requests < self.max_num_seqs:
+            raise FieldError("max_ongoing_requests", f"must be >= max_num_seqs ({self.max_num_seqs}): a replica "
+                                                     "is never sent more requests than this, so the batch could "
+                                                     "never fill")
+        return self
+
+    def batch_rows(self) -> int:
+        """Rows a replica decodes together: ``max_num_seqs``, or ``max_ongoing_requests`` when unset."""
+        return self.max_num_seqs or self.max_ongoing_requests
+
+    def threads(self) -> int:
+        """torch threads of a replica when ``model.torch_threads`` is unset: the CPUs it reserves."""
+        return max(1, int(self.num_cpus))
 
 
 class IngressConfig(StrictModel):
@@ -168,16 +196,11 @@ class ServeAppConfig(StrictModel):
     """Everything ``build_app`` needs; ``serve_configs/*.yaml`` put it under ``applications[].args``."""
 
     model: ServeModelsConfig = Field(default_factory=ServeModelsConfig)
-    spec: SpecConfig = Field(default_factory=lambda: SpecConfig(**SERVE_SPEC_DEFAULTS))
+    spec: SpecConfig = Field(default_factory=SpecConfig)
     speculation: ServeSpeculationConfig = Field(default_factory=ServeSpeculationConfig)
     defaults: ServeRequestConfig = Field(default_factory=ServeRequestConfig)
     engine: ServeEngineConfig = Field(default_factory=ServeEngineConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
-
-    @field_validator("spec", mode="before")
-    @classmethod
-    def _serve_spec_defaults(cls, v: Any) -> Any:
-        return {**SERVE_SPEC_DEFAULTS, **v} if isinstance(v, Mapping) else v
 
     @model_validator(mode="after")
     def _spec_fits_every_request(self) -> "ServeAppConfig":

@@ -1,39 +1,34 @@
 """``SpecEngine``: the verifier deployment of bd-ray's Serve application.
 
 Replicas under ``autoscaling_config``. Each replica holds the verifier (full KV caches) **and its
-own drafter in the same process**, and runs the speculative loop
-(:class:`bd_ray.speculative.engine.SpeculativeGenerator`) for the requests routed to it: an
-:class:`bd_ray.serve.protocol.EngineRequest` in, a stream of events out (:meth:`SpecEngine.generate`).
+own drafter in the same process**, and one continuous-batching engine
+(:class:`bd_ray.speculative.batch.BatchEngine`) over them: every request routed to the replica
+becomes a row of that engine (an :class:`bd_ray.serve.protocol.EngineRequest` in, a stream of
+events out: :meth:`SpecEngine.generate`).
 
 Why the drafter is paired in-process with each verifier replica (and not a separate deployment):
 
 * Per-request state must live in exactly one verifier replica and one drafter replica for the
   request's life. With a separate drafter deployment, every request would need sticky routing to
-  one drafter replica (Serve routes each call independently; affinity needs a per-request handle
-  pinned to a replica or multiplexing tricks) and a leak-free protocol to free the remote sparse
-  cache on every exit path (finish, error, client disconnect, replica death).
-* Cost: drafting is γ sequential drafter forwards per cycle. A remote call costs serialisation +
+  one drafter replica and a leak-free protocol to free the remote sparse cache on every exit path
+  (finish, error, client disconnect, replica death).
+* Cost: drafting is γ sequential drafter forwards per step. A remote call costs serialisation +
   scheduling, milliseconds, comparable to a drafter forward of a small model, so a remote drafter
   would eat most of the speedup. In-process, drafting is a function call.
 * The drafter is small by design (sparse KV, few layers): pairing adds little memory to a verifier
-  replica, and on a GPU both share the device (the drafter runs the Triton sparse attention,
-  ``bd_ray_sparse``; the torch reference path / ``sdpa`` on CPU).
+  replica, and both run ``bd_ray_sparse`` attention (Triton on CUDA, the stacked-heads flash path on
+  CPU).
 * Autoscaling then scales (verifier + drafter) pairs together, which is what throughput needs.
 
-So a request's whole state (verifier full cache, drafter sparse cache, sampler RNG, stop checker)
-is the Python generator returned by ``SpeculativeGenerator.stream`` inside one engine replica.
-It is registered in the replica's live-request table when the request starts and released (the
-generator is closed on the model thread, dropping both caches) when the request finishes, fails,
-or is cancelled because its client disconnected (Serve cancels the ingress request, which cancels
-the downstream engine call). ``SpecEngine.stats`` (also ``GET /debug/engine`` and ``/health``)
-reports the live count.
-
-Concurrency inside a replica: up to ``max_ongoing_requests`` requests are in flight; their model
-work runs on **one** model thread, one engine step (a prefill + first token, or one speculation
-cycle) at a time, in FIFO order, so concurrent requests interleave cycle by cycle (time slicing,
-no batching) and the event loop stays free to stream, accept and cancel. One thread also keeps
-forwards of the shared model objects serialised (query capture for ``snapkv`` patches the model
-config for the duration of a prefill, which is not safe alongside another forward).
+Concurrency inside a replica: up to ``max_ongoing_requests`` requests are routed here. One model
+thread (:class:`bd_ray.serve.stepper.EngineStepper`) steps the engine continuously while any exist:
+each step admits waiting rows within ``max_num_seqs`` and ``kv_cache_bytes`` (the rest wait in the
+engine's queue), runs a prefill chunk (so a long prompt never freezes the streams already decoding)
+and one batched draft/verify step over every decoding row, γ chosen per row by the batch
+speculation policy. The asyncio event loop only submits rows, streams their chunks and cancels
+them: a client disconnect cancels the Serve call, which drops the row before the next step and
+frees its slot in both caches at once. ``SpecEngine.stats`` (also ``GET /debug/engine`` and
+``/health``) reports live requests and the engine's rows, queue, cache bytes and batch counters.
 """
 
 import asyncio
@@ -41,20 +36,19 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 from ray import serve
 
+from bd_ray.config import budget_tokens
 from bd_ray.config.serve import ServeAppConfig
 from bd_ray.serve.metrics import EngineMetrics
 from bd_ray.serve.protocol import EngineRequest, error_body
+from bd_ray.serve.stepper import EngineStepper
 
 __all__ = ["SpecEngine", "spec_metrics_dict"]
 
 log = logging.getLogger("ray.serve")
-
-_DONE = object()
 
 
 def _resolve_device(name: str) -> str:
@@ -68,46 +62,45 @@ def _resolve_device(name: str) -> str:
     return name
 
 
-def _next(it: Iterator) -> Any:
-    try:
-        return next(it)
-    except StopIteration:
-        return _DONE
-
-
-def _close(it: Iterator) -> None:
-    close = getattr(it, "close", None)
-    if close is not None:
-        close()
-
-
 def _count_kv_caches() -> int:
-    """Live ``transformers`` KV ``Cache`` objects in this process (after a full GC)."""
+    """KV caches holding entries in this process (after a full GC): ``transformers`` ``Cache``
+    objects, the engine's ragged caches only while they hold storage (they persist, empty, between
+    requests)."""
     import gc
 
     from transformers.cache_utils import Cache
 
+    from bd_ray.speculative.ragged_cache import RaggedKVCache
+
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, Cache))
+    return sum(1 for o in gc.get_objects()
+               if isinstance(o, Cache) and not (isinstance(o, RaggedKVCache) and o.nbytes == 0))
 
 
 def spec_metrics_dict(result: dict) -> dict:
     """bd-ray's ``spec_metrics`` response object from a ``GenerationResult.as_dict()``.
 
-    Keys: ``speculative``, ``drafted``, ``accepted``, ``cycles``, ``alpha`` (acceptance rate),
-    ``tau`` (mean accepted length: tokens per verifier forward), ``per_position`` (acceptance of
-    the k-th draft, k = 1..γ), ``fallback_reason`` (why a speculative request ran plain decoding),
-    ``adaptive`` (what the adaptive γ controller did, or null with a fixed γ).
+    Keys: ``mode`` (how the tokens after the first were decoded: ``speculative`` = every step
+    verified drafts, ``plain`` = none did, ``mixed``) and ``mode_reason`` (why some or all steps
+    were plain); ``speculative`` (true when any draft was verified: never true over 0 drafted
+    tokens); ``drafted``, ``accepted``, ``cycles``, ``alpha`` (acceptance rate), ``tau`` (mean
+    accepted length: tokens per verifier forward), ``per_position`` (acceptance of the k-th draft,
+    k = 1..γ), ``kv_budget`` (the drafter KV budget the request ran at, tokens; null = full cache
+    or no drafter), ``fallback_reason`` (why a speculative request ran plain decoding),
+    ``adaptive`` (what the request's γ controller did, or null with a fixed γ).
     """
     m = result["spec_metrics"]
     return {
-        "speculative": result["speculative"],
+        "mode": result.get("mode", "plain"),
+        "mode_reason": result.get("mode_reason"),
+        "speculative": result.get("mode", "plain") != "plain" and m["drafted"] > 0,
         "drafted": m["drafted"],
         "accepted": m["accepted"],
         "cycles": m["cycles"],
         "alpha": m["acceptance_rate"],
         "tau": m["mean_accepted_length"],
         "per_position": m["per_position_acceptance"],
+        "kv_budget": result.get("budget"),
         "fallback_reason": result.get("fallback_reason"),
         "adaptive": result.get("adaptive"),
     }
@@ -115,7 +108,8 @@ def spec_metrics_dict(result: dict) -> dict:
 
 @serve.deployment(name="SpecEngine")
 class SpecEngine:
-    """One replica of the verifier deployment: verifier (full KV) + in-process drafter (sparse KV).
+    """One replica of the verifier deployment: verifier (full KV) + in-process drafter (sparse KV),
+    batched by one :class:`bd_ray.speculative.batch.BatchEngine`.
 
     Args:
         config: a :class:`bd_ray.config.serve.ServeAppConfig` as a dict (``model_dump()``).
@@ -129,20 +123,20 @@ class SpecEngine:
         import torch
 
         from bd_ray import models
+        from bd_ray.speculative.batch import BatchEngine, BatchOptions
+        from bd_ray.speculative.engine import DEFAULT_ATTENTION, default_eos, max_positions, use_attention
 
         self.cfg = ServeAppConfig.model_validate(config)
-        m = self.cfg.model
-        if m.torch_threads:
-            torch.set_num_threads(m.torch_threads)
+        m, e = self.cfg.model, self.cfg.engine
+        torch.set_num_threads(m.torch_threads or e.threads())
         self.device = _resolve_device(m.device)
         dtype = getattr(torch, m.dtype)
         self.verifier, self.tokenizer = models.load_verifier(m.verifier, dtype=dtype, device=self.device)
+        use_attention(self.verifier, DEFAULT_ATTENTION)
         self.drafter = None
         self.drafter_attn = None
         if m.drafter:
-            attn = m.drafter_attn
-            if attn == "auto":
-                attn = "bd_ray_sparse" if self.device == "cuda" else "sdpa"
+            attn = DEFAULT_ATTENTION if m.drafter_attn == "auto" else m.drafter_attn
             if attn == "bd_ray_sparse":
                 import bd_ray.attention  # noqa: F401  (registers the attention implementation)
             from_verifier = m.drafter.startswith("from-verifier:")
@@ -150,17 +144,19 @@ class SpecEngine:
                 m.drafter, self.tokenizer, dtype=dtype, device=self.device, verifier=self.verifier,
                 attn_implementation=None if from_verifier else attn)
             self.drafter.requires_grad_(False)
-            if from_verifier and attn != getattr(self.drafter.config, "_attn_implementation", None):
-                self.drafter.set_attn_implementation(attn)
+            use_attention(self.drafter, attn)
             self.drafter_attn = attn
-        from bd_ray.speculative.engine import max_positions
-
         limit = max_positions(self.verifier)
         if m.max_model_len is not None:
             limit = m.max_model_len if limit is None else min(limit, m.max_model_len)
         self.max_model_len = limit
-        # One model thread: engine steps of all requests run here, FIFO (see module docstring).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bd-ray-model")
+        # The engine's γ is the largest a request may ask for: each row caps at its own γ.
+        spec = self.cfg.spec.model_copy(update={"gamma": self.cfg.speculation.max_gamma})
+        options = BatchOptions(max_num_seqs=e.batch_rows(), kv_cache_bytes=e.kv_cache_bytes,
+                               disable_above=e.disable_spec_above)
+        self.engine = BatchEngine(self.verifier, self.drafter, self.tokenizer, spec, options,
+                                  eos_token_ids=default_eos(self.tokenizer, self.verifier))
+        self.stepper = EngineStepper(self.engine)
         self._lock = threading.Lock()
         self._live: dict[str, dict[str, Any]] = {}
         self._totals = {"started": 0, "finished": 0, "failed": 0, "cancelled": 0}
@@ -169,20 +165,24 @@ class SpecEngine:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 -- outside Serve (unit use)
             self.replica_id = f"local-{os.getpid()}"
-        log.info("SpecEngine %s ready: verifier=%s drafter=%s (%s) device=%s max_model_len=%s",
-                 self.replica_id, m.verifier, m.drafter, self.drafter_attn, self.device, self.max_model_len)
+        log.info("SpecEngine %s ready: verifier=%s drafter=%s (%s) device=%s max_model_len=%s max_num_seqs=%d "
+                 "kv_cache_bytes=%s threads=%d", self.replica_id, m.verifier, m.drafter, self.drafter_attn,
+                 self.device, self.max_model_len, e.batch_rows(), e.kv_cache_bytes, torch.get_num_threads())
 
     # ---- introspection ------------------------------------------------------------------------
     async def stats(self, deep: bool = False) -> dict:
-        """This replica's state: live requests (each holds a verifier and a drafter cache), totals.
+        """This replica's state: live requests, the batched engine, totals.
 
         Returns ``{"replica_id", "pid", "rss_bytes", "live_requests", "live": [{request_id,
-        speculative, gamma, kv_budget ("full" or tokens), prompt_tokens, tokens, age_s}], "totals": {started,
-        finished, failed, cancelled}, "device", "max_model_len", "drafter"}``; ``rss_bytes`` is the
-        replica process's resident memory (bytes). With ``deep`` (slow: a full garbage collection
-        and heap scan, ~0.1 s) also ``"kv_caches"``: the number of live KV-cache objects
-        (``transformers`` ``Cache`` instances) in the process, counted independently of the
-        live-request table, so a cache leaked by any code path shows up here.
+        speculative, gamma, kv_budget ("full" or tokens), prompt_tokens, tokens, age_s}], "totals":
+        {started, finished, failed, cancelled}, "engine": {live_rows, waiting, cache_bytes, steps,
+        rows_per_step, tokens_per_step, max_rows, gamma_chosen, last_reason}, "device",
+        "max_model_len", "drafter", "drafter_attn"}``; ``rss_bytes`` is the replica process's
+        resident memory (bytes); ``engine`` is :meth:`BatchEngine.stats` as of its latest step
+        (``live_rows``: rows holding cache slots, ``cache_bytes``: bytes both caches hold). With
+        ``deep`` (slow: a full garbage collection and heap scan, ~0.1 s) also ``"kv_caches"``: KV
+        caches holding entries in the process, counted independently of the live-request table, so
+        a cache leaked by any code path shows up here.
         """
         import psutil
 
@@ -191,7 +191,7 @@ class SpecEngine:
             live = [{**{k: v for k, v in r.items() if k != "t0"}, "age_s": now - r["t0"]} for r in self._live.values()]
             totals = dict(self._totals)
         out = {"replica_id": self.replica_id, "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss,
-               "live_requests": len(live), "live": live, "totals": totals,
+               "live_requests": len(live), "live": live, "totals": totals, "engine": self.stepper.stats(),
                "device": self.device, "max_model_len": self.max_model_len, "drafter": self.cfg.model.drafter,
                "drafter_attn": self.drafter_attn}
         if deep:
@@ -203,22 +203,22 @@ class SpecEngine:
         return {"max_model_len": self.max_model_len, "has_drafter": self.drafter is not None}
 
     def check_health(self) -> None:
-        """Serve health check: the model thread must be alive (raises ``RuntimeError`` if shut down)."""
-        if self._executor._shutdown:  # noqa: SLF001
-            raise RuntimeError("model thread is shut down")
+        """Serve health check: the model thread must be alive (raises ``RuntimeError`` if not)."""
+        if not self.stepper.alive:
+            raise RuntimeError("model thread is not running")
 
     # ---- generation ---------------------------------------------------------------------------
-    def _make_stream(self, req: EngineRequest) -> Iterator:
-        from bd_ray.speculative.engine import ARGenerator, SpeculativeGenerator
+    def _new_row(self, req: EngineRequest):
+        from bd_ray.speculative.batch import new_row
+        from bd_ray.speculative.rows import RowRequest
 
-        # attn_implementation=None: keep the attention the replica loaded (model.drafter_attn)
-        if req.speculative:
-            if self.drafter is None:
-                raise ValueError("speculative decoding requested but this deployment has no drafter")
-            gen = SpeculativeGenerator(self.verifier, self.drafter, self.tokenizer, req.spec, attn_implementation=None)
-            return gen.stream(req.prompt_ids, req.sampling)
-        return ARGenerator(self.verifier, self.tokenizer, prefill_chunk=req.spec.prefill_chunk,
-                           attn_implementation=None).stream(req.prompt_ids, req.sampling)
+        if req.speculative and self.drafter is None:
+            raise ValueError("speculative decoding requested but this deployment has no drafter")
+        spec = req.spec
+        row_req = RowRequest(list(req.prompt_ids), req.sampling, speculative=req.speculative, gamma=spec.gamma,
+                             budget=budget_tokens(spec.budget), policy=spec.policy, adaptive=spec.adaptive,
+                             logprobs=req.logprobs)
+        return new_row(self.engine, row_req)
 
     def _register(self, rid: str, req: EngineRequest) -> None:
         with self._lock:
@@ -236,61 +236,62 @@ class SpecEngine:
             n = len(self._live)
         self.metrics.set_live(n)
 
+    @staticmethod
+    def _error_event(exc: BaseException) -> dict:
+        from bd_ray.speculative.engine import ContextLengthError
+
+        if isinstance(exc, ContextLengthError):
+            return {"type": "error", "status": 400,
+                    "error": error_body(str(exc), param="max_tokens", code="context_length_exceeded")}
+        if isinstance(exc, ValueError):
+            return {"type": "error", "status": 400, "error": error_body(str(exc), code="invalid_value")}
+        return {"type": "error", "status": 500,
+                "error": error_body(f"engine error: {type(exc).__name__}: {exc}", type="server_error",
+                                    code="engine_error")}
+
     async def generate(self, req: EngineRequest) -> AsyncIterator[dict]:
-        """Run one request; an async generator of events (called with ``handle.options(stream=True)``).
+        """Run one request as a row of the replica's batch; an async generator of events (called
+        with ``handle.options(stream=True)``).
 
         Args:
             req: the request, complete (defaults filled in by the ingress); registered under
                 ``req.engine_id``.
 
         Yields:
-            ``{"type": "chunk", "token_ids", "text", "replica_id"}`` per engine step (a speculation
-            cycle emits 1..γ+1 tokens), then ``{"type": "final", "text", "result":
-            GenerationResult.as_dict(), "spec_metrics", "ttft_s", "total_s", "replica_id"}``; or,
-            instead of further events,
-            ``{"type": "error", "status": 400|500, "error": OpenAI error object}`` (invalid
-            parameters, context limit, an engine failure). Never raises for a request's fault.
+            ``{"type": "chunk", "token_ids", "text", "logprobs", "replica_id"}`` per engine step
+            that released tokens (a speculation step emits 1..γ+1; ``logprobs``: one entry per
+            token id when asked for, else null), then ``{"type": "final", "token_ids", "text",
+            "logprobs", "result": GenerationResult.as_dict(), "spec_metrics", "ttft_s", "total_s",
+            "replica_id"}``; or, instead of further events, ``{"type": "error", "status": 400|500,
+            "error": OpenAI error object}`` (invalid parameters, context limit, a request larger
+            than ``kv_cache_bytes``, an engine failure). Never raises for a request's fault.
 
-        The request's caches are released when this generator ends for any reason, cancellation
-        (client disconnect) included: the stream is closed on the model thread after any step in
-        flight, then the request leaves the live table.
+        The row is cancelled when this generator ends for any reason, cancellation (client
+        disconnect) included: it leaves the batch before the next engine step, freeing its slot
+        in both caches, then the request leaves the live table.
         """
-        from bd_ray.speculative.engine import ContextLengthError
-
         rid = req.engine_id
         speculative = req.speculative
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
-            it = self._make_stream(req)
+            row = self._new_row(req)
         except ValueError as exc:
-            yield {"type": "error", "status": 400, "error": error_body(str(exc), code="invalid_value")}
+            yield self._error_event(exc)
             return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
         self._register(rid, req)
+        self.stepper.submit(row, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
         # outcome is fixed before a terminal event is yielded: the consumer may cancel right after it.
         outcome, ttft, n_tokens, finish = None, None, 0, "error"
         try:
             while True:
-                try:
-                    chunk = await loop.run_in_executor(self._executor, _next, it)
-                except ContextLengthError as exc:
+                chunk = await queue.get()
+                if isinstance(chunk, BaseException):
                     outcome = "failed"
-                    yield {"type": "error", "status": 400,
-                           "error": error_body(str(exc), param="max_tokens", code="context_length_exceeded")}
-                    return
-                except ValueError as exc:
-                    outcome = "failed"
-                    yield {"type": "error", "status": 400, "error": error_body(str(exc), code="invalid_value")}
-                    return
-                except Exception as exc:  # noqa: BLE001
-                    outcome = "failed"
-                    log.exception("request %s failed in the engine", rid)
-                    yield {"type": "error", "status": 500,
-                           "error": error_body(f"engine error: {type(exc).__name__}: {exc}", type="server_error",
-                                               code="engine_error")}
-                    return
-                if chunk is _DONE:
-                    outcome = outcome or "finished"
+                    if not isinstance(chunk, ValueError):
+                        log.error("request %s failed in the engine: %r", rid, chunk)
+                    yield self._error_event(chunk)
                     return
                 if chunk.token_ids:
                     n_tokens += len(chunk.token_ids)
@@ -308,10 +309,12 @@ class SpecEngine:
                     outcome = "finished"
                     self.metrics.finished(speculative, finish, result["prompt_tokens"], result["completion_tokens"],
                                           total, ttft, spec)
-                    yield {"type": "final", "token_ids": chunk.token_ids, "text": chunk.text, "result": result,
-                           "spec_metrics": spec, "ttft_s": ttft, "total_s": total, "replica_id": self.replica_id}
+                    yield {"type": "final", "token_ids": chunk.token_ids, "text": chunk.text,
+                           "logprobs": chunk.logprobs, "result": result, "spec_metrics": spec, "ttft_s": ttft,
+                           "total_s": total, "replica_id": self.replica_id}
                     return
-                yield {"type": "chunk", "token_ids": chunk.token_ids, "text": chunk.text, "replica_id": self.replica_id}
+                yield {"type": "chunk", "token_ids": chunk.token_ids, "text": chunk.text, "logprobs": chunk.logprobs,
+                       "replica_id": self.replica_id}
         except (asyncio.CancelledError, GeneratorExit):
             if outcome is None:
                 outcome, finish = "cancelled", "cancelled"
@@ -319,13 +322,12 @@ class SpecEngine:
         finally:
             outcome = outcome or "failed"
             if outcome != "finished":
+                self.stepper.cancel(row)
                 self.metrics.finished(speculative, finish, len(req.prompt_ids), n_tokens,
                                       time.perf_counter() - t0, ttft, None)
-            # Close the stream on the model thread (after any step in flight), then release.
-            fut = self._executor.submit(_close, it)
-            fut.add_done_callback(lambda _f, rid=rid, outcome=outcome: self._release(rid, outcome))
+            self._release(rid, outcome)
 
     def __del__(self) -> None:
-        ex = getattr(self, "_executor", None)
-        if ex is not None:
-            ex.shutdown(wait=False, cancel_futures=True)
+        stepper = getattr(self, "stepper", None)
+        if stepper is not None:
+            stepper.stop()

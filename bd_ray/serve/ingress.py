@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from bd_ray.config.serve import ServeAppConfig
+from bd_ray.serve.logprobs import LogprobFormatter
 from bd_ray.serve.metrics import IngressMetrics
 from bd_ray.serve.payload import build_engine_request
 from bd_ray.serve.protocol import (ChatCompletionRequest, CompletionRequest, EngineRequest, RequestError, error_body,
@@ -53,6 +55,18 @@ def _response(err: RequestError) -> JSONResponse:
 
 def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+@dataclass
+class _Output:
+    """How one request's response is shaped: its id, route, prompt tokens, logprobs k, echo text."""
+
+    rid: str
+    chat: bool
+    prompt_tokens: int
+    k: int | None
+    echo: str = ""
+    include_usage: bool = False
 
 
 # Response header naming the engine replica that served (streams: started) the request.
@@ -185,37 +199,63 @@ class OpenAIIngress:
         return response
 
     async def _run(self, req: CompletionRequest | ChatCompletionRequest, request: EngineRequest, chat: bool):
-        prompt_tokens = len(request.prompt_ids)
+        # n > 1: one engine call (one row of a batch) per choice, each surviving replica deaths alone
+        reqs = [request] if req.n == 1 else [request.choice(i) for i in range(req.n)]
+        gens: list[ResilientCall] = []
+
+        def cancel_all() -> None:
+            for g in gens:
+                cancel_call(g)
+
         try:
-            gen = ResilientCall(self.engine, request, reproducible=request.reproducible, discard=not req.stream)
+            for r in reqs:
+                gens.append(ResilientCall(self.engine, r, reproducible=r.reproducible, discard=not req.stream))
         except Exception as exc:  # noqa: BLE001 -- e.g. BackPressureError raised at assignment
+            cancel_all()
             raise self._engine_exception(exc) from None
         try:
-            first = await asyncio.wait_for(gen.__anext__(), self.cfg.ingress.first_chunk_timeout_s)
+            firsts = await asyncio.wait_for(asyncio.gather(*(g.__anext__() for g in gens)),
+                                            self.cfg.ingress.first_chunk_timeout_s)
         except asyncio.TimeoutError:
-            cancel_call(gen)
+            cancel_all()
             raise RequestError(503, f"the request could not start within {self.cfg.ingress.first_chunk_timeout_s}"
                                     f" s (server overloaded); retry later", type="server_error",
                                code="overloaded", headers={"Retry-After": self._retry_after()}) from None
         except asyncio.CancelledError:
-            cancel_call(gen)
+            cancel_all()
             raise
         except StopAsyncIteration:
+            cancel_all()
             raise RequestError(500, "engine ended the request without output", type="server_error") from None
         except Exception as exc:  # noqa: BLE001
-            cancel_call(gen)
+            cancel_all()
             raise self._engine_exception(exc) from None
-        if first["type"] == "error":
-            raise RequestError(first["status"], "engine error", body=first["error"])
-        rid = ("chatcmpl-" if chat else "cmpl-") + request.request_id
+        for first in firsts:
+            if first["type"] == "error":
+                cancel_all()
+                raise RequestError(first["status"], "engine error", body=first["error"])
+        out = _Output(rid=("chatcmpl-" if chat else "cmpl-") + request.request_id, chat=chat,
+                      prompt_tokens=len(request.prompt_ids), k=request.logprobs,
+                      echo=self._echo_text(req, request) if not chat and req.echo else "")
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            out.include_usage = bool(req.stream_options and req.stream_options.include_usage)
             # X-BD-Ray-Replica: the engine replica that started the request (diagnostics, fault tests)
-            return StreamingResponse(self._stream(gen, first, rid, chat, prompt_tokens, include_usage),
-                                     media_type="text/event-stream",
+            return StreamingResponse(self._stream(gens, firsts, out), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                              REPLICA_HEADER: str(first.get("replica_id", ""))})
-        return await self._collect(gen, first, rid, chat, prompt_tokens)
+                                              REPLICA_HEADER: str(firsts[0].get("replica_id", ""))})
+        try:
+            choices = await asyncio.gather(*(self._collect(g, f) for g, f in zip(gens, firsts)))
+        except asyncio.CancelledError:
+            cancel_all()
+            raise
+        for c in choices:
+            if isinstance(c, JSONResponse):
+                cancel_all()
+                return c
+        return self._completion(out, choices)
+
+    def _echo_text(self, req: CompletionRequest, request: EngineRequest) -> str:
+        return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(request.prompt_ids)
 
     def _engine_exception(self, exc: Exception) -> RequestError:
         """The OpenAI error for a failed engine call: 503 + ``Retry-After`` for overload and lost
@@ -240,8 +280,11 @@ class OpenAIIngress:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    async def _collect(self, gen, first: dict, rid: str, chat: bool, prompt_tokens: int) -> JSONResponse:
+    async def _collect(self, gen, first: dict) -> dict | JSONResponse:
+        """One choice's events gathered: ``{"text", "logprobs" (entries), "final" (the final event)}``,
+        or the error response."""
         texts: list[str] = []
+        entries: list[dict] = []
         ev = first
         try:
             while True:
@@ -249,9 +292,11 @@ class OpenAIIngress:
                     return JSONResponse(ev["error"], status_code=ev["status"])
                 if ev["type"] == "reset":  # the replica died; the request restarted from its prompt
                     texts.clear()
+                    entries.clear()
                     ev = await gen.__anext__()
                     continue
                 texts.append(ev["text"])
+                entries += ev.get("logprobs") or []
                 if ev["type"] == "final":
                     break
                 ev = await gen.__anext__()
@@ -263,69 +308,101 @@ class OpenAIIngress:
             raise
         except Exception as exc:  # noqa: BLE001
             return _response(self._engine_exception(exc))
-        result = ev["result"]
-        text = "".join(texts)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.cfg.model.name, "choices": [choice],
-                "usage": self._usage(prompt_tokens, result["completion_tokens"]),
-                "spec_metrics": ev["spec_metrics"]}
-        return JSONResponse(body, headers={REPLICA_HEADER: str(ev.get("replica_id", ""))})
+        return {"text": "".join(texts), "logprobs": entries, "final": ev}
 
-    async def _stream(self, gen, first: dict, rid: str, chat: bool, prompt_tokens: int,
-                      include_usage: bool) -> AsyncIterator[bytes]:
+    def _completion(self, out: _Output, choices: list[dict]) -> JSONResponse:
+        body_choices = []
+        completion_tokens = 0
+        for i, c in enumerate(choices):
+            result = c["final"]["result"]
+            completion_tokens += result["completion_tokens"]
+            lp = None
+            if out.k is not None:
+                lp = LogprobFormatter(self.tokenizer, out.chat, len(out.echo)).format(c["logprobs"])
+            choice: dict[str, Any] = {"index": i, "finish_reason": result["finish_reason"], "logprobs": lp}
+            if out.chat:
+                choice["message"] = {"role": "assistant", "content": c["text"]}
+            else:
+                choice["text"] = out.echo + c["text"]
+            body_choices.append(choice)
+        spec = [c["final"]["spec_metrics"] for c in choices]
+        body = {"id": out.rid, "object": "chat.completion" if out.chat else "text_completion",
+                "created": int(time.time()), "model": self.cfg.model.name, "choices": body_choices,
+                "usage": self._usage(out.prompt_tokens, completion_tokens),
+                "spec_metrics": spec[0] if len(spec) == 1 else spec}
+        return JSONResponse(body, headers={REPLICA_HEADER: str(choices[0]["final"].get("replica_id", ""))})
+
+    async def _stream(self, gens: list, firsts: list[dict], out: _Output) -> AsyncIterator[bytes]:
         created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
+        obj = "chat.completion.chunk" if out.chat else "text_completion"
         model = self.cfg.model.name
+        formatters = [LogprobFormatter(self.tokenizer, out.chat, len(out.echo)) for _ in gens]
 
-        def chunk(text: str | None, finish: str | None, role: bool = False, **extra: Any) -> bytes:
-            if chat:
+        def chunk(i: int, text: str | None, finish: str | None, role: bool = False, entries: list | None = None,
+                  **extra: Any) -> bytes:
+            lp = formatters[i].format(entries or []) if out.k is not None and entries is not None else None
+            if out.chat:
                 delta: dict[str, Any] = {}
                 if role:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **extra})
+                choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
+            return _sse({"id": out.rid, "object": obj, "created": created, "model": model, "choices": [choice],
+                         **extra})
 
-        ev = first
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            ev = firsts[i]
+            try:
+                while True:
+                    await queue.put((i, ev))
+                    if ev["type"] in ("final", "error"):
+                        return
+                    ev = await gens[i].__anext__()
+            except StopAsyncIteration:
+                await queue.put((i, {"type": "error", "error": error_body(
+                    "engine ended the stream without a final result", type="server_error")}))
+            except Exception as exc:  # noqa: BLE001
+                await queue.put((i, {"type": "error", "error": self._engine_exception(exc).body}))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(gens))]
         try:
-            if chat:
-                yield chunk("", None, role=True)
-            while True:
+            for i in range(len(gens)):
+                if out.chat:
+                    yield chunk(i, "", None, role=True)
+                elif out.echo:
+                    yield chunk(i, out.echo, None)
+            done, completion_tokens, specs = 0, 0, []
+            while done < len(gens):
+                i, ev = await queue.get()
                 if ev["type"] == "error":
                     yield _sse(ev["error"])
-                    break
-                if ev["type"] == "final":
+                    done += 1
+                elif ev["type"] == "final":
                     result = ev["result"]
-                    usage = self._usage(prompt_tokens, result["completion_tokens"])
-                    if ev["text"]:
-                        yield chunk(ev["text"], None)
-                    yield chunk(None if chat else "", result["finish_reason"], usage=usage,
+                    completion_tokens += result["completion_tokens"]
+                    specs.append(ev["spec_metrics"])
+                    if ev["text"] or ev.get("logprobs"):
+                        yield chunk(i, ev["text"], None, entries=ev.get("logprobs") or [])
+                    yield chunk(i, None if out.chat else "", result["finish_reason"],
+                                usage=self._usage(out.prompt_tokens, result["completion_tokens"]),
                                 spec_metrics=ev["spec_metrics"])
-                    if include_usage:
-                        yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                                    "usage": usage, "spec_metrics": ev["spec_metrics"]})
-                    break
-                if ev["text"]:
-                    yield chunk(ev["text"], None)
-                try:
-                    ev = await gen.__anext__()
-                except StopAsyncIteration:
-                    yield _sse(error_body("engine ended the stream without a final result", type="server_error"))
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    yield _sse(self._engine_exception(exc).body)
-                    break
+                    done += 1
+                elif ev["type"] == "chunk" and (ev["text"] or ev.get("logprobs")):
+                    yield chunk(i, ev["text"], None, entries=ev.get("logprobs") or [])
+            if out.include_usage and specs:
+                yield _sse({"id": out.rid, "object": obj, "created": created, "model": model, "choices": [],
+                            "usage": self._usage(out.prompt_tokens, completion_tokens),
+                            "spec_metrics": specs[0] if len(specs) == 1 else specs})
             yield b"data: [DONE]\n\n"
         finally:
-            # Client gone or stream done: cancel the engine call (frees the request's caches at once).
-            cancel_call(gen)
+            # Client gone or stream done: cancel the engine calls (frees the requests' rows at once).
+            for t in tasks:
+                t.cancel()
+            for g in gens:
+                cancel_call(g)
+

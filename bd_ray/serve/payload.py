@@ -43,7 +43,8 @@ def check_served(req: OpenAIRequest, cfg: ServeAppConfig, model_ids: list[str]) 
 
     Raises:
         RequestError: 404 ``model_not_found``; 400 ``unsupported_parameter`` (an OpenAI field set
-            to a value other than its "off" value); 400 more than ``ingress.max_stop_strings``.
+            to a value other than its "off" value, ``echo`` with ``logprobs``); 400 ``top_logprobs``
+            without ``logprobs``; 400 more than ``ingress.max_stop_strings``.
     """
     if req.model is not None and req.model not in model_ids:
         raise RequestError(404, f"The model `{req.model}` does not exist. Served models: {model_ids}",
@@ -51,6 +52,11 @@ def check_served(req: OpenAIRequest, cfg: ServeAppConfig, model_ids: list[str]) 
     bad = req.unsupported()
     if bad:
         raise _invalid(f"{bad} is not supported by bd-ray (only its default/off value)", bad,
+                       code="unsupported_parameter")
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs and not req.logprobs:
+        raise _invalid("top_logprobs needs logprobs: true", "top_logprobs")
+    if isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None:
+        raise _invalid("echo together with logprobs (prompt logprobs) is not supported by bd-ray", "echo",
                        code="unsupported_parameter")
     stops = req.stop_list()
     limit = cfg.ingress.max_stop_strings
@@ -119,8 +125,8 @@ def completion_tokens(req: OpenAIRequest, n_prompt: int, prompt_field: str, limi
 
 def speculation(req: OpenAIRequest, cfg: ServeAppConfig, n_prompt: int) -> tuple[bool, SpecConfig]:
     """Whether the request speculates, and its complete :class:`SpecConfig`: the serve config's
-    ``spec`` with the request's ``gamma``, ``kv_budget`` and ``sparse_policy`` (a name keeps the
-    configured policy's parameters) applied.
+    ``spec`` with the request's ``gamma`` (a fixed γ: ``adaptive`` off), ``kv_budget`` and
+    ``sparse_policy`` (a name keeps the configured policy's parameters) applied.
 
     Raises:
         RequestError: 400 ``gamma`` above ``speculation.max_gamma``; 400 ``kv_budget`` below the
@@ -143,8 +149,9 @@ def speculation(req: OpenAIRequest, cfg: ServeAppConfig, n_prompt: int) -> tuple
         except ValueError as exc:
             raise _invalid(f"kv_budget {exc}", "kv_budget") from None
     try:
+        adaptive = cfg.spec.adaptive and req.gamma is None
         spec = SpecConfig.model_validate({**cfg.spec.model_dump(), "gamma": gamma, "budget": budget,
-                                          "policy": policy.model_dump()})
+                                          "policy": policy.model_dump(), "adaptive": adaptive})
     except ValidationError as exc:  # not expected: every field was checked at the request's own bounds
         raise RequestError(400, f"invalid speculative settings: {exc}", code="invalid_value") from None
     return speculative, spec
@@ -187,4 +194,4 @@ def build_engine_request(req: OpenAIRequest, cfg: ServeAppConfig, tokenizer: Any
     max_tokens = completion_tokens(req, len(ids), field, max_model_len, cfg.defaults.max_tokens)
     speculative, spec = speculation(req, cfg, len(ids))
     return EngineRequest(request_id=uuid.uuid4().hex, prompt_ids=ids, sampling=sampling(req, cfg, max_tokens, stops),
-                         speculative=speculative, spec=spec)
+                         speculative=speculative, spec=spec, logprobs=req.top_logprobs_k())

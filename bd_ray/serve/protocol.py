@@ -3,19 +3,24 @@ conventions), and :class:`EngineRequest`, the typed request the ingress hands th
 
 Requests follow the OpenAI Completions and Chat Completions APIs (``prompt``/``messages``,
 ``max_tokens``, ``temperature``, ``top_p``, ``stop`` (a string or a list), ``seed``, ``stream``,
-``stream_options``, ``n`` = 1 only), vLLM's ``top_k`` and ``ignore_eos``, and the bd-ray extensions (sent by the
-``openai`` client through ``extra_body``):
+``stream_options``, ``n`` (up to :data:`MAX_N` choices, each its own row of the engine's batch:
+no shared prefill; with ``seed``, choice ``i`` is seeded ``seed + i``), ``logprobs`` (completions:
+an integer k; chat: ``logprobs`` + ``top_logprobs``: the verifier's *raw* log-probabilities, before
+temperature / top-k / top-p, as vLLM's default, one entry per emitted token and none for text cut
+by a stop string), ``echo`` (completions, without logprobs)), vLLM's ``top_k`` and ``ignore_eos``,
+and the bd-ray extensions (sent by the ``openai`` client through ``extra_body``):
 
 * ``speculative`` (bool): speculative decoding on/off for this request (default: serve config);
-* ``gamma`` (int >= 1): tokens drafted per cycle;
+* ``gamma`` (int >= 1): a fixed γ, tokens drafted per step (unset: the batch speculation policy
+  chooses γ per step up to the serve config's ``spec.gamma``);
 * ``kv_budget`` (int >= 1 or ``"full"``): the drafter's KV budget in tokens (``"full"`` = no
   sparsity), a :data:`bd_ray.config.Budget` parsed by :func:`bd_ray.config.parse_budget`;
 * ``sparse_policy`` (``"chunk_topk" | "streaming" | "snapkv"`` or a full
   :class:`bd_ray.config.SparsePolicyConfig` object).
 
 Unknown fields are rejected (400 naming the field) rather than silently ignored, and OpenAI fields
-bd-ray does not implement (``logprobs``, penalties, ``logit_bias``, ``echo``, ``suffix``, tools...)
-are accepted only at their "off" value. Every error is OpenAI's JSON shape
+bd-ray does not implement (penalties, ``logit_bias``, ``suffix``, tools...) are accepted only at
+their "off" value. Every error is OpenAI's JSON shape
 ``{"error": {"message", "type", "param", "code"}}`` (:func:`error_body`).
 
 Hostile input is a 4xx, never a 5xx or a hang: every number is bounded (NaN and infinities fail
@@ -24,9 +29,12 @@ get 413, bodies that are not UTF-8 or not JSON get 400, an empty prompt or messa
 
 Responses are ``text_completion`` / ``chat.completion`` objects (and ``*.chunk`` objects when
 streaming, sent as server-sent events ending with ``data: [DONE]``) carrying ``usage`` and a
-bd-ray ``spec_metrics`` object: ``drafted``, ``accepted``, ``alpha`` (acceptance rate),
-``tau`` (mean accepted length = tokens per verifier forward), ``per_position`` acceptance, and
-whether the request ran ``speculative``.
+bd-ray ``spec_metrics`` object: ``mode`` (``speculative`` / ``plain`` / ``mixed``) and
+``mode_reason``, ``drafted``, ``accepted``, ``alpha`` (acceptance rate), ``tau`` (mean accepted
+length = tokens per verifier forward), ``per_position`` acceptance, the ``kv_budget`` it ran at
+(``bd_ray.serve.engine.spec_metrics_dict``). ``usage.completion_tokens`` is the number of tokens
+of the returned text (EOS included when it ended generation), ``max_tokens`` exactly when
+``finish_reason`` is ``length``, summed over choices.
 """
 
 from __future__ import annotations
@@ -50,11 +58,15 @@ __all__ = [
     "max_request_bytes",
     "UNSUPPORTED_FIELDS",
     "MAX_TOKENS_LIMIT",
+    "MAX_N",
+    "MAX_LOGPROBS",
 ]
 
 # Upper bounds of request numbers (the engine's SamplingConfig has the same ones).
 MAX_TOKENS_LIMIT = 1_000_000
 TOP_K_LIMIT = 1_000_000
+MAX_N = 16            # choices per request (each is a row of the batch)
+MAX_LOGPROBS = 20     # top alternatives per token (vLLM's default max_logprobs)
 
 
 def max_request_bytes(max_model_len: int | None) -> int:
@@ -65,9 +77,6 @@ def max_request_bytes(max_model_len: int | None) -> int:
 
 # OpenAI fields that are accepted only at their "off" value: name -> allowed values.
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
     "presence_penalty": (None, 0, 0.0),
@@ -99,12 +108,9 @@ class _SamplingFields(_Base):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
     user: str | None = None
     # accepted only at their "off" value (see UNSUPPORTED_FIELDS)
-    logprobs: Any = None
-    top_logprobs: Any = None
-    echo: Any = None
     suffix: Any = None
     best_of: Any = None
     presence_penalty: Any = None
@@ -119,13 +125,6 @@ class _SamplingFields(_Base):
     gamma: int | None = Field(None, ge=1, le=128)
     kv_budget: int | Literal["full"] | None = None
     sparse_policy: Literal["chunk_topk", "streaming", "snapkv"] | SparsePolicyConfig | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _only_one(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
 
     @field_validator("kv_budget", mode="before")
     @classmethod
@@ -151,6 +150,13 @@ class CompletionRequest(_SamplingFields):
     """``POST /v1/completions`` (OpenAI legacy completions): one prompt, a string or token ids."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of each token "
+                                 "and this many top alternatives")
+    echo: bool = Field(False, description="return the prompt's text before the completion")
+
+    def top_logprobs_k(self) -> int | None:
+        """k alternatives per token, ``None`` = no logprobs."""
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -190,6 +196,12 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     parallel_tool_calls: Any = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def top_logprobs_k(self) -> int | None:
+        """k alternatives per token, ``None`` = no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -203,8 +215,9 @@ class EngineRequest:
     Every default is already filled in from the serve config: ``spec`` is the complete
     :class:`bd_ray.config.SpecConfig` of this request (γ, KV budget, sparse policy, prefill chunk,
     adaptive γ), ``sampling`` its :class:`bd_ray.config.SamplingConfig` (``max_new_tokens`` within
-    the context limit). ``attempt`` counts restarts after engine replica deaths
-    (``bd_ray.serve.resilience``); ``engine_id`` is the id the engine registers it under.
+    the context limit). ``logprobs``: k top alternatives per token (``None`` = no logprobs).
+    ``attempt`` counts restarts after engine replica deaths (``bd_ray.serve.resilience``);
+    ``engine_id`` is the id the engine registers it under.
     """
 
     request_id: str
@@ -212,7 +225,16 @@ class EngineRequest:
     sampling: SamplingConfig
     speculative: bool
     spec: SpecConfig
+    logprobs: int | None = None
     attempt: int = 0
+
+    def choice(self, index: int) -> "EngineRequest":
+        """Choice ``index`` of an ``n > 1`` request: its own id and, when seeded, seed ``seed + index``
+        (choice 0 equals the ``n = 1`` request)."""
+        seed = self.sampling.seed
+        sampling = self.sampling if seed is None else self.sampling.model_copy(
+            update={"seed": (seed + index) % (2**63)})
+        return dataclasses.replace(self, request_id=f"{self.request_id}-{index}", sampling=sampling)
 
     @property
     def engine_id(self) -> str:

@@ -81,6 +81,7 @@ class ResilientCall:
         self._replay: tuple[list[int], str] | None = None
         self._r_ids: list[int] = []
         self._r_text = ""
+        self._r_lps: list[dict] = []
         self._gen = self._start()
 
     def _start(self):
@@ -126,7 +127,7 @@ class ResilientCall:
                     return {"type": "reset"}
                 if sent:
                     self._replay = (list(self._sent_ids), self._sent_text)
-                    self._r_ids, self._r_text = [], ""
+                    self._r_ids, self._r_text, self._r_lps = [], "", []
                 continue
             if ev["type"] in ("chunk", "final"):
                 if self._replay is not None:
@@ -144,6 +145,7 @@ class ResilientCall:
         want_ids, want_text = self._replay
         self._r_ids += list(ev.get("token_ids") or [])
         self._r_text += ev.get("text") or ""
+        self._r_lps += ev.get("logprobs") or []
         k, m = min(len(self._r_ids), len(want_ids)), min(len(self._r_text), len(want_text))
         if self._r_ids[:k] != want_ids[:k] or self._r_text[:m] != want_text[:m]:
             raise ReplicaDiedError(
@@ -158,4 +160,6 @@ class ResilientCall:
                     "streamed so far is correct but incomplete. Retry the request.", len(want_ids))
             return None
         self._replay = None
-        return {**ev, "token_ids": self._r_ids[len(want_ids):], "text": self._r_text[len(want_text):]}
+        # logprob entries align with token ids (one per token), so the same cut applies
+        lps = self._r_lps[len(want_ids):] if ev.get("logprobs") is not None or self._r_lps else None
+        return {**ev, "token_ids": self._r_ids[len(want_ids):], "text": self._r_text[len(want_text):], "logprobs": lps}

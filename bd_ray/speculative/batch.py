@@ -232,7 +232,11 @@ class BatchEngine:
         left = self.spec.prefill_chunk
         clock = self.clock
         spans: list[tuple[Row, str, Any, Any]] = []   # read once, after this step's prefill work
-        for row in [r for r in self.rows.values() if r.phase == "prefill"]:
+        # Shortest remaining prefill first: a short prompt arriving during a long one's prefill gets
+        # its first token within a chunk or two instead of waiting for the whole long prompt.
+        prefilling = sorted((r for r in self.rows.values() if r.phase == "prefill"),
+                            key=lambda r: len(r.v_pieces) + len(r.d_pieces))
+        for row in prefilling:
             if left <= 0:
                 break
             tail = PROMPT_PROBE_TOKENS if row.controller is not None else 0

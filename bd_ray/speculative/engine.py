@@ -57,7 +57,7 @@ def _as_ids(prompt_ids: Sequence[int] | torch.Tensor) -> list[int]:
     return [int(t) for t in prompt_ids]
 
 
-def _default_eos(tokenizer: Any, model: Any) -> list[int]:
+def default_eos(tokenizer: Any, model: Any) -> list[int]:
     ids = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
     if ids is None:
         ids = tokenizer.eos_token_id
@@ -119,7 +119,7 @@ class ARGenerator:
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.device = _device(verifier)
-        self.eos_token_ids = _default_eos(tokenizer, verifier)
+        self.eos_token_ids = default_eos(tokenizer, verifier)
         self.engine = BatchEngine(verifier, None, tokenizer, SpecConfig(prefill_chunk=prefill_chunk, budget=None),
                                   eos_token_ids=self.eos_token_ids)
 
@@ -181,7 +181,7 @@ class SpeculativeGenerator:
         self.spec = spec or SpecConfig()
         self.prefill_chunk = self.spec.prefill_chunk
         self.device = _device(verifier)
-        self.eos_token_ids = _default_eos(tokenizer, verifier)
+        self.eos_token_ids = default_eos(tokenizer, verifier)
         from bd_ray.models import model_vocab_size
 
         v_vocab, d_vocab = model_vocab_size(verifier), model_vocab_size(drafter)

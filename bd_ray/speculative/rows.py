@@ -12,6 +12,7 @@ A row lives through ``waiting`` (queued for a slot) -> ``prefill`` (a chunk per 
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ class Row:
         self.plain_reason: str | None = None  # the latest reason a step was plain
         self.logprobs: list[dict] | None = [] if req.logprobs is not None else None
         self.outbox: deque[StreamChunk] = deque()
+        self._released = 0                    # tokens handed out in chunks
         # prefill progress: pieces (start, end) per model, temporary per-request caches
         self.v_pieces: list[tuple[int, int]] = []
         self.d_pieces: list[tuple[int, int]] = []
@@ -163,16 +165,26 @@ class Row:
         return int(sample_from(q, self.generator)), q
 
     def emit(self, tokens: list[int], logits: torch.Tensor | None) -> None:
-        """Add emitted ``tokens`` (``logits[i]`` emitted ``tokens[i]``) and queue a stream chunk."""
-        before = self.checker.num_tokens
-        self.checker.extend(tokens)
-        lp = None
+        """Add emitted ``tokens`` (``logits[i]`` emitted ``tokens[i]``) and queue a stream chunk.
+
+        A chunk releases a token's id (and logprob entry) only once its text is released: text
+        that may begin a stop string is held back (:meth:`StopChecker.text_delta`), and a token of
+        it may still be cut, so its id must not have been streamed either (case 14)."""
+        checker = self.checker
+        before = checker.num_tokens
+        checker.extend(tokens)
         if self.logprobs is not None:
-            used = len(self.checker._ids) - before   # noqa: SLF001 (tokens consumed, before trimming)
+            used = len(checker._ids) - before   # noqa: SLF001 (tokens consumed, before trimming)
             self.logprobs.extend(logprob_entries(logits, tokens[:used], self.req.logprobs))
-            del self.logprobs[self.checker.num_tokens:]    # none for text cut by a stop string
-            lp = self.logprobs[before:]
-        self.outbox.append(StreamChunk(self.checker.token_ids[before:], self.checker.text_delta(), logprobs=lp))
+            del self.logprobs[checker.num_tokens:]    # none for text cut by a stop string
+        text = checker.text_delta()
+        upto = checker.num_tokens
+        if not checker.finished:   # tokens whose text lies wholly within the released text
+            upto = min(upto, bisect.bisect_right(checker._ends, checker._streamed))  # noqa: SLF001
+        lo = min(self._released, upto)
+        lp = self.logprobs[lo:upto] if self.logprobs is not None else None
+        self.outbox.append(StreamChunk(checker.token_ids[lo:upto], text, logprobs=lp))
+        self._released = max(self._released, upto)
 
     # ---- result ---------------------------------------------------------------------------------
     def mode(self) -> tuple[str, str | None]:
@@ -202,5 +214,8 @@ class Row:
             adaptive=stats, mode=mode, mode_reason=reason,
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             budget=self.budget if self.spec else None)
-        self.outbox.append(StreamChunk([], self.checker.text_delta(), result))
+        rest = slice(self._released, self.checker.num_tokens)
+        self.outbox.append(StreamChunk(self.checker.token_ids[rest], self.checker.text_delta(), result,
+                                       logprobs=self.logprobs[rest] if self.logprobs is not None else None))
+        self._released = self.checker.num_tokens
         self.phase = "done"

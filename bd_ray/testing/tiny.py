@@ -178,8 +178,8 @@ def write_serve_models(root, drafter_layers: int = 3):
 
 def serve_app_args(vdir, ddir, max_model_len: int = SERVE_MAX_MODEL_LEN) -> dict:
     """Serve app args (``ServeAppConfig`` tree) for the tiny models: 1-2 autoscaled engine replicas of
-    half a CPU each, 2 ongoing + 6 queued requests per replica, fast autoscaling and health checks,
-    fixed γ = 3 (adaptive γ off)."""
+    half a CPU each, 2 ongoing (batched together) + 6 queued requests per replica, fast autoscaling
+    and health checks, fixed γ = 3 (adaptive γ off)."""
     return {
         "model": {"name": "tiny", "aliases": ["tiny-alias"], "verifier": str(vdir), "drafter": str(ddir),
                   "device": "cpu", "max_model_len": max_model_len, "torch_threads": 1},
