@@ -8,6 +8,11 @@ Speculative decoding compares the drafter's and the verifier's distributions tok
 so both must share one tokenizer: the same vocabulary size, the same id -> string map, the same
 special tokens and the same logits width. ``check_tokenizer_compat`` enforces it at load time.
 
+A drafter can also be named by a shipped drafter (``drafters/<name>/`` in the checkout or
+``bd_ray_home()/drafters/<name>/``, :mod:`bd_ray.reference_drafters`, e.g.
+``"reference-budgetdraft"``): its files are checked against its manifest and its embedding is
+taken from the verifier the manifest names.
+
 The drafter can also be initialised from the verifier itself (``init_drafter_from_verifier``): the
 embeddings, the first N decoder layers, the final norm and the LM head, as layer-skipping /
 self-speculative drafters do (e.g. LayerSkip, Draft & Verify).
@@ -22,12 +27,13 @@ from typing import Any
 
 import torch
 
-from bd_ray import assets
+from bd_ray import assets, reference_drafters
 from bd_ray.draft_vocab import DRAFT_VOCAB_FILE, apply_draft_vocab, load_draft_vocab
 
 __all__ = [
     "TokenizerMismatchError",
     "resolve_model_path",
+    "drafter_paths",
     "load_tokenizer",
     "load_verifier",
     "load_drafter",
@@ -64,9 +70,26 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     if p.is_dir():
         return p
     raise FileNotFoundError(
-        f"{s!r} is neither a registered embedded model {sorted(assets.VERIFIERS)} nor a local checkpoint "
-        f"directory (bd-ray never downloads from a model hub)"
+        f"{s!r} is neither a registered embedded model {sorted(assets.VERIFIERS)}, nor a shipped drafter "
+        f"{reference_drafters.shipped_names()} (under {' or '.join(map(str, reference_drafters.drafter_roots()))}), "
+        f"nor a local checkpoint directory (bd-ray never downloads from a model hub)"
     )
+
+
+def drafter_paths(name_or_path: str | Path) -> tuple[Path, Path]:
+    """``(directory with the drafter's config.json, directory with its tokenizer)`` of a drafter named
+    as ``load_drafter`` takes it (not ``from-verifier:N``), for checks that do not load weights.
+
+    A checkpoint directory or registered name is both; a shipped drafter is its own directory (its
+    files verified against the manifest) and the verifier it was shipped for. Raises
+    ``FileNotFoundError`` as ``resolve_model_path`` does, ``DrafterIntegrityError`` for a damaged
+    shipped drafter.
+    """
+    shipped = reference_drafters.find_shipped(name_or_path)
+    if shipped is not None:
+        return shipped, resolve_model_path(reference_drafters.read_manifest(shipped)["verifier"]["name"])
+    path = resolve_model_path(name_or_path)
+    return path, path
 
 
 def load_tokenizer(name_or_path: str | Path):
@@ -142,7 +165,10 @@ def load_drafter(
     """Load a drafter and check it is compatible with the verifier's tokenizer; return ``(model, tokenizer)``.
 
     Args:
-        name_or_path: a local HF causal-LM checkpoint dir, a registered embedded name, or
+        name_or_path: a local HF causal-LM checkpoint dir, a registered embedded name, a shipped
+            drafter (its name, e.g. ``"reference-budgetdraft"``, or its directory;
+            :mod:`bd_ray.reference_drafters`: files checked against the manifest, embedding from
+            the verifier the manifest names, the tokenizer returned is that verifier's), or
             ``"from-verifier:N"`` to build it from the first N layers of ``verifier``
             (``init_drafter_from_verifier``; the verifier's tokenizer is then returned).
         verifier_tokenizer: the verifier's tokenizer; the drafter's must match it exactly.
@@ -157,7 +183,9 @@ def load_drafter(
     The drafter is returned in eval mode with gradients enabled (it is the model being trained).
     Raises ``TokenizerMismatchError`` (a ``ValueError``) naming both vocabulary sizes, or the first id
     whose string differs, or the differing special token; ``FileNotFoundError`` for a bad path;
-    ``ValueError`` for ``from-verifier:N`` without ``verifier``.
+    ``ValueError`` for ``from-verifier:N`` without ``verifier``; for a shipped drafter
+    ``reference_drafters.DrafterIntegrityError`` (a ``ValueError``) when a file does not match its
+    manifest or the verifier's embedding is not the one it was shipped with.
     """
     if verifier is not None and verifier_vocab_size is None:
         verifier_vocab_size = model_vocab_size(verifier)
@@ -170,6 +198,10 @@ def load_drafter(
         if device is not None:
             model.to(device)
         return _with_draft_vocab(model, None if draft_vocab == "auto" else draft_vocab), verifier_tokenizer
+    shipped = reference_drafters.find_shipped(name_or_path)
+    if shipped is not None:
+        return _load_shipped(shipped, verifier_tokenizer, dtype, attn_implementation, device, verifier,
+                             verifier_vocab_size, draft_vocab)
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path)
     # Check the tokenizers before paying for the weights.
@@ -180,6 +212,38 @@ def load_drafter(
     if draft_vocab == "auto":
         draft_vocab = path if (Path(path) / DRAFT_VOCAB_FILE).is_file() else None
     return _with_draft_vocab(model, draft_vocab), tokenizer
+
+
+def _load_shipped(d: Path, verifier_tokenizer, dtype, attn_implementation, device, verifier,
+                  verifier_vocab_size, draft_vocab):
+    """``load_drafter`` for a shipped drafter directory ``d`` (files verified first, then the verifier
+    its manifest names is resolved, its tokenizer checked, its embedding taken)."""
+    man = reference_drafters.read_manifest(d)
+    vpath = resolve_model_path(man["verifier"]["name"])
+    tokenizer = load_tokenizer(vpath)
+    check_tokenizer_compat(verifier_tokenizer, tokenizer)
+    model = reference_drafters.build_drafter(d, man, vpath, dtype=dtype, attn_implementation=attn_implementation,
+                                             device=device)
+    check_tokenizer_compat(verifier_tokenizer, tokenizer, verifier_vocab_size=verifier_vocab_size,
+                           drafter_vocab_size=model_vocab_size(model))
+    if verifier is not None and man["verifier"].get("embedding") == "verifier":
+        _check_same_embedding(verifier, model, d.name, man["verifier"])
+    if draft_vocab == "auto":
+        draft_vocab = d if (d / DRAFT_VOCAB_FILE).is_file() else None
+    return _with_draft_vocab(model, draft_vocab), tokenizer
+
+
+def _check_same_embedding(verifier: torch.nn.Module, drafter: torch.nn.Module, name: str, shipped_for: dict) -> None:
+    """Raise ``DrafterIntegrityError`` unless the verifier in use has the embedding the drafter took
+    from the verifier its manifest names (compared in the lower of the two dtypes)."""
+    a = verifier.get_input_embeddings().weight.detach().cpu()
+    b = drafter.get_input_embeddings().weight.detach().cpu()
+    low = a.dtype if a.element_size() <= b.element_size() else b.dtype
+    if a.shape != b.shape or not torch.equal(a.to(low), b.to(low)):
+        raise reference_drafters.DrafterIntegrityError(
+            f"shipped drafter {name} was shipped for verifier {shipped_for['name']!r} (embedding SHA-256 "
+            f"{shipped_for['embedding_sha256']}), but the verifier in use has another embedding "
+            f"(SHA-256 {reference_drafters.embedding_sha256(a)}, shape {tuple(a.shape)})")
 
 
 def _with_draft_vocab(model: torch.nn.Module, draft_vocab: str | Path | None) -> torch.nn.Module:
