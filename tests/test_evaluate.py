@@ -8,7 +8,9 @@
   work present in both splits is refused;
 * config errors name the field;
 * ``jobs/evaluate.py journal drop`` drops by prompt (and filter), keeps torn lines, rewrites atomically;
-* ``jobs/evaluate.py report table|summary`` print the README figures from a results.json.
+* ``jobs/evaluate.py report table|summary`` print the README figures from a results.json;
+* bootstrap intervals over prompts, the paired per-prompt comparison and the per-prompt α table
+  with its outlier flags, on synthetic runs with known answers.
 """
 
 from __future__ import annotations
@@ -114,13 +116,15 @@ OPT_NUM = (int, float, type(None))
 SCHEMA = {
     "top": {"schema_version": int, "created": str, "command": str, "config": dict, "machine": dict,
             "isolation": str, "prompts": list, "cells": list, "best_gamma": list, "needle": (list, type(None)),
-            "lossless": dict, "errors": list, "runs": list, "wall_s": NUM, "plots": list, "missing": int},
+            "lossless": dict, "errors": list, "runs": list, "wall_s": NUM, "plots": list, "missing": int,
+            "paired": list, "per_prompt": dict},
     "cell": {"cell_id": str, "context": int, "policy": str, "budget": str, "gamma": int, "drafter": str,
              "mode": str, "greedy": bool, "n_prompts": int, "prompt_ids": list, "alpha": NUM, "tau": NUM,
              "per_position_acceptance": list, "cycles": int, "drafted": int, "accepted": int,
              "sd_tokens_per_s": NUM, "ar_tokens_per_s": NUM, "speedup": NUM, "speedup_mean": NUM,
              "draft_step_s": NUM, "verify_step_s": NUM, "ar_step_s": NUM, "drafter_cache": int,
-             "fallbacks": int, "lossless": str},
+             "fallbacks": int, "lossless": str, "prompt_alpha": list, "alpha_ci": (list, type(None)),
+             "tau_ci": (list, type(None)), "speedup_ci": (list, type(None))},
     "best": {"context": int, "policy": str, "budget": str, "drafter": str, "mode": str, "gamma": int,
              "sd_tokens_per_s": NUM, "ar_tokens_per_s": NUM, "speedup": NUM, "alpha": NUM, "tau": NUM,
              "cell_id": str, "gammas_tried": list},
@@ -180,7 +184,8 @@ def test_eval_job_tiny_ray_writes_all_outputs(tiny_assets, tmp_path, ray_cluster
     job = _job()
 
     out = tmp_path / "out"
-    cfg_path = _write_config(_config(tiny_assets, out), tmp_path / "eval.yaml")
+    cfg = {**_config(tiny_assets, out), "report": {"paired": [["tiny", "init1"]], "bootstrap_resamples": 200}}
+    cfg_path = _write_config(cfg, tmp_path / "eval.yaml")
     rc = job.main(["--config", str(cfg_path), "--output", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -235,6 +240,14 @@ def test_eval_job_tiny_ray_writes_all_outputs(tiny_assets, tmp_path, ray_cluster
     assert "## Best gamma" in printed and "results.json" in printed
     md = (out / "results.md").read_text()
     assert "| context | mode | drafter |" in md and "Lossless check" in md
+    # intervals per cell, the paired comparison tiny - init1 in every cell both ran, per-prompt α
+    for c in res["cells"]:
+        for k in ("alpha", "tau", "speedup"):
+            if c[f"{k}_ci"] is not None:
+                assert c[f"{k}_ci"][0] - 1e-9 <= c[k] <= c[f"{k}_ci"][1] + 1e-9, (c["cell_id"], k)
+    assert len(res["paired"]) == 3 * (2 + 1) and {p["drafter_a"] for p in res["paired"]} == {"tiny"}
+    assert {c["gamma"] for c in res["per_prompt"]["columns"]} == {2}
+    assert "## Paired comparison" in md and "## Per-prompt α" in md and "α CI" in md
 
 
 @pytest.fixture
@@ -396,12 +409,24 @@ def test_config_errors_name_the_field(tmp_path):
         load_eval_config(None, ["report.alpha_gamma=3"])
     with pytest.raises(ConfigError, match=r"matrix.budgets"):
         load_eval_config(None, ["matrix.budgets=[0]"])
+    with pytest.raises(ConfigError, match=r"report.paired.0: 'naive' is not a drafter"):
+        load_eval_config(None, ["report.paired=[[init4,naive]]"])
+    with pytest.raises(ConfigError, match=r"report.per_prompt_budgets.0: 64 is not one of matrix.budgets"):
+        load_eval_config(None, ["report.per_prompt_budgets=[64]"])
     for name in ("eval_smoke.yaml", "eval_reference.yaml"):
         cfg = load_eval_config(REPO / "jobs/configs" / name)
         assert cfg.matrix.contexts and cfg.matrix.budgets[-1] == "full"
     ref = load_eval_config(REPO / "jobs/configs/eval_reference.yaml")
     assert ref.matrix.contexts == [2048, 4096] and ref.matrix.budgets == [128, 256, 512, "full"]
     assert ref.matrix.gammas == [2, 4, 6, 8] and ref.data.prompts_per_context >= 5 and ref.matrix.max_new_tokens == 128
+    # the issue's matrix: >= 12 prompts per context, 4K and 8K within SmolLM2's 8192 positions,
+    # budgets {128..1024, full}, γ 4 plus an adaptive mode; budgetdraft - naive compared
+    v2 = load_eval_config(REPO / "jobs/configs/eval_reference_v2.yaml")
+    assert v2.data.prompts_per_context >= 12 and v2.matrix.budgets == [128, 256, 512, 1024, "full"]
+    assert v2.matrix.contexts[0] == 4096 and max(v2.matrix.contexts) + v2.matrix.max_new_tokens <= 8192
+    assert v2.matrix.gammas == [4] and [m.adaptive for m in v2.matrix.modes] == [False, True]
+    assert v2.report.paired == [("budgetdraft", "naive")] and v2.alpha_gamma == 4
+    assert set(v2.models.drafters) == {"budgetdraft", "naive", "init4"}
 
 
 @pytest.mark.timeout(180)
@@ -560,3 +585,144 @@ def test_report_table_and_summary_print_readme_figures(tmp_path, capsys):
     assert job.main(["report", "summary", "--results", str(res)]) == 0
     out = capsys.readouterr().out
     assert "context 4096: 5 held-out prompts per cell" in out and "lossless: 624 greedy runs" in out
+    # intervals and the paired comparison, recomputed from the runs of results written before them
+    assert "budgetdraft - naive B=256: mean per-prompt Δα +0.007 [" in out and "outlier prompts" in out
+    assert "  budgetdraft  α(B=256, γ=2) 0.108 [" in out
+
+
+# ---- intervals, paired comparison, per-prompt α --------------------------------------------------
+
+
+def _sd_run(drafter: str, prompt: str, accepted: int, drafted: int, budget: str = "256", gamma: int = 4,
+            context: int = 4096, tps: float = 10.0) -> dict:
+    """A minimal SD record of the fields the aggregation reads (γ drafted per cycle)."""
+    cycles = max(drafted // gamma, 1)
+    per = [drafted // gamma] * gamma
+    acc_at = [min(per[0], accepted)] + [0] * (gamma - 1)
+    policy = "none" if budget == "full" else "chunk_topk"
+    return {"kind": "sd", "cell_id": f"{context}|{policy}|{budget}|g{gamma}|{drafter}|greedy", "prompt_id": prompt,
+            "mode": "greedy", "drafter": drafter, "context": context, "policy": policy, "budget": budget,
+            "gamma": gamma, "greedy": True, "cycles": cycles, "drafted": drafted, "accepted": accepted,
+            "drafted_at": per, "accepted_at": acc_at, "n_tokens": 64, "decode_s": 64 / tps, "tokens_per_s": tps,
+            "draft_s": 0.1, "verify_s": 0.1, "peak_drafter_cache": 300, "fallback_reason": None,
+            "plain_steps": 0, "token_ids": [1] * 64}
+
+
+def _ar_run(drafter: str, prompt: str, tps: float = 8.0) -> dict:
+    return {"kind": "ar", "prompt_id": prompt, "mode": "greedy", "drafter": drafter, "n_tokens": 64,
+            "decode_s": 64 / tps, "tokens_per_s": tps, "verify_s": 1.0, "token_ids": [1] * 64}
+
+
+def _synthetic(alphas: dict[str, list[float]], budgets=("256", "full"), drafted: int = 400) -> dict:
+    """A results dict (config, cells, runs) with α per prompt per drafter (same α at every budget)."""
+    from bd_ray.config.evaluate import load_eval_config
+    from bd_ray.evaluate.aggregate import aggregate_cells
+
+    n = len(next(iter(alphas.values())))
+    cfg = load_eval_config(None, [f"models.drafters={{{', '.join(f'{d}: from-verifier:1' for d in alphas)}}}",
+                                  "data.prompts_per_context=%d" % n, "matrix.contexts=[4096]",
+                                  f"matrix.budgets=[{','.join(budgets)}]", "matrix.gammas=[4]",
+                                  "report.bootstrap_resamples=500"])
+    runs = []
+    for d, al in alphas.items():
+        for i, a in enumerate(al):
+            runs.append(_ar_run(d, f"p{i}"))
+            for b in budgets:
+                runs.append(_sd_run(d, f"p{i}", round(a * drafted), drafted, budget=b, tps=10.0 + i))
+    cells = aggregate_cells(runs, cfg)
+    return {"config": cfg.model_dump(mode="json"), "cells": cells, "runs": runs}
+
+
+def test_bootstrap_intervals_over_prompts():
+    from bd_ray.evaluate.aggregate import bootstrap_sums, percentile_interval
+
+    # identical prompts: every resample gives the same pooled α -> a zero-width interval at α
+    res = _synthetic({"a": [0.3] * 12})
+    for c in res["cells"]:
+        assert c["alpha"] == pytest.approx(0.3) and c["alpha_ci"][0] == c["alpha_ci"][1] == pytest.approx(0.3)
+        assert c["tau_ci"][0] == c["tau_ci"][1] == pytest.approx(c["tau"])
+        assert c["prompt_alpha"] == [pytest.approx(0.3)] * 12
+    # spread prompts: the interval has width and contains the pooled estimate (α, τ, speedup)
+    res = _synthetic({"a": [0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.15, 0.5, 0.45, 0.2, 0.3, 0.6]})
+    for c in res["cells"]:
+        assert c["alpha_ci"][0] < c["alpha"] < c["alpha_ci"][1]
+        assert c["tau_ci"][0] < c["tau"] < c["tau_ci"][1]
+        assert c["speedup_ci"][0] < c["speedup"] < c["speedup_ci"][1]
+        assert 0.0 <= c["alpha_ci"][0] and c["alpha_ci"][1] <= 1.0
+    # the seed decides the resamples: same seed -> the same interval, another seed -> another
+    cols = {"x": [1.0, 5.0, 2.0, 8.0, 3.0]}
+    same = [percentile_interval(bootstrap_sums(cols, 300, seed=s)["x"]) for s in (7, 7, 8)]
+    assert same[0] == same[1] and same[0] != same[2]
+    # sums of a resample: n prompts drawn with replacement, so Σ of a constant column is n x it
+    assert set(bootstrap_sums({"one": [1.0] * 5}, 50, 0)["one"]) == {5.0}
+    assert percentile_interval([float("nan")] * 3) is None
+    with pytest.raises(ValueError):
+        bootstrap_sums({"x": [1.0], "y": [1.0, 2.0]}, 10, 0)
+
+
+def test_paired_difference_sign_and_interval():
+    from bd_ray.evaluate.aggregate import prompt_statistics
+
+    base = [0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.15, 0.5, 0.45, 0.2, 0.3, 0.6]
+    # budgetdraft beats naive by 0.05 (+-0.01) on every prompt: the interval is above 0
+    res = _synthetic({"budgetdraft": [a + 0.05 + 0.01 * (i % 3 - 1) for i, a in enumerate(base)], "naive": base,
+                      "init4": [0.01] * 12})
+    st = prompt_statistics(res)
+    assert [(p["drafter_a"], p["drafter_b"], p["budget"]) for p in st["paired"]] == \
+        [("budgetdraft", "naive", "256"), ("budgetdraft", "naive", "full")]     # default pair, both budgets
+    for p in st["paired"]:
+        assert p["n_prompts"] == 12 and p["a_wins"] == 12 and p["b_wins"] == 0
+        assert p["mean_diff"] == pytest.approx(0.05, abs=0.002)
+        assert 0.0 < p["mean_diff_ci"][0] <= p["mean_diff"] <= p["mean_diff_ci"][1] < 0.1
+        assert p["mean_diff_excludes_zero"] and p["pooled_diff_excludes_zero"]
+        assert p["pooled_diff"] == pytest.approx(p["alpha_a"] - p["alpha_b"])
+    # the same pair reversed: the sign flips, the interval mirrors
+    res["config"]["report"]["paired"] = [["naive", "budgetdraft"]]
+    rev = prompt_statistics(res)["paired"]
+    assert rev[0]["mean_diff"] == pytest.approx(-st["paired"][0]["mean_diff"])
+    assert rev[0]["mean_diff_ci"] == pytest.approx([-x for x in reversed(st["paired"][0]["mean_diff_ci"])])
+    # no systematic difference (the sign alternates): the interval includes 0
+    noisy = _synthetic({"budgetdraft": [a + (0.03 if i % 2 else -0.03) for i, a in enumerate(base)], "naive": base})
+    for p in prompt_statistics(noisy)["paired"]:
+        assert p["mean_diff_ci"][0] < 0.0 < p["mean_diff_ci"][1] and not p["mean_diff_excludes_zero"]
+    # without both default drafters there is nothing to pair
+    assert prompt_statistics(_synthetic({"a": base, "b": base}))["paired"] == []
+
+
+def test_per_prompt_alpha_flags_an_outlier_prompt():
+    from bd_ray.evaluate.aggregate import outlier_flags, prompt_statistics
+    from bd_ray.evaluate.report import render_markdown
+
+    o = outlier_flags([0.1, 0.12, 0.11, 0.09, 0.1, 0.95])
+    assert o["flags"] == [False] * 5 + [True] and o["median"] == pytest.approx(0.105)
+    assert outlier_flags([0.2] * 6)["flags"] == [False] * 6                   # all equal: nothing
+    assert outlier_flags([0.2] * 11 + [0.8])["flags"] == [False] * 11 + [True]  # MAD 0: mean-deviation fallback
+    assert outlier_flags([0.1, 0.3])["flags"] == [False, False]
+    assert outlier_flags([])["flags"] == []
+
+    # one repetitive prompt (α 0.9) among twelve: flagged in every column of that drafter, and the
+    # pooled α without it is shown
+    alphas = [0.2, 0.22, 0.18, 0.21, 0.19, 0.2, 0.23, 0.17, 0.2, 0.21, 0.19, 0.9]
+    res = _synthetic({"budgetdraft": alphas, "naive": [0.2] * 12})
+    res.update(prompt_statistics(res))
+    cols = res["per_prompt"]["columns"]
+    assert res["per_prompt"]["budgets"] == ["256", "full"] and res["per_prompt"]["gamma"] == 4
+    assert [(c["drafter"], c["budget"]) for c in cols] == [("budgetdraft", "256"), ("budgetdraft", "full"),
+                                                          ("naive", "256"), ("naive", "full")]
+    for c in cols:
+        assert c["outliers"] == (["p11"] if c["drafter"] == "budgetdraft" else [])
+        assert len(c["prompt_alpha"]) == 12
+    bd = cols[0]
+    assert bd["alpha"] == pytest.approx(sum(alphas) / 12, abs=1e-3)
+    assert bd["alpha_without_outliers"] == pytest.approx(sum(alphas[:11]) / 11, abs=1e-3)
+
+    # the Markdown report has the new sections (and the old ones)
+    res.update({"machine": {"driver": {"cpu_count": 2, "torch": "x"}, "workers": []}, "isolation": "local",
+                "wall_s": 1.0, "best_gamma": [], "needle": None,
+                "lossless": {"mode": "exact", "checked": 0, "failures": [], "differ": []}})
+    md = render_markdown(res)
+    for head in ("## All cells", "| α CI |", "## Paired comparison (same prompts, α of drafter A - drafter B)",
+                 "## Per-prompt α (γ = 4, budgets 256, full)", "### context 4096, greedy", "**0.900**",
+                 "- outlier: p11, budgetdraft B=256", "| pooled α without flagged |", "## Lossless check",
+                 "percentile bootstrap over prompts"):
+        assert head in md, head

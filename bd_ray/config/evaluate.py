@@ -273,11 +273,28 @@ class EvalRunConfig(StrictModel):
 
 
 class ReportConfig(StrictModel):
-    """Tables and plots. ``alpha_gamma``: the gamma whose α the acceptance-vs-budget plot shows
-    (``null`` = the smallest gamma in the matrix), so drafters are compared at one gamma."""
+    """Tables, intervals and plots.
+
+    ``alpha_gamma``: the gamma whose α the acceptance-vs-budget plot and the per-prompt table show
+    (``null`` = the smallest gamma in the matrix), so drafters are compared at one gamma.
+    ``bootstrap_resamples`` / ``bootstrap_seed`` / ``confidence``: the percentile bootstrap over
+    prompts behind every interval (α, τ, speedup per cell; the paired differences), resampling
+    prompts with replacement (:mod:`bd_ray.evaluate.aggregate`); a fixed seed makes the report
+    reproducible. ``paired``: [drafter A, drafter B] pairs compared prompt by prompt (A - B) in
+    every cell both ran; ``null`` = ``[[budgetdraft, naive]]`` when both drafters exist, else none.
+    ``per_prompt_budgets``: the budgets of the per-prompt α table (``null`` = 256, else the
+    smallest budget of the matrix, and ``full`` when in the matrix). ``outlier_sds``: a prompt's α
+    is flagged when it lies more than this many robust SDs (1.4826 x MAD) from the median.
+    """
 
     alpha_gamma: int | None = Field(None, ge=1, le=128)
     plots: bool = True
+    bootstrap_resamples: int = Field(2000, ge=1, le=1_000_000)
+    bootstrap_seed: int = Field(0, ge=0)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    paired: list[tuple[str, str]] | None = None
+    per_prompt_budgets: list[Budget] | None = None
+    outlier_sds: float = Field(3.0, gt=0.0, le=1000.0)
 
 
 class EvalJobConfig(StrictModel):
@@ -295,6 +312,17 @@ class EvalJobConfig(StrictModel):
         if self.report.alpha_gamma is not None and self.report.alpha_gamma not in self.matrix.gammas:
             raise FieldError("report.alpha_gamma", f"{self.report.alpha_gamma} is not one of matrix.gammas "
                                                    f"{self.matrix.gammas}")
+        for i, (a, b) in enumerate(self.report.paired or []):
+            for name in (a, b):
+                if name not in self.models.drafters:
+                    raise FieldError(f"report.paired.{i}", f"{name!r} is not a drafter of models.drafters "
+                                                           f"{list(self.models.drafters)}")
+            if a == b:
+                raise FieldError(f"report.paired.{i}", f"a drafter compared with itself ({a!r})")
+        budgets = [str(b) for b in self.matrix.budgets]
+        for i, b in enumerate(self.report.per_prompt_budgets or []):
+            if str(b) not in budgets:
+                raise FieldError(f"report.per_prompt_budgets.{i}", f"{b} is not one of matrix.budgets {budgets}")
         for label, pol in self.matrix.policies.items():
             for ctx in self.matrix.contexts:
                 need = min_budget(pol, ctx)

@@ -1,7 +1,8 @@
 """The outputs of an evaluation run: ``results.json``, the Markdown report and the PNG plots.
 
-``results.md`` has the setup, the best γ per budget, every cell, the needle check and the
-lossless check; ``acceptance_vs_budget_<mode>.png`` plots α at ``report.alpha_gamma`` against the
+``results.md`` has the setup, the best γ per budget, every cell (with bootstrap intervals over
+prompts), the paired per-prompt comparison of drafters, the per-prompt α table with its flagged
+outliers, the needle check and the lossless check; ``acceptance_vs_budget_<mode>.png`` plots α at ``report.alpha_gamma`` against the
 budget (one panel per context, one line per drafter and policy), ``speedup_vs_gamma_<mode>.png``
 the speedup against γ (one line per drafter, policy and budget).
 """
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bd_ray.config import FULL_BUDGET
-from bd_ray.evaluate.summaries import lossless_line
+from bd_ray.evaluate.aggregate import prompt_statistics
+from bd_ray.evaluate.summaries import format_ci, lossless_line
 
 __all__ = ["render_markdown", "make_plots", "write_outputs", "json_default"]
 
@@ -28,7 +30,8 @@ def _f(x: Any, fmt: str = ".2f") -> str:
 
 
 def render_markdown(results: dict) -> str:
-    """The Markdown report: setup, best gamma per budget, every cell, needle, lossless."""
+    """The Markdown report: setup, best gamma per budget, every cell, the paired comparison and the
+    per-prompt α table (when ``results`` has them: :func:`write_outputs` adds them), needle, lossless."""
     cfg = results["config"]
     mach = results["machine"]
     lines = ["# bd-ray evaluation matrix", ""]
@@ -51,7 +54,11 @@ def render_markdown(results: dict) -> str:
               "- α = accepted/drafted, τ = 1 + accepted/cycles; tokens/s = decode throughput after prefill "
               "(pooled over prompts); speedup = SD tok/s / AR tok/s on the same prompts, AR measured right "
               "before each drafter's cells; step times in ms per cycle; cache = peak drafter KV entries per layer "
-              "and KV head; plain = steps decoded without speculation (adaptive modes)", ""]
+              "and KV head; plain = steps decoded without speculation (adaptive modes)",
+              f"- intervals: {_level(cfg)} percentile bootstrap over prompts (prompts resampled with replacement, "
+              f"the pooled statistic recomputed; {_rep(cfg, 'bootstrap_resamples', 2000)} resamples, seed "
+              f"{_rep(cfg, 'bootstrap_seed', 0)}); they cover prompt-to-prompt spread only, and with few prompts "
+              "(below ~10) a percentile bootstrap is too narrow: read such intervals as a rough guide", ""]
     lines += ["## Best gamma (by measured SD tokens/s)", "",
               "| context | mode | drafter | policy | budget | best γ | α | τ | SD tok/s | AR tok/s | speedup |",
               "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -60,16 +67,20 @@ def render_markdown(results: dict) -> str:
                      f"{_f(b['alpha'])} | {_f(b['tau'])} | {_f(b['sd_tokens_per_s'], '.1f')} | "
                      f"{_f(b['ar_tokens_per_s'], '.1f')} | {_f(b['speedup'])}× |")
     lines += ["", "## All cells", "",
-              "| context | mode | drafter | policy | budget | γ | α | τ | per-position acceptance | SD tok/s | "
-              "AR tok/s | speedup | draft ms | verify ms | cache | plain | lossless |",
-              "|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| context | mode | drafter | policy | budget | γ | α | α CI | τ | τ CI | per-position acceptance | "
+              "SD tok/s | AR tok/s | speedup | speedup CI | draft ms | verify ms | cache | plain | lossless |",
+              "|---:|---|---|---|---:|---:|---:|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     for c in results["cells"]:
         pp = " ".join(f"{x:.2f}" for x in c["per_position_acceptance"])
         ms = lambda s: _f(s * 1e3 if s is not None else None, ".1f")  # noqa: E731
         lines.append(f"| {c['context']} | {c['mode']} | {c['drafter']} | {c['policy']} | {c['budget']} | {c['gamma']} | "
-                     f"{_f(c['alpha'])} | {_f(c['tau'])} | {pp} | {_f(c['sd_tokens_per_s'], '.1f')} | "
-                     f"{_f(c['ar_tokens_per_s'], '.1f')} | {_f(c['speedup'])}× | {ms(c['draft_step_s'])} | "
+                     f"{_f(c['alpha'], '.3f')} | {format_ci(c.get('alpha_ci'), '.3f')} | {_f(c['tau'])} | "
+                     f"{format_ci(c.get('tau_ci'))} | {pp} | {_f(c['sd_tokens_per_s'], '.1f')} | "
+                     f"{_f(c['ar_tokens_per_s'], '.1f')} | {_f(c['speedup'])}× | {format_ci(c.get('speedup_ci'))} | "
+                     f"{ms(c['draft_step_s'])} | "
                      f"{ms(c['verify_step_s'])} | {c['drafter_cache']} | {c['plain_steps']} | {c['lossless']} |")
+    lines += _paired_lines(results.get("paired"), cfg)
+    lines += _per_prompt_lines(results.get("per_prompt"))
     if results.get("needle"):
         lines += ["", "## Needle (passkey) check", "",
                   "| context | drafter | policy | budget | γ | AR retrieved | SD retrieved | α needle | α ordinary | "
@@ -91,6 +102,75 @@ def render_markdown(results: dict) -> str:
     if results.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def _rep(cfg: dict, key: str, default: Any) -> Any:
+    return (cfg.get("report") or {}).get(key, default)
+
+
+def _level(cfg: dict) -> str:
+    return f"{100 * _rep(cfg, 'confidence', 0.95):g} %"
+
+
+def _paired_lines(paired: list[dict] | None, cfg: dict) -> list[str]:
+    """The paired comparison section: per pair and cell, the per-prompt α difference A - B."""
+    if not paired:
+        return []
+    lines = ["", "## Paired comparison (same prompts, α of drafter A - drafter B)", "",
+             f"Per prompt Δα = α_A - α_B; mean Δα with its {_level(cfg)} paired bootstrap interval (prompts "
+             "resampled once for both drafters); pooled Δα = pooled α_A - pooled α_B with its interval from the "
+             "same resamples; wins = prompts where A's α is higher / lower; *yes* = the interval excludes 0.", "",
+             "| A - B | context | mode | policy | budget | γ | prompts | α A | α B | mean Δα | CI | excludes 0 | "
+             "pooled Δα | CI | excludes 0 | wins A/B |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|---|"]
+    for p in paired:
+        lines.append(f"| {p['drafter_a']} - {p['drafter_b']} | {p['context']} | {p['mode']} | {p['policy']} | "
+                     f"{p['budget']} | {p['gamma']} | {p['n_prompts']} | {_f(p['alpha_a'], '.3f')} | "
+                     f"{_f(p['alpha_b'], '.3f')} | {p['mean_diff']:+.3f} | {format_ci(p['mean_diff_ci'], '+.3f')} | "
+                     f"{'yes' if p['mean_diff_excludes_zero'] else 'no'} | {p['pooled_diff']:+.3f} | "
+                     f"{format_ci(p['pooled_diff_ci'], '+.3f')} | {'yes' if p['pooled_diff_excludes_zero'] else 'no'} | "
+                     f"{p['a_wins']}/{p['b_wins']} |")
+    return lines
+
+
+def _per_prompt_lines(pp: dict | None) -> list[str]:
+    """The per-prompt α section: one table per (context, mode), a column per drafter and budget;
+    flagged values in bold with a list of them below."""
+    if not pp or not pp["columns"]:
+        return []
+    k = pp["outlier_sds"]
+    lines = ["", f"## Per-prompt α (γ = {pp['gamma']}, budgets {', '.join(pp['budgets'])})", "",
+             f"**bold** = more than {k:g} robust SDs (1.4826 × MAD) from the column's median: one such prompt can "
+             "move the pooled α by itself, so the pooled α without the flagged prompts is shown below it."]
+    groups: dict[tuple, list[dict]] = {}
+    for c in pp["columns"]:
+        groups.setdefault((c["context"], c["mode"]), []).append(c)
+    for (ctx, mode), cols in groups.items():
+        many = len({c["policy"] for c in cols if c["policy"] != "none"}) > 1
+        heads = [f"{c['drafter']} B={c['budget']}" + (f" {c['policy']}" if many and c["policy"] != "none" else "")
+                 for c in cols]
+        prompts = list(dict.fromkeys(p for c in cols for p in c["prompt_alpha"]))
+        lines += ["", f"### context {ctx}, {mode}", "", "| prompt | " + " | ".join(heads) + " |",
+                  "|---|" + "---:|" * len(cols)]
+        for p in prompts:
+            cells = []
+            for c in cols:
+                v = c["prompt_alpha"].get(p)
+                cells.append("–" if v is None else f"**{v:.3f}**" if p in c["outliers"] else f"{v:.3f}")
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
+        lines += ["| median | " + " | ".join(_f(c["median"], ".3f") for c in cols) + " |",
+                  "| robust SD | " + " | ".join(_f(c["robust_sd"], ".3f") for c in cols) + " |",
+                  "| pooled α | " + " | ".join(_f(c["alpha"], ".3f") for c in cols) + " |",
+                  "| pooled α without flagged | " + " | ".join(_f(c["alpha_without_outliers"], ".3f") for c in cols) + " |"]
+        flagged = [(c, p) for c in cols for p in c["outliers"]]
+        lines.append("")
+        for c, p in flagged:
+            lines.append(f"- outlier: {p}, {c['drafter']} B={c['budget']}: α {c['prompt_alpha'][p]:.3f} against median "
+                         f"{c['median']:.3f} (robust SD {c['robust_sd']:.3f}); pooled α {_f(c['alpha'], '.3f')} -> "
+                         f"{_f(c['alpha_without_outliers'], '.3f')} without the flagged prompts of this column")
+        if not flagged:
+            lines.append("- no outlier prompt")
+    return lines
 
 
 def _budget_order(labels: Iterable[str]) -> list[str]:
@@ -161,9 +241,15 @@ def make_plots(results: dict, out_dir: Path, alpha_gamma: int) -> list[str]:
 
 
 def write_outputs(results: dict, out_dir: str | Path, plots: bool = True, alpha_gamma: int = 1) -> dict:
-    """Write ``results.json``, ``results.md`` and (``plots``) the PNGs into ``out_dir``; returns the paths."""
+    """Write ``results.json``, ``results.md`` and (``plots``) the PNGs into ``out_dir``; returns the paths.
+
+    Adds ``results["paired"]`` and ``results["per_prompt"]``
+    (:func:`bd_ray.evaluate.aggregate.prompt_statistics`, the per-prompt table at ``alpha_gamma``)
+    and ``results["plots"]`` before writing.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    results.update(prompt_statistics(results, alpha_gamma))
     results["plots"] = make_plots(results, out, alpha_gamma) if (plots and results["cells"]) else []
     (out / "results.json").write_text(json.dumps(results, indent=1, default=json_default))
     (out / "results.md").write_text(render_markdown(results))

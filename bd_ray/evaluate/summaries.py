@@ -2,14 +2,22 @@
 figures (``python jobs/evaluate.py report table|summary --results PATH``).
 
 Fixed-γ cells are those of mode ``mode`` (default ``greedy``); the adaptive range is over the
-cells of every mode with ``adaptive: true`` in the run's config.
+cells of every mode with ``adaptive: true`` in the run's config. Intervals and the paired
+comparison are recomputed from the ``runs`` (:mod:`bd_ray.evaluate.aggregate`), so results written
+before they existed get them too.
 """
 
 from __future__ import annotations
 
 from bd_ray.config.evaluate import budget_label
+from bd_ray.evaluate.aggregate import cell_intervals, prompt_statistics, report_settings
 
-__all__ = ["summary_table", "headline_summary", "lossless_line"]
+__all__ = ["summary_table", "headline_summary", "lossless_line", "format_ci"]
+
+
+def format_ci(ci: list[float] | None, fmt: str = ".2f") -> str:
+    """``[lo, hi]`` of an interval in ``fmt``, ``–`` when there is none."""
+    return "–" if ci is None else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
 def lossless_line(ll: dict) -> str:
@@ -67,9 +75,21 @@ def summary_table(results: dict, gamma: int = 2, budget: str = "256", mode: str 
 def headline_summary(results: dict, gamma: int = 2, budget: str = "256", mode: str = "greedy") -> str:
     """The headline figures, per context: α of each drafter at ``budget`` and full cache (at
     ``gamma``), their ratio (how much of its full-cache α a drafter keeps), first-draft acceptance,
-    the best fixed-γ speedup vs AR, the adaptive range; then the lossless count."""
+    the best fixed-γ speedup vs AR, the adaptive range; each α with its bootstrap interval over
+    prompts; per context the paired per-prompt differences (``report.paired``) at ``budget`` and
+    full, and the prompts flagged as outliers there; then the lossless count."""
     cells = results["cells"]
     adaptive = _adaptive_modes(results)
+    rep = report_settings(results["config"])
+    stats = prompt_statistics(results, gamma)
+    level = f"{100 * rep.confidence:g} %"
+
+    def alpha(c):
+        ci = c.get("alpha_ci")
+        if "alpha_ci" not in c:   # results written before the intervals: recompute from the runs
+            rs = [r for r in results["runs"] if r["kind"] == "sd" and r["cell_id"] == c["cell_id"] and "error" not in r]
+            ci = cell_intervals(rs, None, rep)["alpha_ci"] if rs else None
+        return f"{c['alpha']:.3f} {format_ci(ci, '.3f')}"
 
     def cell(ctx, drafter, b):
         hit = [c for c in cells if (c["context"], c["drafter"], c["budget"], c["gamma"], c["mode"])
@@ -88,11 +108,23 @@ def headline_summary(results: dict, gamma: int = 2, budget: str = "256", mode: s
             fixed = max((c for c in cells if c["context"] == ctx and c["drafter"] == d and c["mode"] == mode),
                         key=lambda c: c["speedup"] or 0)
             ad = _adaptive_range([c for c in cells if c["context"] == ctx and c["drafter"] == d], adaptive)
-            out.append(f"  {d:12s} α(B={budget}, γ={gamma}) {at_b['alpha']:.3f}  α(full, γ={gamma}) "
-                       f"{full['alpha']:.3f}  ratio {at_b['alpha'] / full['alpha']:.2f}  first-draft acc. "
+            out.append(f"  {d:12s} α(B={budget}, γ={gamma}) {alpha(at_b)}  α(full, γ={gamma}) "
+                       f"{alpha(full)}  ratio {at_b['alpha'] / full['alpha']:.2f}  first-draft acc. "
                        f"B={budget} {at_b['per_position_acceptance'][0]:.2f}  best fixed-γ speedup "
                        f"{fixed['speedup']:.2f}x (B={fixed['budget']}, γ={fixed['gamma']})"
                        + (f"  adaptive {min(ad):.2f}-{max(ad):.2f}x" if ad else ""))
+        for p in stats["paired"]:
+            if (p["context"], p["gamma"], p["mode"]) == (ctx, gamma, mode) and p["budget"] in (budget, "full"):
+                out.append(f"  {p['drafter_a']} - {p['drafter_b']} B={p['budget']}: mean per-prompt Δα "
+                           f"{p['mean_diff']:+.3f} {format_ci(p['mean_diff_ci'], '+.3f')} ({level}, "
+                           f"{p['n_prompts']} prompts, wins {p['a_wins']}/{p['b_wins']}; interval "
+                           f"{'excludes' if p['mean_diff_excludes_zero'] else 'includes'} 0), pooled Δα "
+                           f"{p['pooled_diff']:+.3f} {format_ci(p['pooled_diff_ci'], '+.3f')}")
+        flagged = [f"{q} ({c['drafter']} B={c['budget']}: α {c['prompt_alpha'][q]:.3f}, median {c['median']:.3f})"
+                   for c in stats["per_prompt"]["columns"] if (c["context"], c["mode"]) == (ctx, mode)
+                   and c["budget"] in (budget, "full") for q in c["outliers"]]
+        out.append(f"  outlier prompts (> {rep.outlier_sds:g} robust SDs from the median): "
+                   + ("; ".join(flagged) if flagged else "none"))
     ll = results["lossless"]
     out.append(f"lossless: {lossless_line(ll)}")
     return "\n".join(out)
