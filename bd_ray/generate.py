@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bd_ray.generate", description=__doc__.splitlines()[0])
     p.add_argument("--verifier", default="smollm2-135m", help="embedded name or HF checkpoint dir")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--drafter", help="drafter HF checkpoint dir (e.g. a trained BudgetDraft drafter)")
+    src.add_argument("--drafter", help="drafter: an HF checkpoint dir (e.g. a trained BudgetDraft drafter) or a shipped "
+                                          "drafter name (drafters/README.md)")
     src.add_argument("--drafter-layers", type=int, default=4,
                      help="untrained drafter: the verifier's first N layers (default 4)")
     pr = p.add_mutually_exclusive_group(required=True)

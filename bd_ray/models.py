@@ -49,7 +49,7 @@ _PROBE_TEXT = (
     "Ça va? Größe, naïve — “quotes” 日本語 🙂"
 )
 
-_FROM_VERIFIER = re.compile(r"^from-verifier:(\d+)$")
+FROM_VERIFIER = re.compile(r"^from-verifier:(\d+)$")
 
 
 class TokenizerMismatchError(ValueError):
@@ -189,7 +189,7 @@ def load_drafter(
     """
     if verifier is not None and verifier_vocab_size is None:
         verifier_vocab_size = model_vocab_size(verifier)
-    m = _FROM_VERIFIER.match(str(name_or_path))
+    m = FROM_VERIFIER.match(str(name_or_path))
     if m:
         if verifier is None:
             raise ValueError(f"drafter {name_or_path!r} needs the verifier model (pass verifier=...)")

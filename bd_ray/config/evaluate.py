@@ -46,8 +46,8 @@ class EvalModelsConfig(StrictModel):
 
     ``verifier``: a registered embedded name (default ``smollm2-135m``) or a local HF checkpoint dir.
     ``drafters``: display name -> a local HF checkpoint directory (e.g. ``runs/<name>/final`` from
-    ``jobs/train_drafter.py``) or ``from-verifier:N`` (the untrained init: the verifier's first N
-    layers). On a multi-node cluster, paths must be readable on every node (shared filesystem).
+    ``jobs/train_drafter.py``), a shipped drafter name (``drafters/README.md``) or ``from-verifier:N``
+    (the untrained init: the verifier's first N layers). On a multi-node cluster, paths must be readable on every node (shared filesystem).
     ``dtype``: parameter dtype of both models. ``device``: ``auto`` = CUDA when the worker has a GPU,
     else CPU.
     """

@@ -52,7 +52,8 @@ class ServeModelsConfig(StrictModel):
 
     ``verifier`` / ``drafter`` accept what :func:`bd_ray.models.load_verifier` /
     :func:`bd_ray.models.load_drafter` accept: an embedded name (``smollm2-135m``), a local HF
-    checkpoint directory, or for the drafter ``from-verifier:N`` (the verifier's first N layers).
+    checkpoint directory, or for the drafter a shipped drafter name (``drafters/README.md``) or
+    ``from-verifier:N`` (the verifier's first N layers).
     ``drafter: null`` serves plain decoding only (requests asking for ``speculative: true`` then get
     400). ``max_model_len`` (tokens, prompt + completion) defaults to the verifier's
     ``max_position_embeddings``; a smaller value caps it (vLLM's ``--max-model-len``).

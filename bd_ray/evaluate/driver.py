@@ -31,7 +31,7 @@ from bd_ray.evaluate.progress import Progress
 from bd_ray.evaluate.prompts import check_held_out, corpus_table, make_needle_prompt, select_prompts
 from bd_ray.evaluate.report import write_outputs
 from bd_ray.evaluate.worker import EvalWorker
-from bd_ray.models import load_tokenizer, resolve_model_path
+from bd_ray.models import drafter_paths, load_tokenizer, resolve_model_path
 from bd_ray.ray_connect import connect
 
 __all__ = ["SCHEMA_VERSION", "LosslessError", "EvalItemError", "run_evaluation"]
@@ -78,9 +78,13 @@ def _check_models(cfg: EvalJobConfig):
             layers = getattr(vcfg, "num_hidden_layers", None)
             if not n.isdigit() or int(n) < 1 or (layers is not None and int(n) > layers):
                 raise ConfigError(f"models.drafters.{name}: {src!r} needs 1 <= N <= {layers}")
-        elif not Path(src).expanduser().is_dir():
-            raise ConfigError(f"models.drafters.{name}: {src!r} is not a checkpoint directory "
-                              f"(train one with jobs/train_drafter.py, or use from-verifier:N)")
+        else:
+            try:
+                drafter_paths(src)  # a checkpoint directory or a shipped drafter (verified)
+            except FileNotFoundError:
+                raise ConfigError(f"models.drafters.{name}: {src!r} is neither a checkpoint directory nor a "
+                                  f"shipped drafter (train one with jobs/train_drafter.py, ship it with "
+                                  f"jobs/ship_drafter.py, or use from-verifier:N)") from None
     return vpath
 
 

@@ -54,15 +54,15 @@ def check_models_compatible(cfg: TrainJobConfig, verifier_path: str) -> None:
     vcfg = text_config(verifier_path)
     positions(vcfg, "verifier (teacher)", cfg.models.verifier)
     n_layers = getattr(vcfg, "num_hidden_layers", None)
-    from_verifier = models._FROM_VERIFIER.match(str(cfg.models.drafter or ""))  # noqa: SLF001
+    from_verifier = models.FROM_VERIFIER.match(str(cfg.models.drafter or ""))
     if from_verifier:  # "from-verifier:N": the verifier's first N layers (same tokenizer and positions)
         if n_layers is not None and int(from_verifier.group(1)) > n_layers:
             raise ModelCompatError(f"models.drafter={cfg.models.drafter!r}, but the verifier "
                                    f"{cfg.models.verifier} has only {n_layers} layers to copy")
     elif cfg.models.drafter:
-        dpath = models.resolve_model_path(cfg.models.drafter)
+        dpath, tpath = models.drafter_paths(cfg.models.drafter)  # a checkpoint dir or a shipped drafter
         dcfg = text_config(dpath)
-        models.check_tokenizer_compat(models.load_tokenizer(verifier_path), models.load_tokenizer(dpath),
+        models.check_tokenizer_compat(models.load_tokenizer(verifier_path), models.load_tokenizer(tpath),
                                       verifier_vocab_size=getattr(vcfg, "vocab_size", None),
                                       drafter_vocab_size=getattr(dcfg, "vocab_size", None))
         positions(dcfg, "drafter", cfg.models.drafter)
