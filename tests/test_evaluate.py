@@ -634,7 +634,7 @@ def _synthetic(alphas: dict[str, list[float]], budgets=("256", "full"), drafted:
 
 
 def test_bootstrap_intervals_over_prompts():
-    from bd_ray.evaluate.aggregate import bootstrap_sums, percentile_interval
+    from bd_ray.evaluate.intervals import bootstrap_sums, percentile_interval
 
     # identical prompts: every resample gives the same pooled α -> a zero-width interval at α
     res = _synthetic({"a": [0.3] * 12})
@@ -661,7 +661,7 @@ def test_bootstrap_intervals_over_prompts():
 
 
 def test_paired_difference_sign_and_interval():
-    from bd_ray.evaluate.aggregate import prompt_statistics
+    from bd_ray.evaluate.intervals import prompt_statistics
 
     base = [0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.15, 0.5, 0.45, 0.2, 0.3, 0.6]
     # budgetdraft beats naive by 0.05 (+-0.01) on every prompt: the interval is above 0
@@ -690,7 +690,7 @@ def test_paired_difference_sign_and_interval():
 
 
 def test_per_prompt_alpha_flags_an_outlier_prompt():
-    from bd_ray.evaluate.aggregate import outlier_flags, prompt_statistics
+    from bd_ray.evaluate.intervals import outlier_flags, prompt_statistics
     from bd_ray.evaluate.report import render_markdown
 
     o = outlier_flags([0.1, 0.12, 0.11, 0.09, 0.1, 0.95])

@@ -29,6 +29,7 @@ report tools load without torch):
 * :mod:`~bd_ray.evaluate.items` -- cells and single measurements in run order, their journal keys;
 * :mod:`~bd_ray.evaluate.worker` -- :class:`EvalWorker` (models loaded once, one measurement at a time);
 * :mod:`~bd_ray.evaluate.aggregate` -- cells from measurements, best γ, lossless check, needle report;
+* :mod:`~bd_ray.evaluate.intervals` -- bootstrap intervals over prompts, paired drafter differences, per-prompt α and outliers;
 * :mod:`~bd_ray.evaluate.report` -- ``results.json``, ``results.md`` and the PNG plots;
 * :mod:`~bd_ray.evaluate.summaries` -- README tables and headline figures from a ``results.json``;
 * :mod:`~bd_ray.evaluate.agreement` -- held-out agreement tables and curves of training runs;

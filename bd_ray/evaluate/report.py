@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bd_ray.config import FULL_BUDGET
-from bd_ray.evaluate.aggregate import prompt_statistics
+from bd_ray.evaluate.intervals import prompt_statistics
 from bd_ray.evaluate.summaries import format_ci, lossless_line
 
 __all__ = ["render_markdown", "make_plots", "write_outputs", "json_default"]
@@ -244,7 +244,7 @@ def write_outputs(results: dict, out_dir: str | Path, plots: bool = True, alpha_
     """Write ``results.json``, ``results.md`` and (``plots``) the PNGs into ``out_dir``; returns the paths.
 
     Adds ``results["paired"]`` and ``results["per_prompt"]``
-    (:func:`bd_ray.evaluate.aggregate.prompt_statistics`, the per-prompt table at ``alpha_gamma``)
+    (:func:`bd_ray.evaluate.intervals.prompt_statistics`, the per-prompt table at ``alpha_gamma``)
     and ``results["plots"]`` before writing.
     """
     out = Path(out_dir)

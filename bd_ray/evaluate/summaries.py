@@ -10,7 +10,7 @@ before they existed get them too.
 from __future__ import annotations
 
 from bd_ray.config.evaluate import budget_label
-from bd_ray.evaluate.aggregate import cell_intervals, prompt_statistics, report_settings
+from bd_ray.evaluate.intervals import cell_intervals, prompt_statistics, report_settings
 
 __all__ = ["summary_table", "headline_summary", "lossless_line", "format_ci"]
 
