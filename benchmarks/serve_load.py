@@ -15,10 +15,17 @@ mean α / τ, and what the batch policy chose (``spec_metrics.mode`` counts and 
 ``--late-short``-token prompt (100) arrives during its prefill: the short request's TTFT, the long
 one's TTFT, and the 8 streams' inter-chunk gaps during the long prefill (p99 / median).
 
+``--elastic``: the elastic draft budget (``engine.elastic_budget``) off and on, each on its own
+server with a tight ``--elastic-kv-bytes`` (for the tiny models by default: ``--elastic-rows``
+rows of the prompts at the full drafter budget plus one prefill): a burst of ``--elastic-burst``
+requests, reporting the most rows decoded at once (admitted requests), rows whose budget was
+lowered, the budgets requests ran at (``spec_metrics.kv_budget``), mean acceptance α and tokens/s.
+
 ``--smoke``: the tiny random models, short prompts, C in {1, 4}, both variants, the late joiner
 scaled down: checks the harness end to end in under 2 minutes. Examples::
 
     python benchmarks/serve_load.py --smoke
+    python benchmarks/serve_load.py --smoke --elastic
     python benchmarks/serve_load.py --start default --late-joiner --out results/serving/serve_load.json
 
 Raises ``SystemExit`` for a URL that is not on 127.0.0.1/localhost.
@@ -119,8 +126,10 @@ async def run_cell(url: str, concurrency: int, speculative: bool, prompts: list[
     specs = [r["spec"] for r in ok if r.get("spec")]
     drafted = [s for s in specs if s.get("drafted")]
     modes: dict[str, int] = {}
+    budgets: dict[str, int] = {}
     for s in specs:
         modes[s.get("mode", "?")] = modes.get(s.get("mode", "?"), 0) + 1
+        budgets[str(s.get("kv_budget"))] = budgets.get(str(s.get("kv_budget")), 0) + 1
     return {
         "concurrency": concurrency, "speculative": speculative, "requests": len(results), "ok": len(ok),
         "rejected_503": sum(r["status"] == 503 for r in results), "wall_s": wall,
@@ -130,7 +139,7 @@ async def run_cell(url: str, concurrency: int, speculative: bool, prompts: list[
         "tpot_p99_s": pct(tpot, 99),
         "alpha_mean": statistics.fmean(s["alpha"] for s in drafted) if drafted else None,
         "tau_mean": statistics.fmean(s["tau"] for s in drafted) if drafted else None,
-        "modes": modes, "mode_reasons": sorted({s.get("mode_reason") or "" for s in specs} - {""})[:3],
+        "modes": modes, "kv_budgets": budgets, "mode_reasons": sorted({s.get("mode_reason") or "" for s in specs} - {""})[:3],
     }
 
 
@@ -172,6 +181,54 @@ async def late_joiner(url: str, streams: list[list[int]], long: list[int], short
     return {"long_ttft_s": end - start, "short_ttft_s": (sh["times"][0] - sh["t0"]) if sh["times"] else None,
             "stream_gap_p50_s": pct(gaps_all, 50), "stream_gap_during_prefill_p99_s": pct(gaps_during, 99),
             "gaps_during_prefill": len(gaps_during)}
+
+
+def elastic_kv_bytes(app: dict, prompt_tokens: int, args) -> int:
+    """A tight ``kv_cache_bytes``: ``--elastic-kv-bytes`` when given, else (tiny models, whose
+    directories hold their configs) ``--elastic-rows`` rows of ``prompt_tokens``-token prompts at
+    the full drafter budget + one prefill (the engine's rule, :mod:`bd_ray.speculative.admission`)."""
+    from bd_ray.config.resources import parse_memory_bytes
+
+    if args.elastic_kv_bytes is not None:
+        return parse_memory_bytes(args.elastic_kv_bytes)
+    if not Path(app["model"]["verifier"]).is_dir():
+        raise SystemExit("--elastic with these models needs --elastic-kv-bytes (e.g. 640MiB)")
+    from transformers import AutoConfig
+
+    def bpt(path: str) -> int:
+        c = AutoConfig.from_pretrained(path)
+        kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return 2 * c.num_hidden_layers * kvh * (c.hidden_size // c.num_attention_heads) * 4   # fp32
+
+    v, d = bpt(app["model"]["verifier"]), bpt(app["model"]["drafter"])
+    gamma = app.get("speculation", {}).get("max_gamma", 16)   # a row's γ cap: the engine's
+    entries = prompt_tokens + args.max_tokens + gamma + 2
+    return args.elastic_rows * entries * (v + d) + prompt_tokens * (v + d)
+
+
+def elastic_scenario(kind: str, prompts: list[list[int]], args) -> dict:
+    """Elastic draft budget off vs on under the same tight KV memory (module docstring)."""
+    import httpx
+
+    from bd_ray.testing.serve import local_serve_app
+
+    out: dict = {}
+    burst = argparse.Namespace(**{**vars(args), "requests_per_client": 1})
+    prompts = (prompts * args.elastic_burst)[: args.elastic_burst]
+    for on in (False, True):
+        app = server_args(kind, None)
+        app["engine"]["kv_cache_bytes"] = limit = elastic_kv_bytes(app, args.prompt_tokens, args)
+        app["engine"]["elastic_budget"] = {"enabled": on, "floor": args.elastic_floor}
+        with local_serve_app(app, "bench") as url:
+            cell = asyncio.run(run_cell(url, args.elastic_burst, True, prompts, burst))
+            engine = httpx.get(url + "/debug/engine", timeout=30).json()["engine"]
+        out["on" if on else "off"] = {
+            "kv_cache_bytes": limit, "admitted_at_once": engine["max_rows"],
+            "elastic_lowered": engine.get("elastic_lowered"), "kv_budgets": cell["kv_budgets"],
+            "alpha_mean": cell["alpha_mean"], "tau_mean": cell["tau_mean"], "ok": cell["ok"],
+            "output_tokens_per_s": cell["output_tokens_per_s"], "ttft_p50_s": cell["ttft_p50_s"]}
+        print(json.dumps({"elastic": on, **out["on" if on else "off"]}), flush=True)
+    return out
 
 
 def server_args(kind: str, max_num_seqs: int | None) -> dict:
@@ -235,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default=None, help="running server, http://127.0.0.1:PORT (one variant: 'given')")
     ap.add_argument("--start", choices=["tiny", "default"], default=None, help="start a server per variant here")
     ap.add_argument("--smoke", action="store_true", help="tiny models, short everything (< 2 min)")
-    ap.add_argument("--variants", nargs="+", default=["batched", "unbatched"], choices=["batched", "unbatched"])
+    ap.add_argument("--variants", nargs="*", default=["batched", "unbatched"], choices=["batched", "unbatched"],
+                    help="server build variants to run (none: only the --elastic comparison)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -247,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--late-short-delay-s", type=float, default=0.5, help="short prompt this long after the long one")
     ap.add_argument("--max-cell-s", type=float, default=600.0, help="stop starting requests after this (s)")
     ap.add_argument("--request-timeout-s", type=float, default=900.0)
+    ap.add_argument("--elastic", action="store_true", help="also compare the elastic draft budget off/on")
+    ap.add_argument("--elastic-kv-bytes", default=None, help="kv_cache_bytes of the elastic runs (e.g. 640MiB); "
+                    "default (tiny models only): --elastic-rows rows at the full budget")
+    ap.add_argument("--elastic-rows", type=int, default=4)
+    ap.add_argument("--elastic-burst", type=int, default=16, help="concurrent requests of the elastic runs")
+    ap.add_argument("--elastic-floor", type=int, default=48, help="engine.elastic_budget.floor (tokens)")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -288,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                (prompts * 8)[:8], long, short, args))
                 print(json.dumps({"variant": variant, "late_joiner": entry["late_joiner"]}), flush=True)
         report["variants"][variant] = entry
+    if args.elastic:
+        if not args.start:
+            ap.error("--elastic starts its own servers: use --start or --smoke")
+        report["elastic"] = elastic_scenario(kind, prompts, args)
     print_table(report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
@@ -320,6 +388,10 @@ def print_table(report: dict) -> None:
                   f"{(hi['decode_tokens_per_s'] or 0) / (lo['decode_tokens_per_s'] or 1):.2f}")
         if "late_joiner" in entry:
             print(f"{variant} late joiner: {entry['late_joiner']}")
+    for name, x in report.get("elastic", {}).items():
+        print(f"elastic {name}: {x['admitted_at_once']} rows at once (kv_cache_bytes {x['kv_cache_bytes']}), "
+              f"{x['elastic_lowered']} lowered, budgets {x['kv_budgets']}, alpha {x['alpha_mean']}, "
+              f"{x['output_tokens_per_s']:.1f} tok/s")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def _kv_bytes_per_token(model_dir) -> int:
 
 def admission_budget(vdir, ddir, tok, rows: int = 8, gamma: int = 3, budget: int = 48) -> int:
     """kv_cache_bytes holding ``rows`` decoding rows of the admission requests (padded to the longest,
-    the engine's rule: bd_ray.speculative.batch.BatchEngine.projected_bytes) plus one prefill."""
+    the engine's rule: bd_ray.speculative.admission.MemoryPlan.projected_bytes) plus one prefill."""
     v, d = _kv_bytes_per_token(vdir), _kv_bytes_per_token(ddir)
     n = max(len(tok(p)["input_ids"]) for p in ADMIT_PROMPTS)
     extra = ADMIT_TOKENS + gamma + 2

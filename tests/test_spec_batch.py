@@ -15,6 +15,7 @@ import bd_ray.attention  # noqa: F401  (registers bd_ray_sparse)
 from bd_ray.testing.tiny import tiny_llama
 from bd_ray import kvcache
 from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
+from bd_ray.config.decoding import ElasticBudgetConfig
 from bd_ray.speculative.batch import BatchEngine, BatchOptions, new_row
 from bd_ray.speculative.engine import ARGenerator, RowRequest, SpeculativeGenerator
 from bd_ray.speculative.ragged_cache import RaggedKVCache, ragged_forward
@@ -168,7 +169,7 @@ def test_admission_by_rows_and_bytes_all_complete(verifier, drafter, tok):
     spec = SpecConfig(budget=48, gamma=3, adaptive=False)
     probe = BatchEngine(verifier, drafter, tok, spec)
     row = new_row(probe, RowRequest(_prompt(0, 100), greedy(16)))
-    two_rows = probe.projected_bytes([row, row])
+    two_rows = probe.memory.projected_bytes([row, row])
     engine = BatchEngine(verifier, drafter, tok, spec, BatchOptions(max_num_seqs=3, kv_cache_bytes=two_rows))
     rows = [engine.submit(new_row(engine, RowRequest(_prompt(i, 100), greedy(16)))) for i in range(6)]
     peak_rows = peak_bytes = 0
@@ -184,6 +185,40 @@ def test_admission_by_rows_and_bytes_all_complete(verifier, drafter, tok):
         assert r.phase == "done" and r.checker.token_ids == _solo(verifier, tok, _prompt(i, 100), greedy(16)).token_ids
     with pytest.raises(ValueError, match="kv_cache_bytes"):
         engine.submit(new_row(engine, RowRequest(_prompt(0, 3000), greedy(16))))
+
+
+def _run_admission(engine, prompts, sampling):
+    rows = [engine.submit(new_row(engine, RowRequest(p, sampling))) for p in prompts]
+    peak_rows = 0
+    while engine.has_work:
+        engine.step()
+        peak_rows = max(peak_rows, len(engine.rows))
+    return rows, peak_rows
+
+
+def test_elastic_budget_admits_more_rows_and_stays_lossless(verifier, tok):
+    # a drafter heavier than the verifier: its full-budget cache is most of a row's memory
+    heavy = tiny_llama(layers=4, seed=2)
+    spec = SpecConfig(budget="full", gamma=3, adaptive=False)
+    prompts = [_prompt(20 + i, 240) for i in range(6)]
+    probe = BatchEngine(verifier, heavy, tok, spec)
+    row = new_row(probe, RowRequest(prompts[0], greedy(8)))
+    v, d, transient = probe.memory.row_entries(row)
+    limit = 2 * (v * probe.v_bpt + d * probe.d_bpt) + transient     # 2 decoding rows + 1 prefill
+    peaks, budgets = {}, {}
+    for on in (False, True):
+        opts = BatchOptions(max_num_seqs=8, kv_cache_bytes=limit,
+                            elastic_budget=ElasticBudgetConfig(enabled=on, floor=48))
+        engine = BatchEngine(verifier, heavy, tok, spec, opts)
+        rows, peaks[on] = _run_admission(engine, prompts, greedy(8))
+        for p, r in zip(prompts, rows):
+            assert r.phase == "done" and r.checker.token_ids == _solo(verifier, tok, p, greedy(8)).token_ids
+        results = [r.outbox[-1].result for r in rows]
+        budgets[on] = [res.budget for res in results]
+        assert engine.stats()["elastic_lowered"] == sum(b is not None for b in budgets[on])
+    assert peaks[False] == 2 and budgets[False] == [None] * 6             # off: unchanged behaviour
+    lowered = [b for b in budgets[True] if b is not None]
+    assert peaks[True] > peaks[False] and lowered and min(lowered) >= 48  # on: more rows at once, >= floor
 
 
 def test_cancel_then_same_prompt_equals_fresh_case15(verifier, drafter, tok):

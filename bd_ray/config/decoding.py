@@ -18,8 +18,8 @@ from pydantic import BeforeValidator, Field, field_validator
 
 from bd_ray.config.base import StrictModel
 
-__all__ = ["PolicyName", "SparsePolicyConfig", "SamplingConfig", "SpecConfig", "Budget", "FULL_BUDGET",
-           "parse_budget", "check_budget", "budget_tokens"]
+__all__ = ["PolicyName", "SparsePolicyConfig", "SamplingConfig", "SpecConfig", "ElasticBudgetConfig", "Budget",
+           "FULL_BUDGET", "parse_budget", "check_budget", "budget_tokens"]
 
 
 FULL_BUDGET = "full"
@@ -156,3 +156,21 @@ class SpecConfig(StrictModel):
     def _null_is_full(cls, v: Any) -> Any:
         # YAML `budget: null` and engine callers passing the engine's spelling (None) mean "full"
         return FULL_BUDGET if v is None else v
+
+
+class ElasticBudgetConfig(StrictModel):
+    """Elastic draft budget: under KV-memory pressure, lower the drafter KV budget instead of queueing.
+
+    When a waiting request would have to queue because both caches would no longer fit the
+    engine's ``kv_cache_bytes``, the engine may lower the drafter KV budget of the rows whose
+    drafter prefix is not compacted yet (the new row and rows still being prefilled) down to
+    ``floor`` tokens (never below the sparse policy's minimum for the prompt,
+    :func:`bd_ray.sparse.min_budget`) and admit it. Only a budget-robust drafter (BudgetDraft)
+    keeps its acceptance across budgets; output stays lossless at any budget (exact verification).
+    Each request reports the budget it ran at (``GenerationResult.budget``, Serve's
+    ``spec_metrics.kv_budget``). Off by default until measured (``benchmarks/serve_load.py
+    --elastic``).
+    """
+
+    enabled: bool = Field(False, description="lower new rows' drafter KV budget instead of queueing them")
+    floor: int = Field(128, ge=1, description="the lowest drafter KV budget (tokens) a row may be lowered to")

@@ -18,7 +18,7 @@ Sections:
 * ``defaults``: OpenAI sampling defaults (``max_tokens``, ``temperature``, ``top_p``, ``top_k``).
 * ``engine``: the engine deployment (the autoscaled verifier replicas, each with its paired
   drafter and one continuous-batching engine): resources, batching (``max_num_seqs``,
-  ``kv_cache_bytes``, ``disable_spec_above``), ``max_ongoing_requests`` / ``max_queued_requests``,
+  ``kv_cache_bytes``, ``disable_spec_above``, ``elastic_budget``), ``max_ongoing_requests`` / ``max_queued_requests``,
   ``autoscaling`` (the fields of Ray Serve's ``AutoscalingConfig`` that matter here).
 * ``ingress``: the FastAPI ingress deployment: resources, concurrency, ``Retry-After``, timeouts.
 """
@@ -31,7 +31,7 @@ from typing import Any, Literal, Mapping
 from pydantic import Field, ValidationError, model_validator
 
 from bd_ray.config.base import ConfigError, FieldError, StrictModel, _format_validation_error, apply_overrides
-from bd_ray.config.decoding import SpecConfig, check_budget
+from bd_ray.config.decoding import ElasticBudgetConfig, SpecConfig, check_budget
 from bd_ray.config.resources import CustomResources, MemoryBytes
 from bd_ray.sparse import min_budget_any_length
 
@@ -137,7 +137,9 @@ class ServeEngineConfig(StrictModel):
     in the ingress's handle queue; beyond that the ingress answers 503 with ``Retry-After``
     (``-1`` = unbounded, Serve's convention). ``disable_spec_above``: adaptive requests never
     speculate with more decoding rows than this (vLLM's ``disable_by_batch_size``; null = the batch
-    policy decides from measured costs alone).
+    policy decides from measured costs alone). ``elastic_budget`` (off by default): under memory
+    pressure, new rows run at a lower drafter KV budget (down to ``floor``) instead of waiting
+    (:class:`bd_ray.config.decoding.ElasticBudgetConfig`).
 
     Placement (``ray_actor_options``): ``num_cpus``, ``num_gpus``, ``memory`` (bytes, Ray's
     ``memory`` resource) and custom ``resources`` (e.g. ``{"gpu_a10g": 1}`` for a GPU kind) are
@@ -157,6 +159,7 @@ class ServeEngineConfig(StrictModel):
                                         "and in-flight prefills): bytes, or with a unit (2GiB); null = no limit")
     disable_spec_above: int | None = Field(None, ge=1, description="adaptive requests decode plainly with more "
                                            "decoding rows than this; null = the batch policy decides")
+    elastic_budget: ElasticBudgetConfig = Field(default_factory=ElasticBudgetConfig)
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)

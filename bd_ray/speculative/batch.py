@@ -3,7 +3,8 @@
 One :meth:`BatchEngine.step`:
 
 1. admit waiting requests while ``max_num_seqs`` and the KV-cache memory budget allow (the rest
-   wait in FIFO order; nothing is allocated beyond the budget, so many long prompts never OOM);
+   wait in FIFO order; nothing is allocated beyond the budget, so many long prompts never OOM;
+   :mod:`bd_ray.speculative.admission`, with the optional elastic draft budget);
 2. prefill: up to ``prefill_chunk`` prompt tokens of the rows being prefilled, a chunk per step
    (rows already decoding keep going: chunked prefill interleaved with decoding). A prompt is
    prefilled into a per-request cache (:func:`bd_ray.kvcache.prefill`, so query capture and the
@@ -29,14 +30,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from bd_ray import kvcache
 from bd_ray.config import budget_tokens
+from bd_ray.config.decoding import ElasticBudgetConfig
 from bd_ray.sparse import min_budget, queries_needed
+from bd_ray.speculative.admission import MemoryPlan
 from bd_ray.speculative.adaptive import PROMPT_PROBE_TOKENS, GammaController, prompt_agreement
 from bd_ray.speculative.batch_policy import BatchSpecPolicy
 from bd_ray.speculative.ragged_cache import RaggedKVCache, kv_bytes_per_token, ragged_forward
@@ -58,11 +61,14 @@ class BatchOptions:
         max_num_seqs: rows decoded together at most.
         kv_cache_bytes: bytes both caches (and in-flight prefills) may hold; ``None`` = no limit.
         disable_above: adaptive rows never speculate with more decoding rows than this.
+        elastic_budget: lower the drafter KV budget of new rows instead of queueing them
+            (:mod:`bd_ray.speculative.admission`; off by default).
     """
 
     max_num_seqs: int = 8
     kv_cache_bytes: int | None = None
     disable_above: int | None = None
+    elastic_budget: ElasticBudgetConfig = field(default_factory=ElasticBudgetConfig)
 
 
 class _Clock:
@@ -124,48 +130,33 @@ class BatchEngine:
         self.dcache = RaggedKVCache(drafter.config.num_hidden_layers) if drafter is not None else None
         self.v_bpt = kv_bytes_per_token(verifier)
         self.d_bpt = kv_bytes_per_token(drafter) if drafter is not None else 0
+        self.memory = MemoryPlan(self.v_bpt, self.d_bpt, self.options.kv_cache_bytes, self.options.elastic_budget)
         self.policy = BatchSpecPolicy(max_gamma=spec.gamma, min_gain=spec.adaptive_min_gain,
                                       disable_above=self.options.disable_above)
         self.waiting: deque[Row] = deque()
         self.rows: dict[int, Row] = {}          # slot -> row (admitted, not finished)
 
     # ---- admission ------------------------------------------------------------------------------
-    def row_bytes(self, row: Row) -> tuple[int, int, int]:
-        """(verifier entries, drafter entries, transient prefill bytes) a row needs at most."""
-        extra = row.req.sampling.max_new_tokens + row.gamma + 2
-        d = (min(row.budget or row.n_prompt, row.n_prompt) + extra) if row.spec else 0
-        transient = row.n_prompt * (self.v_bpt + (self.d_bpt if row.spec else 0))
-        return row.n_prompt + extra, d, transient
-
-    def projected_bytes(self, rows: list[Row]) -> int:
-        """Bytes the padded caches (+ in-flight prefills) take for ``rows`` in slots 0..len-1."""
-        if not rows:
-            return 0
-        needs = [self.row_bytes(r) for r in rows]
-        n = len(rows)
-        cache = n * (max(v for v, _, _ in needs) * self.v_bpt + max(d for _, d, _ in needs) * self.d_bpt)
-        return cache + sum(t for (_, _, t), r in zip(needs, rows) if r.phase in ("waiting", "prefill"))
-
     def submit(self, row: Row) -> Row:
         """Queue a row (built by the caller, validated). Raises ``ValueError`` when it alone
-        exceeds the memory budget (it could never be admitted)."""
-        budget = self.options.kv_cache_bytes
-        if budget is not None and self.projected_bytes([row]) > budget:
-            raise ValueError(f"request needs {self.projected_bytes([row])} bytes of KV cache, more than the "
-                             f"engine's kv_cache_bytes budget of {budget} bytes")
+        exceeds the memory budget (it could never be admitted, even at the elastic floor)."""
+        if not self.memory.fits([row]):
+            raise ValueError(f"request needs {self.memory.projected_bytes([row])} bytes of KV cache, more than the "
+                             f"engine's kv_cache_bytes budget of {self.options.kv_cache_bytes} bytes")
         self.waiting.append(row)
         return row
 
     def _admit(self) -> None:
-        budget = self.options.kv_cache_bytes
         while self.waiting and len(self.rows) < self.options.max_num_seqs:
             row = self.waiting[0]
-            if budget is not None and self.projected_bytes(list(self.rows.values()) + [row]) > budget:
+            if not self.memory.fits(list(self.rows.values()) + [row]):
                 break
             self.waiting.popleft()
             row.slot = next(s for s in range(len(self.rows) + 1) if s not in self.rows)
             self.rows[row.slot] = row
             self._start_prefill(row)
+        if not self.waiting:
+            self.memory.relieve()
 
     def cancel(self, row: Row) -> None:
         """Drop a row now (client gone): its slot and both caches' entries are freed at once."""
@@ -196,6 +187,7 @@ class BatchEngine:
         """Engine counters: rows live/waiting, cache bytes, and the decode steps' :class:`BatchStats`."""
         return {"live_rows": len(self.rows), "waiting": len(self.waiting),
                 "cache_bytes": self.vcache.nbytes + (self.dcache.nbytes if self.dcache else 0),
+                "elastic_lowered": self.memory.lowered,
                 **self.policy.stats.as_dict()}
 
     # ---- step -----------------------------------------------------------------------------------

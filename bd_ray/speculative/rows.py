@@ -118,6 +118,7 @@ class Row:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(s.seed if s.seed is not None else int(torch.randint(0, 2**62, ()).item()))
         self.gamma, self.budget, self.policy = gamma, budget, policy
+        self.requested_budget = budget        # ``budget`` may be lowered by the elastic draft budget
         self.spec = spec                      # drafts may be proposed for this row
         self.fallback = fallback              # why a speculative request runs without its drafter
         self.controller = controller
