@@ -449,7 +449,7 @@ def test_n_choices_and_echo(server, client, serve_reference):
     assert echo.choices[0].text == prompt + want
 
 
-def test_admission_bounded_by_kv_cache_bytes(server, serve_reference):
+def test_admission_bounded_by_kv_cache_bytes(server, serve_reference, serve_model_dirs):
     ar, tok = serve_reference
     wants = [ar(ids(tok, p), ADMIT_TOKENS, ignore_eos=True) for p in ADMIT_PROMPTS]
     bodies = [{"model": "tiny", "prompt": ADMIT_PROMPTS[i % 4], "max_tokens": ADMIT_TOKENS, "temperature": 0,
@@ -460,6 +460,10 @@ def test_admission_bounded_by_kv_cache_bytes(server, serve_reference):
         assert r.json()["choices"][0]["text"] == wants[i % 4], i
     stats = wait_idle(server)
     assert all(s["engine"]["max_rows"] <= MAX_NUM_SEQS for s in stats.values()), stats
+    # the memory both caches (and in-flight prefills) ever held stayed within kv_cache_bytes
+    budget = admission_budget(*serve_model_dirs, tok)
+    peaks = [s["engine"]["peak_cache_bytes"] for s in stats.values()]
+    assert 0 < max(peaks) <= budget, (peaks, budget)
 
 
 def test_overload_returns_503_with_retry_after_and_recovers(server, client):

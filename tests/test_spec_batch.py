@@ -180,6 +180,7 @@ def test_admission_by_rows_and_bytes_all_complete(verifier, drafter, tok):
         peak_bytes = max(peak_bytes, engine.vcache.nbytes + engine.dcache.nbytes)
         order += [r for r in engine.rows.values() if r not in order]
     assert peak_rows == 2 and peak_bytes <= two_rows
+    assert 0 < engine.stats()["peak_cache_bytes"] <= two_rows     # prefill caches included
     assert order == rows                                           # the queue is FIFO
     for i, r in enumerate(rows):
         assert r.phase == "done" and r.checker.token_ids == _solo(verifier, tok, _prompt(i, 100), greedy(16)).token_ids
@@ -216,9 +217,29 @@ def test_elastic_budget_admits_more_rows_and_stays_lossless(verifier, tok):
         results = [r.outbox[-1].result for r in rows]
         budgets[on] = [res.budget for res in results]
         assert engine.stats()["elastic_lowered"] == sum(b is not None for b in budgets[on])
+        assert engine.stats()["peak_cache_bytes"] <= limit
     assert peaks[False] == 2 and budgets[False] == [None] * 6             # off: unchanged behaviour
     lowered = [b for b in budgets[True] if b is not None]
     assert peaks[True] > peaks[False] and lowered and min(lowered) >= 48  # on: more rows at once, >= floor
+
+
+def test_peak_cache_bytes_within_budget_as_rows_of_any_size_come_and_go(verifier, drafter, tok):
+    # a long row leaving must shrink the padded caches, or short rows admitted later would be
+    # padded to its length beyond the budget; slots freed out of order likewise
+    spec = SpecConfig(budget=48, gamma=3, adaptive=False, prefill_chunk=64)
+    probe = BatchEngine(verifier, drafter, tok, spec)
+    long = new_row(probe, RowRequest(_prompt(0, 400), greedy(4)))
+    limit = probe.memory.projected_bytes([long]) + probe.memory.projected_bytes([long]) // 3
+    engine = BatchEngine(verifier, drafter, tok, spec, BatchOptions(max_num_seqs=6, kv_cache_bytes=limit))
+    specs = [(400, 4), (60, 30), (80, 6), (50, 24), (300, 3), (40, 12), (70, 20), (90, 5)]
+    prompts = [_prompt(30 + i, n) for i, (n, _) in enumerate(specs)]
+    rows = [engine.submit(new_row(engine, RowRequest(p, greedy(m)))) for p, (_, m) in zip(prompts, specs)]
+    while engine.has_work:
+        engine.step()
+        assert engine.cache_bytes() <= limit
+    for p, (_, m), r in zip(prompts, specs, rows):
+        assert r.checker.token_ids == _solo(verifier, tok, p, greedy(m)).token_ids
+    assert engine.stats()["peak_cache_bytes"] <= limit and engine.stats()["cache_bytes"] == 0
 
 
 def test_cancel_then_same_prompt_equals_fresh_case15(verifier, drafter, tok):

@@ -110,6 +110,12 @@ def _pieces(n: int, chunk: int, need: int) -> list[tuple[int, int]]:
     return [(s, e) for s, e in zip(starts, starts[1:] + [n])]
 
 
+def _prefill_bytes(pre: Any) -> int:
+    """K/V bytes of a per-request prefill cache (a :class:`bd_ray.kvcache.PrefillResult`)."""
+    return sum(t.numel() * t.element_size() for layer in pre.cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
 class BatchEngine:
     """Continuous batching of (speculative) requests on one verifier and an optional drafter.
 
@@ -134,6 +140,7 @@ class BatchEngine:
         self.policy = BatchSpecPolicy(max_gamma=spec.gamma, min_gain=spec.adaptive_min_gain,
                                       disable_above=self.options.disable_above)
         self.waiting: deque[Row] = deque()
+        self.peak_cache_bytes = 0
         self.rows: dict[int, Row] = {}          # slot -> row (admitted, not finished)
 
     # ---- admission ------------------------------------------------------------------------------
@@ -147,16 +154,29 @@ class BatchEngine:
         return row
 
     def _admit(self) -> None:
+        admitted = False
         while self.waiting and len(self.rows) < self.options.max_num_seqs:
             row = self.waiting[0]
-            if not self.memory.fits(list(self.rows.values()) + [row]):
+            slot = next(s for s in range(len(self.rows) + 1) if s not in self.rows)
+            if not self.memory.fits(list(self.rows.values()) + [row], slots=max(max(self.rows, default=0), slot) + 1):
                 break
             self.waiting.popleft()
-            row.slot = next(s for s in range(len(self.rows) + 1) if s not in self.rows)
+            row.slot = slot
             self.rows[row.slot] = row
             self._start_prefill(row)
+            admitted = True
         if not self.waiting:
             self.memory.relieve()
+        if admitted:
+            self._fit_caches()
+
+    def _fit_caches(self) -> None:
+        """Size both caches for the live rows' most (the shape admission projected)."""
+        slots = max(self.rows) + 1
+        needs = [self.memory.row_entries(r) for r in self.rows.values()]
+        self.vcache.fit(slots, max(v for v, _, _ in needs))
+        if self.dcache is not None:
+            self.dcache.fit(slots, max(d for _, d, _ in needs))
 
     def cancel(self, row: Row) -> None:
         """Drop a row now (client gone): its slot and both caches' entries are freed at once."""
@@ -168,11 +188,11 @@ class BatchEngine:
     def _release(self, row: Row) -> None:
         if row.slot is not None and self.rows.get(row.slot) is row:
             del self.rows[row.slot]
-            self.vcache.reserve(row.slot + 1, 0)
-            self.vcache.free(row.slot)
-            if self.dcache is not None:
-                self.dcache.reserve(row.slot + 1, 0)
-                self.dcache.free(row.slot)
+            for cache in (self.vcache, self.dcache):
+                if cache is not None and row.slot < len(cache.lens):
+                    cache.free(row.slot)
+            if self.rows:
+                self._fit_caches()
         row.v_tmp = row.d_tmp = None
         if not self.rows:
             self.vcache.release()
@@ -183,10 +203,24 @@ class BatchEngine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.rows)
 
+    def cache_bytes(self, transient: bool = True) -> int:
+        """Bytes both caches hold now, plus (``transient``) the per-request prefill caches of rows
+        being prefilled: what ``kv_cache_bytes`` bounds."""
+        held = self.vcache.nbytes + (self.dcache.nbytes if self.dcache else 0)
+        if transient:
+            held += sum(_prefill_bytes(t) for r in self.rows.values() for t in (r.v_tmp, r.d_tmp) if t is not None)
+        return held
+
+    def _note_bytes(self) -> None:
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
+
     def stats(self) -> dict:
-        """Engine counters: rows live/waiting, cache bytes, and the decode steps' :class:`BatchStats`."""
+        """Engine counters: rows live/waiting, cache bytes now (``cache_bytes``: both caches) and at
+        most so far (``peak_cache_bytes``: with in-flight prefills, sampled after every prefill
+        piece, cache install and decode step), rows the elastic budget lowered, and the decode
+        steps' :class:`BatchStats`."""
         return {"live_rows": len(self.rows), "waiting": len(self.waiting),
-                "cache_bytes": self.vcache.nbytes + (self.dcache.nbytes if self.dcache else 0),
+                "cache_bytes": self.cache_bytes(transient=False), "peak_cache_bytes": self.peak_cache_bytes,
                 "elastic_lowered": self.memory.lowered,
                 **self.policy.stats.as_dict()}
 
@@ -237,11 +271,13 @@ class BatchEngine:
                 t = clock.mark()
                 row.v_tmp = self._prefill_piece(self.verifier, row, row.v_pieces, row.v_tmp, 0, tail)
                 spans.append((row, "verifier_prefill_s", t, clock.mark()))
+                self._note_bytes()
             if row.d_pieces:
                 t = clock.mark()
                 row.d_tmp = self._prefill_piece(self.drafter, row, row.d_pieces, row.d_tmp,
                                                 queries_needed(row.policy), tail)
                 spans.append((row, "drafter_prefill_s", t, clock.mark()))
+                self._note_bytes()
             if not row.v_pieces and not row.d_pieces:
                 spans = self._add_spans(spans, row)   # before a result can be built from the timings
                 self._start_decoding(row)
@@ -276,6 +312,7 @@ class BatchEngine:
             row.kept = row.peak_d = kvcache.cache_len(compact)
             row.kept_positions = compact.kept_positions
             row.d_len = row.n_prompt
+        self._note_bytes()
         row.v_tmp = row.d_tmp = None
         row.phase = "decode"
         logits = vpre.last_logits[0]
@@ -323,6 +360,7 @@ class BatchEngine:
         out = ragged_forward(self.verifier, self.vcache, feeds, {r.slot: r.v_len for r in rows},
                              {r.slot: gammas[r] + 1 for r in rows})
         verdicts = self._verify(rows, drafts, qs, out)
+        self._note_bytes()
         verify_s = clock.seconds(t, clock.mark())
         catch_up: dict[Row, float] = {}
         row_draft_s: dict[Row, float] = {r: 0.0 for r in rows}   # drafter forwards the row took part in

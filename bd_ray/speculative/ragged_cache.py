@@ -91,6 +91,23 @@ class RaggedKVCache(Cache):
             self.k[li], self.v[li] = k, v = nk, nv
         return k, v
 
+    def fit(self, slots: int, capacity: int) -> None:
+        """Size the storage for ``slots`` rows of exactly ``capacity`` entries: larger storage is
+        cut down now (live entries copied; every slot at or above ``slots`` must be free and no
+        row longer than ``capacity``), smaller storage grows on the next write. The batched
+        engine calls it on every admission and release with what its live rows need at most, so
+        the memory held is what admission projected (:mod:`bd_ray.speculative.admission`)."""
+        if any(self.lens[slots:]) or any(n > capacity for n in self.lens[:slots]):
+            raise ValueError(f"fit({slots}, {capacity}) would cut live entries (lengths {self.lens})")
+        self._slots, self._capacity = slots, capacity
+        del self.lens[slots:]
+        while len(self.lens) < slots:
+            self.lens.append(0)
+        for li, (k, v) in enumerate(zip(self.k, self.v)):
+            if k is not None and (k.shape[0] > slots or k.shape[2] > capacity):
+                self.k[li] = k[:slots, :, :capacity].clone()
+                self.v[li] = v[:slots, :, :capacity].clone()
+
     def release(self) -> None:
         """Drop all storage (every slot must be free): an idle engine holds no cache memory."""
         if any(self.lens):
