@@ -237,3 +237,42 @@ def test_adaptive_engine_sampling_keeps_the_output_distribution_shape(verifier, 
     assert len(res.token_ids) == 30
     # the drafter is the verifier: every verified draft is accepted
     assert res.metrics.accepted == res.metrics.drafted
+
+
+# ---- the cost prior: measured on the engine's device, the constant only when switched off --------
+@pytest.mark.parametrize("how", ["measure", "constant"])
+def test_cost_prior_measured_on_the_engine_device_and_used(verifier, tok, how):
+    from bd_ray.speculative.adaptive import CONSTANT_PRIOR, OPTIMISTIC_COST_RATIO
+    from bd_ray.speculative.batch import new_row
+    from bd_ray.speculative.engine import RowRequest
+
+    drafter = tiny_llama(layers=1, seed=1)
+    sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=None, gamma=4, adaptive_cost_prior=how))
+    engine = sd.engine
+    assert engine.stats()["cost_prior"] is None                # nothing measured before an adaptive row
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=6, eos_token_ids=[])
+    row = engine.submit(new_row(engine, RowRequest(list(range(1, 40)), sampling)))
+    engine.step()
+    prior = engine.cost_prior()
+    assert engine.stats()["cost_prior"] == prior.as_dict()
+    assert (row.controller.prior_draft_ratio, row.controller.prior_slope_ratio) == (prior.draft_ratio, prior.slope_ratio)
+    assert engine.policy.prior == (prior.draft_ratio, prior.slope_ratio)
+    if how == "measure":
+        assert prior.source == "measured" and prior is not CONSTANT_PRIOR
+        assert 0.01 <= prior.draft_ratio <= 10 and 0.01 <= prior.slope_ratio <= 10
+        assert row.controller.optimistic == (prior.draft_ratio, prior.slope_ratio)
+    else:
+        assert prior == CONSTANT_PRIOR and row.controller.optimistic == (OPTIMISTIC_COST_RATIO,) * 2
+    while engine.has_work:
+        engine.step()
+    assert row.checker.token_ids == ARGenerator(verifier, tok).generate(list(range(1, 40)), sampling).token_ids
+    # measured once per engine
+    again = engine.submit(new_row(engine, RowRequest(list(range(2, 30)), sampling)))
+    engine.step()
+    assert engine.cost_prior() is prior and again.controller.prior_draft_ratio == prior.draft_ratio
+
+
+def test_fixed_gamma_engine_measures_nothing(verifier, tok):
+    sd = SpeculativeGenerator(verifier, tiny_llama(layers=1, seed=1), tok, SpecConfig(budget=None, adaptive=False))
+    sd.generate(list(range(1, 30)), SamplingConfig(temperature=0.0, max_new_tokens=4, eos_token_ids=[]))
+    assert sd.engine.stats()["cost_prior"] is None

@@ -150,6 +150,9 @@ class SpecConfig(StrictModel):
                                               "tokens/s, 0 when speculation cannot pay; false = a fixed γ")
     adaptive_min_gain: float = Field(1.05, gt=0.0, le=10.0, description="speculate only when expected "
                                      "tokens/s beats plain decoding by this factor")
+    adaptive_cost_prior: Literal["measure", "constant"] = Field(
+        "measure", description="cost ratios the speculation policy assumes before measuring a request: "
+        "timed once on the engine's device (measure) or CPU constants (constant)")
 
     @field_validator("budget", mode="before")
     @classmethod

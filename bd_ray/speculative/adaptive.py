@@ -17,7 +17,8 @@ drafter's prefills also give their argmax at the prompt's last :data:`PROMPT_PRO
 positions (:func:`bd_ray.kvcache.prefill` ``tail_argmax``), and their agreement there is the
 greedy acceptance of a first draft on this very text (full drafter cache, so an upper estimate
 under a KV budget). It seeds the acceptance estimate, and when even a drafter and a verify slope
-as cheap as any seen (:data:`OPTIMISTIC_COST_RATIO` of a plain step) could not make that agreement pay, the
+as cheap as the engine measured on its device (:class:`CostPrior`; without a measurement
+:data:`OPTIMISTIC_COST_RATIO` of a plain step) could not make that agreement pay, the
 request starts plainly, with no warm-up cycles, and only probes (from ``4 * probe_every`` tokens on).
 
 While decoding plainly it probes again now and then with one γ = 1 cycle (the drafter first
@@ -33,18 +34,41 @@ how the random stream is consumed); use ``SpecConfig(adaptive=False)`` where tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["GammaController", "AdaptiveStats", "Ema", "expected_tokens", "prompt_agreement", "PROMPT_PROBE_TOKENS"]
+__all__ = ["GammaController", "AdaptiveStats", "Ema", "expected_tokens", "prompt_agreement", "PROMPT_PROBE_TOKENS",
+           "CostPrior", "CONSTANT_PRIOR"]
 
 #: Prompt positions (tokens) at which both prefills report their argmax, for the acceptance prior.
 PROMPT_PROBE_TOKENS = 32
-#: t_d / T_v(1) and s / T_v(1) assumed when asking "could this agreement pay at all?": about the
-#: cheapest seen on CPU (2-layer drafter with a draft vocabulary 0.07; T_v(5)/T_v(1) = 1.46, i.e.
-#: 0.11 per extra verified token; results/speed/README.md). GPUs verify extra tokens more cheaply,
-#: so a GPU deployment may lower it (the probes correct a too-pessimistic start either way).
+#: t_d / T_v(1) and s / T_v(1) assumed when asking "could this agreement pay at all?" without a
+#: measured :class:`CostPrior`: about the cheapest seen on CPU (2-layer drafter with a draft
+#: vocabulary; results/speed/README.md). With a measured prior its ratios are used instead (the
+#: probes correct a too-pessimistic start either way).
 OPTIMISTIC_COST_RATIO = 0.1
+
+
+@dataclass(frozen=True)
+class CostPrior:
+    """Cost ratios assumed before a request has measured its own (:mod:`bd_ray.speculative.cost_prior`).
+
+    Attributes:
+        draft_ratio: drafter step / plain verifier step (t_d / T_v(1)).
+        slope_ratio: extra verified token / plain verifier step (s / T_v(1)).
+        source: ``"measured"`` (on the engine's device) or ``"constant"``.
+    """
+
+    draft_ratio: float
+    slope_ratio: float
+    source: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+#: The ratios assumed without a measurement (CPU runs; used only when measuring is switched off).
+CONSTANT_PRIOR = CostPrior(draft_ratio=0.2, slope_ratio=0.25, source="constant")
 
 
 def prompt_agreement(verifier_tail: Any, drafter_tail: Any) -> tuple[float, int] | None:
@@ -161,8 +185,8 @@ class GammaController:
 
     def __init__(self, max_gamma: int, min_gain: float = 1.05, probe_every: int = 8,
                  max_probe_every: int = 128, decay: float = 0.9, prior_accept: float = 1.0,
-                 prior_reject: float = 1.0, prior_draft_ratio: float = 0.2,
-                 prior_slope_ratio: float = 0.25, timing_weight: float = 0.3,
+                 prior_reject: float = 1.0, prior_draft_ratio: float = CONSTANT_PRIOR.draft_ratio,
+                 prior_slope_ratio: float = CONSTANT_PRIOR.slope_ratio, timing_weight: float = 0.3,
                  warmup_cycles: int = 2, warmup_gamma: int = 2) -> None:
         if max_gamma < 1:
             raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
@@ -185,6 +209,7 @@ class GammaController:
         self._prior = (prior_accept, prior_reject)
         self.prior_draft_ratio = prior_draft_ratio
         self.prior_slope_ratio = prior_slope_ratio
+        self.optimistic = (OPTIMISTIC_COST_RATIO, OPTIMISTIC_COST_RATIO)   # (t_d, s) / T_v(1) of the prompt check
         self._plain = Ema(timing_weight)        # T_v(1), seconds
         self._draft = Ema(timing_weight)        # t_d, seconds per drafter step
         self._slope = Ema(timing_weight)        # s, seconds per extra verified token
@@ -226,6 +251,13 @@ class GammaController:
         top = self.max_gamma if limit is None else max(1, min(self.max_gamma, limit))
         return max(range(1, top + 1), key=self.rate)
 
+    def set_cost_prior(self, prior: CostPrior) -> None:
+        """Assume ``prior``'s ratios until costs are measured; a measured prior (this device's
+        costs) also replaces :data:`OPTIMISTIC_COST_RATIO` in the prompt check."""
+        self.prior_draft_ratio, self.prior_slope_ratio = prior.draft_ratio, prior.slope_ratio
+        if prior.source == "measured":
+            self.optimistic = (prior.draft_ratio, prior.slope_ratio)
+
     # -- the prompt prior ---------------------------------------------------------------------
     def observe_prompt_agreement(self, agreement: float, positions: int, weight: float = 0.5) -> None:
         """Seed the acceptance estimate from greedy agreement on the prompt (see the module doc).
@@ -245,16 +277,16 @@ class GammaController:
         self._reject = self._prior[1] + (1.0 - agreement) * n
         self.stats.prompt_agreement = agreement
         self._refresh_stats()
-        r = OPTIMISTIC_COST_RATIO
-        best = max(_tokens_per_time(self.acceptance, g, 1.0, r, r) for g in range(1, self.max_gamma + 1))
+        rd, rs = self.optimistic
+        best = max(_tokens_per_time(self.acceptance, g, 1.0, rd, rs) for g in range(1, self.max_gamma + 1))
         if best < self.min_gain:
             # Hopeless even with a cheap drafter: no warm-up, decode plainly, probe now and then.
             self.warmup_cycles = 0
             self._probe_every = min(4 * self.base_probe_every, self.max_probe_every)
             self._switch_off(
                 f"prompt check: the drafter agreed with the verifier on {agreement:.0%} of the last "
-                f"{positions} prompt positions; speculation cannot pay even with a drafter step and "
-                f"each extra verified token at {r:.2f}x of a plain step (best {best:.2f}x plain decoding)")
+                f"{positions} prompt positions; speculation cannot pay even with a drafter step at {rd:.2f}x "
+                f"and each extra verified token at {rs:.2f}x of a plain step (best {best:.2f}x plain decoding)")
 
     def _switch_off(self, reason: str) -> None:
         """Decode plainly from now on (until a probe pays); ``reason`` goes to the stats."""

@@ -40,7 +40,8 @@ from bd_ray.config import budget_tokens
 from bd_ray.config.decoding import ElasticBudgetConfig
 from bd_ray.sparse import min_budget, queries_needed
 from bd_ray.speculative.admission import MemoryPlan
-from bd_ray.speculative.adaptive import PROMPT_PROBE_TOKENS, GammaController, prompt_agreement
+from bd_ray.speculative.adaptive import CONSTANT_PRIOR, PROMPT_PROBE_TOKENS, CostPrior, GammaController, prompt_agreement
+from bd_ray.speculative.cost_prior import measure_cost_prior
 from bd_ray.speculative.batch_policy import BatchSpecPolicy
 from bd_ray.speculative.ragged_cache import RaggedKVCache, kv_bytes_per_token, ragged_forward
 from bd_ray.speculative.rejection import verify_greedy_batch, verify_sampling
@@ -141,6 +142,7 @@ class BatchEngine:
                                       disable_above=self.options.disable_above)
         self.waiting: deque[Row] = deque()
         self.peak_cache_bytes = 0
+        self.prior: CostPrior | None = None     # set on the first adaptive row (:meth:`cost_prior`)
         self.rows: dict[int, Row] = {}          # slot -> row (admitted, not finished)
 
     # ---- admission ------------------------------------------------------------------------------
@@ -217,11 +219,12 @@ class BatchEngine:
     def stats(self) -> dict:
         """Engine counters: rows live/waiting, cache bytes now (``cache_bytes``: both caches) and at
         most so far (``peak_cache_bytes``: with in-flight prefills, sampled after every prefill
-        piece, cache install and decode step), rows the elastic budget lowered, and the decode
-        steps' :class:`BatchStats`."""
+        piece, cache install and decode step), rows the elastic budget lowered, the cost prior
+        (``None`` before the first adaptive row), and the decode steps' :class:`BatchStats`."""
         return {"live_rows": len(self.rows), "waiting": len(self.waiting),
                 "cache_bytes": self.cache_bytes(transient=False), "peak_cache_bytes": self.peak_cache_bytes,
                 "elastic_lowered": self.memory.lowered,
+                "cost_prior": self.prior.as_dict() if self.prior is not None else None,
                 **self.policy.stats.as_dict()}
 
     # ---- step -----------------------------------------------------------------------------------
@@ -232,7 +235,19 @@ class BatchEngine:
         self._prefill()
         self._decode()
 
+    def cost_prior(self) -> CostPrior:
+        """The speculation policies' cost prior: measured once on this engine's device, on the
+        model thread, when the first adaptive row is admitted (:mod:`bd_ray.speculative.cost_prior`);
+        the constant when ``spec.adaptive_cost_prior`` is ``"constant"``. Sets the batch policy's."""
+        if self.prior is None:
+            measure = self.spec.adaptive_cost_prior == "measure" and self.drafter is not None
+            self.prior = measure_cost_prior(self.verifier, self.drafter, self.spec.gamma) if measure else CONSTANT_PRIOR
+            self.policy.prior = (self.prior.draft_ratio, self.prior.slope_ratio)
+        return self.prior
+
     def _start_prefill(self, row: Row) -> None:
+        if row.controller is not None:
+            row.controller.set_cost_prior(self.cost_prior())
         pre = row.req.prefilled
         tail = PROMPT_PROBE_TOKENS if row.controller is not None else 0
         if isinstance(pre, Prefilled):

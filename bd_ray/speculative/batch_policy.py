@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bd_ray.speculative.adaptive import Ema, expected_tokens
+from bd_ray.speculative.adaptive import CONSTANT_PRIOR, Ema, expected_tokens
 
 __all__ = ["BatchSpecPolicy", "BatchStats"]
 
@@ -78,11 +78,13 @@ class BatchSpecPolicy:
         min_gain: speculate only when expected tokens/s beats plain decoding by this factor.
         disable_above: never speculate (adaptive rows) with more decoding rows than this.
         probe_every: plain batch steps between γ = 1 probes.
-        prior_draft_ratio, prior_slope_ratio: ``t_d / T_v(B, 1)`` and ``s / T_v(B, 1)`` until measured.
+        prior_draft_ratio, prior_slope_ratio: ``t_d / T_v(B, 1)`` and ``s / T_v(B, 1)`` until measured
+            (the engine sets its measured :class:`bd_ray.speculative.adaptive.CostPrior`: :attr:`prior`).
     """
 
     def __init__(self, max_gamma: int = 8, min_gain: float = 1.05, disable_above: int | None = None,
-                 probe_every: int = 16, prior_draft_ratio: float = 0.2, prior_slope_ratio: float = 0.25,
+                 probe_every: int = 16, prior_draft_ratio: float = CONSTANT_PRIOR.draft_ratio,
+                 prior_slope_ratio: float = CONSTANT_PRIOR.slope_ratio,
                  weight: float = 0.3) -> None:
         self.max_gamma = max_gamma
         self.min_gain = min_gain
