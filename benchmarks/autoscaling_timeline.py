@@ -75,8 +75,13 @@ def app_args(vdir: Path, ddir: Path, max_replicas: int) -> dict:
                   "max_model_len": 256, "torch_threads": 1},
         "spec": {"gamma": 3, "budget": 48, "policy": {"name": "chunk_topk", "chunk_size": 8, "recent": 8}},
         "defaults": {"max_tokens": 16, "temperature": 0.0},
+        # Batched replicas sized for a simulated node's half CPU and tiny models: 4 rows per forward
+        # within 32 MiB of KV cache (a 256-token row of the tiny models takes well under 1 MiB), 8
+        # ongoing per replica. target_ongoing_requests stays 1 so that a couple of clients already
+        # force the scale-up this timeline is about (a real CPU node: about max_num_seqs / 2).
         "engine": {"num_cpus": 0.5, "memory": 256 * MiB, "resources": {"sim_gpu": 1},
-                   "max_ongoing_requests": 2, "max_queued_requests": 16, "health_check_period_s": 2,
+                   "max_num_seqs": 4, "kv_cache_bytes": 32 * MiB,
+                   "max_ongoing_requests": 8, "max_queued_requests": 16, "health_check_period_s": 2,
                    "graceful_shutdown_timeout_s": 5,
                    "autoscaling": {"min_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": 1,
                                    "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
