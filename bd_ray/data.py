@@ -307,10 +307,8 @@ def read_documents(cfg: TrainDataConfig, stats=None):
             raise ValueError(f"data.source: no readable parquet file in {src!r} "
                              f"({len(bad)} unreadable)")
         # Ray Data 2.60 indexes parquet footers with 32 actors by default, whatever the number of
-        # files: on a small machine starting them costs minutes (2-core box: the first 2 held-out
-        # windows of pg-mini took 416 s with 32 actors under heavy load, 31 s with 1 under lighter
-        # load; a simulated-cluster Train run 190 s -> 78 s). One actor per 64 files (at least 1,
-        # at most Ray's 32) unless the user set the variable.
+        # files: on a small machine starting them costs minutes for a handful of files. One actor
+        # per 64 files (at least 1, at most Ray's 32) unless the user set the variable.
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(max(1, min(32, len(paths) // 64))))
         ds = ray.data.read_parquet(paths, filesystem=fs)
     elif fmt == "txt":

@@ -29,8 +29,7 @@ class StopChecker:
     together with the previous group (so context-dependent pieces such as SentencePiece's leading
     spaces render as in a full decode) and a trailing incomplete UTF-8 character waits for its
     next bytes. Emitting a token costs two decodes of a few tokens, not a decode of the whole
-    output (which took 0.5 ms at 1K output tokens and 4.5 ms at 8K per chunk, and three times
-    that per token with stop strings).
+    output, whose cost grows with the output's length (figures: results/speed/README.md).
 
     Args:
         tokenizer: a transformers tokenizer (``decode`` is used for stop strings and text).
