@@ -135,8 +135,14 @@ def test_rayservice_embeds_cluster_yaml_and_its_groups_hold_the_app():
 
 
 def _train_cfg_from_entrypoint(entrypoint: str):
-    argv = shlex.split(entrypoint)
+    # `[python /app/jobs/draft_vocab.py ... --out DIR &&] python /app/jobs/train_drafter.py ...`: a
+    # draft vocabulary the config names must be built by the job itself (runs/ is not in the image).
+    *before, train = [shlex.split(part) for part in entrypoint.split("&&")]
+    argv = train
     assert argv[:2] == ["python", "/app/jobs/train_drafter.py"], argv
+    built = {b[b.index("--out") + 1] for b in before if b[:2] == ["python", "/app/jobs/draft_vocab.py"]}
+    vocab = [a.split("=", 1)[1] for a in argv if a.startswith("models.draft_vocab=")]
+    assert all(v == "null" or str(Path(v).parent) in built for v in vocab), (vocab, built)
     config = argv[argv.index("--config") + 1].replace("/app/", str(REPO) + "/", 1)
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     return load_train_config(config, sets)
