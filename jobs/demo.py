@@ -6,7 +6,8 @@ Steps, each a job of its own (the same commands a cluster user submits with ``ra
 2. offline teacher targets for a few 1K windows (``jobs/teacher_targets.py``, Ray Data);
 3. a brief BudgetDraft run and a brief naive (L_A only) run from those targets
    (``jobs/train_drafter.py``, Ray Train + DeepSpeed);
-4. evaluation of both plus the untrained init on held-out books at budgets {128, full}
+4. evaluation of both, the shipped stage-1 reference drafter (``reference-distill``) and the
+   untrained init on held-out books at budgets {128, full}
    (``jobs/evaluate.py``): α, τ, speedup, a lossless check; table and plots under results/demo.
 
 Output: one line per step with its time, then the result table and the output paths. Each step's
