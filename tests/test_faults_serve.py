@@ -38,7 +38,7 @@ serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st  # noqa: E402  (dev extra)
 
-from bd_ray.testing.ports import free_port  # noqa: E402
+from bd_ray.testing.serve import local_serve_app  # noqa: E402
 from bd_ray.testing.tiny import SERVE_PROMPTS as PROMPTS, own_ray_processes, serve_app_args  # noqa: E402
 
 APP = "bdfault"
@@ -48,21 +48,12 @@ REPLICAS = 2
 @pytest.fixture(scope="module")
 def server(serve_model_dirs):
     """Ray (4 logical CPUs) + Serve on 127.0.0.1: the app with exactly 2 engine replicas."""
-    from bd_ray.serve.app import build_app
-
     args = serve_app_args(*serve_model_dirs)
     args["engine"].update(max_ongoing_requests=4, max_queued_requests=16)
     args["engine"]["autoscaling"] = {"min_replicas": REPLICAS, "max_replicas": REPLICAS,
                                      "initial_replicas": REPLICAS}
-    port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name=APP, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve_app(args, APP) as url:
+        yield url
 
 
 def running_replicas() -> int:

@@ -25,7 +25,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from bd_ray.testing.tiny import SERVE_MAX_MODEL_LEN, SERVE_PROMPTS as PROMPTS  # noqa: E402
-from bd_ray.testing.ports import free_port as _free_port  # noqa: E402
+from bd_ray.testing.serve import local_serve_app  # noqa: E402
 from bd_ray.testing.tiny import serve_app_args as app_args  # noqa: E402
 
 APP = "bd"
@@ -57,8 +57,6 @@ def server(serve_model_dirs):
     """Start Ray (4 logical CPUs) + Serve on 127.0.0.1 and the app; tear both down afterwards."""
     from transformers import AutoTokenizer
 
-    from bd_ray.serve.app import build_app
-
     vdir, ddir = serve_model_dirs
     args = app_args(vdir, ddir)
     args["engine"].update(max_num_seqs=MAX_NUM_SEQS, max_ongoing_requests=16, max_queued_requests=32,
@@ -66,15 +64,8 @@ def server(serve_model_dirs):
     # Fast autoscaling metrics for the autoscaling test (inherited by the cluster's processes).
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name=APP, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve_app(args, APP) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
