@@ -289,3 +289,139 @@ def test_batch_policy_turns_speculation_off_and_says_why(verifier, drafter, tok)
         assert res.token_ids == _solo(verifier, tok, req.prompt, req.sampling).token_ids
         assert res.metrics.cycles == 0 and res.mode == "plain" and "disable_above" in res.mode_reason
     assert sd.engine.stats()["gamma_chosen"] == {"0": sd.engine.stats()["steps"]}
+    # rows 3 and 4 joined more than disable_above rows: admitted plainly, no drafter prefill
+    skipped = [res for res in results if "admitted plainly" in res.mode_reason]
+    assert len(skipped) == 2 and all(res.timings.drafter_prefill_s == 0.0 for res in skipped)
+
+
+# ---- the batch policy's whole-step cost model (synthetic step times) --------------------------------
+class _Checker:
+    def remaining(self) -> int:
+        return 100
+
+
+class _Controller:
+    def __init__(self, p: float, gamma: int = 4) -> None:
+        self.acceptance, self._gamma = p, gamma
+        self.stats = type("S", (), {"stopped_reason": None})()
+
+    def next_gamma(self, remaining: int) -> int:
+        return self._gamma
+
+
+class _Row:
+    """What BatchSpecPolicy.choose reads of an adaptive row."""
+
+    def __init__(self, p: float, gamma: int = 4) -> None:
+        self.checker, self.controller, self.gamma = _Checker(), _Controller(p, gamma), gamma
+        self.spec, self.fallback, self.plain_reason = True, None, None
+
+
+def test_batch_policy_whole_step_costs_off_at_8_rows_on_when_it_pays():
+    from bd_ray.speculative.batch_policy import BatchSpecPolicy
+
+    policy = BatchSpecPolicy(max_gamma=4)
+    rows8 = [_Row(0.6) for _ in range(8)]
+    policy.observe([0] * 8, 0.030, 8)                      # T0(8) = 30 ms
+    policy.observe([2] * 8, 0.030 + 2 * 0.020, 16)         # c(8) = 20 ms per unit γ
+    gammas = policy.choose(rows8)
+    assert set(gammas.values()) == {0}
+    reason = rows8[0].plain_reason
+    assert "cannot pay at 8 rows" in reason and "measured" in reason
+    assert policy.costs(8) == pytest.approx((0.030, 0.020, True))
+    # a row joining 5-8 rows is admitted plainly (reason: the batch policy and the row count)
+    joined = policy.admit_plainly(6)
+    assert joined.startswith("batch policy") and "joining 6 rows" in joined
+    assert policy.admit_plainly(4) is None and policy.admit_plainly(1) is None
+    # at 2 rows, cheap measured steps: speculation pays and stays on
+    rows2 = [_Row(0.8), _Row(0.8)]
+    policy.observe([0, 0], 0.010, 2)
+    policy.observe([4, 4], 0.010 + 4 * 0.001, 10)
+    assert set(policy.choose(rows2).values()) == {4} and policy.admit_plainly(2) is None
+    # one row alone keeps its own controller (it speculates where that pays), never admitted plainly
+    alone = _Row(0.8, gamma=3)
+    assert policy.choose([alone]) == {alone: 3}
+    table = policy.as_dict()["policy"]
+    assert table["5-8"]["judgement"] == "off" and table["5-8"]["drafter_prefills_skipped"] == 1
+    assert table["5-8"]["t0_ms"] == pytest.approx(30.0) and table["5-8"]["c_ms"] == pytest.approx(20.0)
+    assert table["2"]["judgement"] == "on" and table["2"]["steps"] == {"0": 1, "4": 1}
+
+
+def test_batch_policy_probes_keep_c_measured_and_skip_catch_up_steps():
+    from bd_ray.speculative.batch_policy import BatchSpecPolicy
+
+    policy = BatchSpecPolicy(max_gamma=4, probe_every=3, probe_steps=2)
+    rows = [_Row(0.5) for _ in range(8)]
+    policy.observe([0] * 8, 0.030, 8)
+    policy.observe([1] * 8, 0.050, 12)                     # c = 20 ms
+    chosen = []
+    for _ in range(8):
+        g = policy.choose(rows)[rows[0]]
+        chosen.append(g)
+        if g == 0:
+            policy.observe([0] * 8, 0.030, 8)
+        else:
+            catch_up = chosen[-2:] != [1, 1]               # the probe's first step catches the drafter up
+            policy.observe([1] * 8, 0.5 if catch_up else 0.035, 9, catch_up=catch_up)
+    assert chosen == [0, 0, 1, 1, 0, 0, 1, 1]
+    # catch-up steps (0.5 s) left c alone; the clean probe steps pulled it towards 5 ms
+    c = policy.costs(8)[1]
+    assert 0.005 < c < 0.020 and c == pytest.approx(0.020 * 0.7 ** 2 + 0.005 * (1 - 0.7 ** 2))
+
+
+def test_batch_policy_prior_scales_with_the_batch_and_never_admits_plainly():
+    from bd_ray.speculative.batch_policy import BatchSpecPolicy
+
+    policy = BatchSpecPolicy(max_gamma=4, prior_draft_ratio=0.1, prior_slope_ratio=0.1, stale_after=2)
+    for b, t0 in ((1, 0.010), (2, 0.012), (8, 0.020)):
+        policy.observe([0] * b, t0, b)
+    assert policy.prior_c(2) == pytest.approx(0.1 * 0.012 + 0.1 * 0.010 * 2)
+    assert policy.prior_c(8) == pytest.approx(0.1 * 0.020 + 0.1 * 0.010 * 8)
+    assert policy.prior_c(8) / 0.020 > policy.prior_c(2) / 0.012          # the per-γ share grows with b
+    rows = [_Row(0.5) for _ in range(8)]
+    assert set(policy.choose(rows).values()) == {0} and "(prior)" in rows[0].plain_reason
+    assert policy.admit_plainly(8) is None                                 # off from the prior only
+    policy.observe([1] * 8, 0.040, 12)                                     # c measured: 20 ms
+    policy.choose(rows)
+    assert policy.admit_plainly(8) is not None
+    for _ in range(3):                                                     # no judgement at 8 rows since
+        policy.observe([0, 0], 0.012, 2)
+    assert policy.admit_plainly(8) is None                                 # stale: rows get their drafter
+
+
+def test_engine_admits_a_row_plainly_when_the_policy_is_off_measured(verifier, drafter, tok):
+    # min_gain 10 > γ + 1: speculation can never pay, whatever the step times; the policy measures
+    # T0 and (by its probes) c at 3 rows, then the row joining them skips its drafter prefill
+    spec = SpecConfig(budget=48, gamma=4, adaptive=True, adaptive_min_gain=10.0)
+    engine = BatchEngine(verifier, drafter, tok, spec, BatchOptions(max_num_seqs=8))
+    early = [engine.submit(new_row(engine, RowRequest(_prompt(40 + i, 40), greedy(60)))) for i in range(3)]
+    for _ in range(40):
+        engine.step()
+        bk = engine.policy.stats.buckets.get(4)
+        if bk is not None and bk.on is False and bk.measured:
+            break
+    assert bk.on is False and bk.measured and all(r.phase == "decode" for r in early)
+    late = engine.submit(new_row(engine, RowRequest(_prompt(50, 50), greedy(12))))
+    fixed = engine.submit(new_row(engine, RowRequest(_prompt(51, 30), greedy(12), gamma=3, adaptive=False)))
+    engine.step()
+    assert not late.spec and late.controller is None and not late.d_pieces
+    assert fixed.spec and fixed.controller is None                         # an explicit γ keeps its drafter
+    while engine.has_work:
+        if late.slot is not None and late.phase != "done":
+            assert engine.dcache.lens[late.slot] == 0                      # its drafter cache slot is unused
+        engine.step()
+    res = late.outbox[-1].result
+    assert res.token_ids == _solo(verifier, tok, late.prompt, greedy(12)).token_ids
+    assert res.mode == "plain" and res.mode_reason.startswith("batch policy") and "4 rows" in res.mode_reason
+    assert not res.speculative and res.metrics.drafted == 0 and res.timings.drafter_prefill_s == 0.0
+    assert fixed.outbox[-1].result.metrics.cycles > 0
+    for r in early + [fixed]:
+        assert r.checker.token_ids == _solo(verifier, tok, r.prompt, r.req.sampling).token_ids
+    stats = engine.stats()
+    assert stats["policy"]["3-4"]["drafter_prefills_skipped"] == 1 and stats["policy"]["3-4"]["c_source"] == "measured"
+    assert stats["decode_s"] > 0 and stats["prefill_s"] > 0
+    assert stats["decode_tokens_per_s"] == pytest.approx(stats["decode_tokens"] / stats["decode_s"])
+    # every emitted token but each request's first (from its prefill) came from a decode step
+    assert stats["decode_tokens"] == sum(len(r.checker.token_ids) - 1 for r in early + [late, fixed])
+    assert sum(stats["gamma_chosen"].values()) == stats["steps"] == sum(
+        sum(b["steps"].values()) for b in stats["policy"].values())

@@ -12,12 +12,16 @@ One :meth:`BatchEngine.step`:
    is compacted to the row's KV budget by its sparse policy (:func:`bd_ray.kvcache.compact_cache`,
    the rule of :func:`bd_ray.sparse.select_positions`). The verifier's last logits give the
    first token, as in plain decoding;
-3. decode: the speculation policy (:mod:`bd_ray.speculative.batch_policy`) gives each row its γ
-   (0 allowed); ``max γ`` drafter forwards draft for all drafting rows at once (a row takes part
-   in the first ``γ_r``); ONE verifier forward over every row's block (γ_r drafts + the pending
-   token); per-row rejection (greedy argmax once for the batch; sampling with each row's own
-   generator, in the batch-1 order of draws); per-row emission through the stopping rules, and
-   per-row rollback (a length update in :class:`RaggedKVCache`).
+3. decode: the speculation policy (:mod:`bd_ray.speculative.batch_policy`, from whole decode-step
+   times) gives each row its γ (0 allowed); ``max γ`` drafter forwards draft for all drafting
+   rows at once (a row takes part in the first ``γ_r``); ONE verifier forward over every row's
+   block (γ_r drafts + the pending token); per-row rejection (greedy argmax once for the batch;
+   sampling with each row's own generator, in the batch-1 order of draws); per-row emission
+   through the stopping rules, and per-row rollback (a length update in :class:`RaggedKVCache`).
+
+An adaptive row joining a batch where the policy judges speculation off (measured, or
+``disable_above``) is admitted plainly: no drafter prefill, no drafter cache entries, plain for its
+life (:meth:`bd_ray.speculative.batch_policy.BatchSpecPolicy.admit_plainly`).
 
 Both caches are :class:`bd_ray.speculative.ragged_cache.RaggedKVCache` (padded
 ``[slots, kv_heads, capacity, head_dim]``, per-row lengths); a row keeps the same slot index in
@@ -220,19 +224,23 @@ class BatchEngine:
         """Engine counters: rows live/waiting, cache bytes now (``cache_bytes``: both caches) and at
         most so far (``peak_cache_bytes``: with in-flight prefills, sampled after every prefill
         piece, cache install and decode step), rows the elastic budget lowered, the cost prior
-        (``None`` before the first adaptive row), and the decode steps' :class:`BatchStats`."""
+        (``None`` before the first adaptive row), and the decode and prefill steps'
+        :class:`bd_ray.speculative.batch_policy.BatchStats` (with ``decode_tokens_per_s`` and the
+        policy's per-bucket table, :meth:`BatchSpecPolicy.as_dict`)."""
         return {"live_rows": len(self.rows), "waiting": len(self.waiting),
                 "cache_bytes": self.cache_bytes(transient=False), "peak_cache_bytes": self.peak_cache_bytes,
                 "elastic_lowered": self.memory.lowered,
                 "cost_prior": self.prior.as_dict() if self.prior is not None else None,
-                **self.policy.stats.as_dict()}
+                **self.policy.as_dict()}
 
     # ---- step -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
         """One engine step (module docstring); chunks land in each row's ``outbox``."""
         self._admit()
-        self._prefill()
+        t = self.clock.mark()
+        if self._prefill():
+            self.policy.observe_prefill(self.clock.seconds(t, self.clock.mark()))
         self._decode()
 
     def cost_prior(self) -> CostPrior:
@@ -246,6 +254,10 @@ class BatchEngine:
         return self.prior
 
     def _start_prefill(self, row: Row) -> None:
+        # an adaptive row joining a batch where speculation is judged off: plain for its life
+        plainly = self.policy.admit_plainly(len(self.rows)) if row.controller is not None else None
+        if plainly is not None:
+            row.spec, row.controller, row.fallback, row.plain_reason = False, None, plainly, plainly
         if row.controller is not None:
             row.controller.set_cost_prior(self.cost_prior())
         pre = row.req.prefilled
@@ -269,7 +281,8 @@ class BatchEngine:
                               capture_queries_window=need_q if last else 0, tail_argmax=tail if last else 0)
         return out
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> bool:
+        """A prefill chunk's worth of the prefilling rows' pieces; whether any was run."""
         left = self.spec.prefill_chunk
         clock = self.clock
         spans: list[tuple[Row, str, Any, Any]] = []   # read once, after this step's prefill work
@@ -297,6 +310,7 @@ class BatchEngine:
                 spans = self._add_spans(spans, row)   # before a result can be built from the timings
                 self._start_decoding(row)
         self._add_spans(spans, None)
+        return bool(prefilling)
 
     def _add_spans(self, spans: list[tuple[Row, str, Any, Any]], row: Row | None) -> list:
         """Add the prefill spans of ``row`` (``None``: all) to their rows' timings; return the rest."""
@@ -344,10 +358,11 @@ class BatchEngine:
         rows = [r for r in self.rows.values() if r.phase == "decode"]
         if not rows:
             return
+        clock = self.clock
+        t_step = clock.mark()          # the whole step: the policy's cost model is anchored on it
         gammas = self.policy.choose(rows)
         drafts: dict[Row, list[int]] = {r: [] for r in rows}
         qs: dict[Row, list[torch.Tensor]] = {r: [] for r in rows}
-        clock = self.clock
         # each drafter forward's marks and its rows; timed after the verdicts (no sync per draft step)
         spans: list[tuple[Any, Any, list[Row], list[Row]]] = []
         g_max = max(gammas.values())
@@ -379,10 +394,8 @@ class BatchEngine:
         verify_s = clock.seconds(t, clock.mark())
         catch_up: dict[Row, float] = {}
         row_draft_s: dict[Row, float] = {r: 0.0 for r in rows}   # drafter forwards the row took part in
-        draft_s = 0.0
         for a, b, part, catching_up in spans:
             dt = clock.seconds(a, b)
-            draft_s += dt
             for r in catching_up:
                 catch_up[r] = dt
             for r in part:
@@ -416,7 +429,8 @@ class BatchEngine:
                 r.req.inspect(self._cycle_state(r))
             if r.finished:
                 self._finish(r)
-        self.policy.observe(len(rows), g_max, draft_s, verify_s, tokens)
+        self.policy.observe([gammas[r] for r in rows], clock.seconds(t_step, clock.mark()), tokens,
+                            catch_up=bool(catch_up))
 
     def _verify(self, rows: list[Row], drafts: dict, qs: dict, out: dict) -> dict:
         greedy = [r for r in rows if r.greedy]

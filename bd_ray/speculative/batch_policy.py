@@ -1,23 +1,49 @@
 """Batch-level speculation policy: the γ of every decoding row for one engine step, and why.
 
-One step drafts ``max γ`` drafter forwards for the rows that draft and runs one verifier forward
-over every row's block, so the cost of γ is shared by the batch. With per-row acceptance
-estimates ``p_r`` (each adaptive row's :class:`bd_ray.speculative.adaptive.GammaController`) and
-step costs measured *at this batch size* (plain step ``T_v(B, 1)``, drafter step ``t_d(B)``,
-extra verified token ``s(B)``), a uniform γ for the adaptive rows gives
+The cost model is anchored on the **whole decode step** (the engine's ``_decode``, from the
+policy's choice to the last row's emission: drafter forwards, the verifier forward, rejection,
+emission, rollback and per-row host work), measured per batch-size bucket ``b`` (1, 2, 3-4, 5-8,
+...):
 
-    tokens/s(γ) = Σ_r E(p_r, γ) / (γ·t_d(B) + T_v(B, 1) + γ·s(B)),     plain: B / T_v(B, 1),
+* ``T0(b)``: a plain step (no row drafts);
+* ``c(b)``: extra step time per unit of γ, from speculative steps, ``(step_s - T0(b)) / γ̄`` with
+  ``γ̄`` the mean γ over the step's rows (= γ when every row drafts γ).
 
-with E the expected tokens per cycle (Leviathan et al. 2023). The policy picks the best γ and
-decodes plainly (γ = 0) when no γ beats plain decoding by ``min_gain``: in the compute-bound regime
-of a large batch, verifying extra tokens costs more than it returns (SGLang's adaptive steps,
-vLLM's ``disable_by_batch_size``, which ``disable_above`` reproduces as a hard rule). While off,
-it probes with γ = 1 every ``probe_every`` steps, so acceptance and costs stay measured.
+With per-row acceptance estimates ``p_r`` (each adaptive row's
+:class:`bd_ray.speculative.adaptive.GammaController`) a uniform γ for the ``a`` adaptive rows gives
+
+    rate(γ) = Σ_r E(p_r, γ) / (T0(b) + γ·c(b)),     plain: a / T0(b),
+
+with E the expected tokens per cycle (Leviathan et al. 2023); with non-adaptive rows in the step
+this is the adaptive rows' share of it. The policy picks the best γ and decodes plainly (γ = 0)
+when no γ beats plain decoding by ``min_gain``: in the compute-bound regime of a large batch,
+verifying extra tokens costs more than it returns (SGLang's adaptive steps; vLLM's
+``disable_by_batch_size``, which ``disable_above`` reproduces as a hard rule).
+
+Until ``c(b)`` is measured it comes from the engine's batch-1 cost prior
+(:mod:`bd_ray.speculative.cost_prior`), scaled with the batch: ``draft_ratio·T0(b) +
+slope_ratio·T0(1)·b`` (the drafter step as a share of a plain step at ``b`` rows, and each row's
+extra verified token costing what it costs alone: on CPU extra tokens are compute, 8 rows at
+γ = 4 verify 40 tokens against 8, so this is conservative at large ``b``; ``T0(1)`` is the
+smallest measured bucket's ``T0``). While off, the policy probes: every ``probe_every`` plain
+steps it runs ``probe_steps`` steps at γ = 1 (the first one's drafter forward catches up on the
+tokens decoded plainly, so it gives no ``c`` sample; the next does), so ``c(b)`` stays measured.
+
+**Rows admitted plainly.** An adaptive row starting its prefill asks :meth:`BatchSpecPolicy.admit_plainly`
+with the batch it joins (decoding + prefilling rows). When the policy's current judgement at that
+size is "off" from measured costs (``T0`` and ``c`` both measured, judged within the last
+``stale_after`` decode steps) or ``disable_above`` rules it out, the row is admitted as a plain row:
+no drafter prefill (a drafter prefill of the whole prompt would cost it ~13 % more prefill for
+nothing), no drafter cache entries, its ``spec_metrics.mode`` is ``plain`` with the batch policy's
+reason. Such a row **stays plain for its life**, even if the batch later shrinks (its drafter
+never saw the prompt). Rows admitted while the policy is on keep their drafter; if the batch
+later grows, the per-step decision gives them γ = 0.
 
 Rows the policy leaves alone: ``speculative=False`` rows and rows without a usable drafter
 (γ = 0), rows with a fixed γ (an explicit choice: ``min(γ, remaining - 1)``, so a seeded sampled
-row reproduces its text in any batch), and a single adaptive row decoding alone, which keeps its
-own controller (the batch-1 behaviour of :mod:`bd_ray.speculative.adaptive`).
+row reproduces its text in any batch; they are never admitted plainly), and a single adaptive row
+decoding alone, which keeps its own controller (the batch-1 behaviour of
+:mod:`bd_ray.speculative.adaptive`).
 """
 
 from __future__ import annotations
@@ -27,7 +53,7 @@ from typing import Any
 
 from bd_ray.speculative.adaptive import CONSTANT_PRIOR, Ema, expected_tokens
 
-__all__ = ["BatchSpecPolicy", "BatchStats"]
+__all__ = ["BatchSpecPolicy", "BatchStats", "BucketStats"]
 
 
 def _bucket(b: int) -> int:
@@ -35,17 +61,63 @@ def _bucket(b: int) -> int:
     return 1 << max(0, (b - 1).bit_length())
 
 
+def _label(bucket: int) -> str:
+    return str(bucket) if bucket <= 2 else f"{bucket // 2 + 1}-{bucket}"
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(1e3 * x, 3)
+
+
+@dataclass
+class BucketStats:
+    """What the policy measured and decided at one batch-size bucket.
+
+    Attributes:
+        t0: EMA of the plain decode step, seconds (``T0(b)``).
+        c: EMA of the extra step time per unit γ, seconds (``c(b)``; ``None`` until measured).
+        steps: decode steps by the largest γ drafted in them (``"0"`` = a plain step).
+        on: the latest judgement for adaptive rows (``None`` before any).
+        measured: whether that judgement used a measured ``c`` (else the prior).
+        judged_at: decode step index of that judgement.
+        last_reason: its reason.
+        skipped: rows admitted plainly at this bucket (their drafter prefill skipped).
+    """
+
+    t0: Ema
+    c: Ema
+    steps: dict[str, int] = field(default_factory=dict)
+    on: bool | None = None
+    measured: bool = False
+    judged_at: int = 0
+    last_reason: str | None = None
+    skipped: int = 0
+
+    def as_dict(self, prior_c: float | None) -> dict:
+        """JSON-ready row of the policy table (milliseconds; ``c_ms`` is the prior's until measured)."""
+        c = self.c.value
+        return {"steps": dict(sorted(self.steps.items())), "t0_ms": _ms(self.t0.value),
+                "c_ms": _ms(max(0.0, c) if c is not None else prior_c),
+                "c_source": "measured" if c is not None else ("prior" if prior_c is not None else None),
+                "judgement": None if self.on is None else ("on" if self.on else "off"),
+                "last_reason": self.last_reason, "drafter_prefills_skipped": self.skipped}
+
+
 @dataclass
 class BatchStats:
-    """Per-engine counters of decode steps (reported by :meth:`BatchEngine.stats`).
+    """Per-engine counters of decode and prefill steps (reported by :meth:`BatchEngine.stats`).
 
     Attributes:
         steps: decode steps run.
         rows: sum over steps of decoding rows (``rows / steps`` = mean batch size).
-        tokens: tokens emitted by decode steps (``tokens / steps`` = tokens per step).
+        tokens: tokens emitted by decode steps (``tokens / steps`` = tokens per step; the first
+            token of each request, from its prefill, is not counted).
         gamma_chosen: steps by the largest γ drafted in them (``"0"`` = a plain step).
         last_reason: why the latest batch decision for adaptive rows was what it was.
         max_rows: the largest batch decoded in one step.
+        decode_s: wall seconds of all decode steps (whole steps, all rows).
+        prefill_s: wall seconds of all prefill phases (every row's chunks of a step).
+        buckets: the policy's :class:`BucketStats` by batch-size bucket.
     """
 
     steps: int = 0
@@ -54,52 +126,102 @@ class BatchStats:
     gamma_chosen: dict[str, int] = field(default_factory=dict)
     last_reason: str | None = None
     max_rows: int = 0
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+    buckets: dict[int, BucketStats] = field(default_factory=dict)
 
-    def record(self, rows: int, tokens: int, gamma: int) -> None:
+    def record(self, rows: int, tokens: int, gamma: int, seconds: float) -> None:
         self.steps += 1
         self.rows += rows
         self.tokens += tokens
+        self.decode_s += seconds
         self.max_rows = max(self.max_rows, rows)
         self.gamma_chosen[str(gamma)] = self.gamma_chosen.get(str(gamma), 0) + 1
 
-    def as_dict(self) -> dict:
-        """JSON-ready: the counters plus ``rows_per_step`` and ``tokens_per_step`` (means)."""
+    def as_dict(self, prior_c: Any = None) -> dict:
+        """JSON-ready: the counters plus ``rows_per_step`` and ``tokens_per_step`` (means),
+        ``decode_tokens`` and ``decode_s`` (raw, for deltas between two reads),
+        ``decode_tokens_per_s`` (decode throughput of the engine: tokens emitted by decode steps /
+        ``decode_s``, all rows summed, prefill time excluded; 0.0 before any step), ``prefill_s``
+        and ``policy``: bucket label (``"1"``, ``"2"``, ``"3-4"``, ``"5-8"``, ...) -> its
+        :meth:`BucketStats.as_dict` (``prior_c(bucket)`` gives the prior ``c`` in seconds or ``None``)."""
+        prior_c = prior_c or (lambda bucket: None)
         return {"steps": self.steps, "rows_per_step": self.rows / self.steps if self.steps else 0.0,
                 "tokens_per_step": self.tokens / self.steps if self.steps else 0.0,
                 "max_rows": self.max_rows, "gamma_chosen": dict(sorted(self.gamma_chosen.items())),
-                "last_reason": self.last_reason}
+                "last_reason": self.last_reason, "decode_tokens": self.tokens, "decode_s": self.decode_s,
+                "decode_tokens_per_s": self.tokens / self.decode_s if self.decode_s > 0 else 0.0,
+                "prefill_s": self.prefill_s,
+                "policy": {_label(k): v.as_dict(prior_c(k)) for k, v in sorted(self.buckets.items())}}
 
 
 class BatchSpecPolicy:
-    """Chooses γ per row and step (see the module docstring).
+    """Chooses γ per row and step, and whether a new adaptive row needs its drafter (module docstring).
 
     Args:
         max_gamma: the largest γ the batch decision may pick (each row also caps at its own γ).
         min_gain: speculate only when expected tokens/s beats plain decoding by this factor.
-        disable_above: never speculate (adaptive rows) with more decoding rows than this.
-        probe_every: plain batch steps between γ = 1 probes.
-        prior_draft_ratio, prior_slope_ratio: ``t_d / T_v(B, 1)`` and ``s / T_v(B, 1)`` until measured
-            (the engine sets its measured :class:`bd_ray.speculative.adaptive.CostPrior`: :attr:`prior`).
+        disable_above: never speculate (adaptive rows) with more decoding rows than this, and admit
+            adaptive rows joining more rows than this plainly.
+        probe_every: plain batch steps between probes.
+        probe_steps: γ = 1 steps per probe (>= 2: the first catches the drafter up).
+        stale_after: decode steps after which a bucket's "off" judgement no longer admits rows
+            plainly (rows keep arriving with a drafter now and then, so a judgement made when no
+            adaptive row is left to probe cannot hold forever).
+        prior_draft_ratio, prior_slope_ratio: the batch-1 ratios ``t_d / T_v(1)`` and ``s / T_v(1)``
+            behind the prior ``c(b)`` (the engine sets its measured
+            :class:`bd_ray.speculative.adaptive.CostPrior`: :attr:`prior`).
+        weight: EMA weight of a new step time.
     """
 
     def __init__(self, max_gamma: int = 8, min_gain: float = 1.05, disable_above: int | None = None,
-                 probe_every: int = 16, prior_draft_ratio: float = CONSTANT_PRIOR.draft_ratio,
-                 prior_slope_ratio: float = CONSTANT_PRIOR.slope_ratio,
-                 weight: float = 0.3) -> None:
+                 probe_every: int = 16, probe_steps: int = 2, stale_after: int = 256,
+                 prior_draft_ratio: float = CONSTANT_PRIOR.draft_ratio,
+                 prior_slope_ratio: float = CONSTANT_PRIOR.slope_ratio, weight: float = 0.3) -> None:
         self.max_gamma = max_gamma
         self.min_gain = min_gain
         self.disable_above = disable_above
         self.probe_every = probe_every
+        self.probe_steps = max(1, probe_steps)
+        self.stale_after = stale_after
         self.prior = (prior_draft_ratio, prior_slope_ratio)
         self.weight = weight
-        self._plain: dict[int, Ema] = {}
-        self._draft: dict[int, Ema] = {}
-        self._slope: dict[int, Ema] = {}
-        self._off_steps = 0
+        self._off_steps = 0       # plain batch decisions since the last probe
+        self._probe_left = 0      # γ = 1 steps left of the current probe
         self.stats = BatchStats()
 
-    def _ema(self, table: dict[int, Ema], b: int) -> Ema:
-        return table.setdefault(_bucket(b), Ema(self.weight))
+    def bucket(self, b: int) -> BucketStats:
+        """The :class:`BucketStats` of batch size ``b`` (created empty on first use)."""
+        k = _bucket(b)
+        if k not in self.stats.buckets:
+            self.stats.buckets[k] = BucketStats(Ema(self.weight), Ema(self.weight))
+        return self.stats.buckets[k]
+
+    # ---- costs --------------------------------------------------------------------------------
+    def t0_one(self, b: int) -> float | None:
+        """``T0(1)``: the smallest measured bucket's plain step, up to ``b`` (seconds)."""
+        for k, bk in sorted(self.stats.buckets.items()):
+            if k > _bucket(b):
+                break
+            if bk.t0.value is not None:
+                return bk.t0.value
+        return None
+
+    def prior_c(self, b: int) -> float | None:
+        """The prior ``c(b)`` in seconds (module docstring); ``None`` before ``T0(b)`` is measured."""
+        t0 = self.bucket(b).t0.value
+        if t0 is None:
+            return None
+        return self.prior[0] * t0 + self.prior[1] * self.t0_one(b) * b
+
+    def costs(self, b: int) -> tuple[float, float, bool] | None:
+        """``(T0(b), c(b), c measured)`` in seconds, or ``None`` before ``T0(b)`` is measured."""
+        bk = self.bucket(b)
+        if bk.t0.value is None:
+            return None
+        if bk.c.value is not None:
+            return bk.t0.value, max(0.0, bk.c.value), True
+        return bk.t0.value, self.prior_c(b), False
 
     # ---- decisions ----------------------------------------------------------------------------
     def choose(self, rows: list[Any]) -> dict[Any, int]:
@@ -132,45 +254,85 @@ class BatchSpecPolicy:
                     r.plain_reason = reason
         return out
 
+    def _judge(self, b: int, on: bool, measured: bool, reason: str) -> None:
+        bk = self.bucket(b)
+        bk.on, bk.measured, bk.judged_at, bk.last_reason = on, measured, self.stats.steps, reason
+
     def _batch_gamma(self, rows: list[Any], b: int) -> tuple[int, str]:
         if self.disable_above is not None and b > self.disable_above:
-            return 0, f"batch policy: {b} decoding rows > disable_above={self.disable_above}"
-        v1 = self._ema(self._plain, b).value
-        if v1 is None:
+            reason = f"batch policy: {b} decoding rows > disable_above={self.disable_above}"
+            self._judge(b, False, True, reason)
+            return 0, reason
+        if self._probe_left > 0:
+            self._probe_left -= 1
+            return 1, f"batch policy: probing γ=1 at {b} rows"
+        costs = self.costs(b)
+        if costs is None:
             return 0, f"batch policy: measuring the plain step at {b} rows"
-        td = self._ema(self._draft, b).value
-        slope = self._ema(self._slope, b).value
-        td = self.prior[0] * v1 if td is None else td
-        slope = self.prior[1] * v1 if slope is None else max(0.0, slope)
+        t0, c, measured = costs
         ps = [r.controller.acceptance for r in rows]
         top = max(1, min(self.max_gamma, max(r.gamma for r in rows)))
 
         def rate(g: int) -> float:
-            return sum(expected_tokens(p, g) for p in ps) / (g * td + v1 + g * slope)
+            return sum(expected_tokens(p, g) for p in ps) / (t0 + g * c)
 
-        plain = len(ps) / v1
         g = max(range(1, top + 1), key=rate)
-        gain = rate(g) / plain
+        gain = rate(g) / (len(ps) / t0)
+        costs_s = (f"plain step {1e3 * t0:.1f} ms, each unit of γ +{1e3 * c:.1f} ms "
+                   f"({'measured' if measured else 'prior'})")
         if gain >= self.min_gain:
             self._off_steps = 0
-            return g, (f"batch policy: γ={g} at {b} rows expects {gain:.2f}x plain decoding "
-                       f"(mean acceptance {sum(ps) / len(ps):.2f})")
+            reason = (f"batch policy: γ={g} at {b} rows expects {gain:.2f}x plain decoding "
+                      f"(mean acceptance {sum(ps) / len(ps):.2f}; {costs_s})")
+            self._judge(b, True, measured, reason)
+            return g, reason
+        reason = (f"batch policy: speculation cannot pay at {b} rows: best γ={g} expects {gain:.2f}x "
+                  f"plain decoding (mean acceptance {sum(ps) / len(ps):.2f}; {costs_s})")
+        self._judge(b, False, measured, reason)
         self._off_steps += 1
         if self._off_steps >= self.probe_every:
             self._off_steps = 0
+            self._probe_left = self.probe_steps - 1
             return 1, f"batch policy: probing γ=1 at {b} rows"
-        return 0, (f"batch policy: speculation cannot pay at {b} rows: best γ={g} expects {gain:.2f}x "
-                   f"plain decoding (mean acceptance {sum(ps) / len(ps):.2f}, drafter step {td / v1:.2f}x "
-                   f"and each extra verified token {slope / v1:.2f}x of a plain step)")
+        return 0, reason
+
+    def admit_plainly(self, b: int) -> str | None:
+        """Why an adaptive row joining a batch of ``b`` rows (decoding + prefilling, itself
+        included) should be admitted plainly, with no drafter prefill; ``None``: give it its
+        drafter. Plainly when ``disable_above`` rules speculation out at ``b`` rows or the latest
+        judgement at ``b`` is "off" from measured costs and fresh (module docstring)."""
+        if b < 2:
+            return None                                  # a row alone keeps its own controller
+        bk = self.stats.buckets.get(_bucket(b))
+        if self.disable_above is not None and b > self.disable_above:
+            why = f"{b} rows > disable_above={self.disable_above}"
+        elif bk is not None and bk.on is False and bk.measured and self.stats.steps - bk.judged_at <= self.stale_after:
+            why = bk.last_reason.removeprefix("batch policy: ")
+        else:
+            return None
+        self.bucket(b).skipped += 1
+        return f"batch policy: admitted plainly (no drafter prefill) joining {b} rows: {why}"
 
     # ---- observations -------------------------------------------------------------------------
-    def observe(self, rows: int, gamma: int, draft_s: float, verify_s: float, tokens: int) -> None:
-        """One decode step over ``rows`` rows with largest γ ``gamma`` took these seconds."""
-        self.stats.record(rows, tokens, gamma)
-        if gamma == 0:
-            self._ema(self._plain, rows).add(verify_s)
-            return
-        self._ema(self._draft, rows).add(draft_s / gamma)
-        v1 = self._ema(self._plain, rows).value
-        if v1 is not None:
-            self._ema(self._slope, rows).add((verify_s - v1) / gamma)
+    def observe(self, gammas: list[int], seconds: float, tokens: int, catch_up: bool = False) -> None:
+        """One whole decode step: ``gammas`` the γ of each of its rows, ``seconds`` its wall time,
+        ``tokens`` emitted; ``catch_up``: a drafter forward also fed tokens decoded plainly since
+        the row's last cycle (not a typical step: no ``c`` sample)."""
+        b, g_max = len(gammas), max(gammas)
+        self.stats.record(b, tokens, g_max, seconds)
+        bk = self.bucket(b)
+        bk.steps[str(g_max)] = bk.steps.get(str(g_max), 0) + 1
+        if g_max == 0:
+            bk.t0.add(seconds)
+        elif not catch_up and bk.t0.value is not None:
+            bk.c.add((seconds - bk.t0.value) / (sum(gammas) / b))
+
+    def observe_prefill(self, seconds: float) -> None:
+        """One engine step's prefill phase took ``seconds``."""
+        self.stats.prefill_s += seconds
+
+    def as_dict(self) -> dict:
+        """:meth:`BatchStats.as_dict` with the prior ``c`` of unmeasured buckets."""
+        def prior_c(k: int) -> float | None:
+            return self.prior_c(k) if self.stats.buckets[k].t0.value is not None else None
+        return self.stats.as_dict(prior_c)
