@@ -9,7 +9,12 @@ corpus's test split, :func:`bd_ray.evaluate.prompts.select_prompts`) for ``--max
 tokens. Reported per cell (like vLLM's ``benchmark_serving``): aggregate output tokens/s over the
 cell's wall time (end to end, prefills included) and of decoding (tokens after each request's
 first over the time any request was decoding: :func:`_decode_rate`), p50/p99 TTFT and TPOT,
-mean α / τ, and what the batch policy chose (``spec_metrics.mode`` counts and reasons).
+mean α / τ, and what the batch policy chose (``spec_metrics.mode`` counts and reasons). From the
+server's ``/debug/engine`` (read before and after each cell: :func:`engine_cell`): the engine's
+own decode throughput over the cell (``engine_decode_tokens_per_s``: tokens of decode steps per
+second of decode steps, all rows summed, prefill excluded; the issue's "AR decode throughput"
+ratio uses it) and the batch policy's per-bucket table at the end of the cell (steps by γ in the
+cell, plain-step and per-γ costs, judgement and reason, drafter prefills skipped).
 
 ``--late-joiner``: 8 streams decode, a ``--late-long``-token prompt (4096) arrives, and a
 ``--late-short``-token prompt (100) arrives during its prefill: the short request's TTFT, the long
@@ -88,6 +93,35 @@ async def one_request(client, url: str, body: dict) -> dict:
             "tpot": ((last - first) / (n - 1)) if first and n > 1 else None, "tokens": n, "spec": spec}
 
 
+async def engine_stats(client, url: str) -> dict | None:
+    """The engine counters of one replica (``/debug/engine``'s ``engine``), ``None`` if unreadable."""
+    try:
+        resp = await client.get(url + "/debug/engine", timeout=30)
+        return resp.json().get("engine") if resp.status_code == 200 else None
+    except Exception:  # noqa: BLE001 -- a cell's figures do not depend on it
+        return None
+
+
+def engine_cell(before: dict | None, after: dict | None) -> dict:
+    """The cell's share of the engine counters: decode throughput (tokens of decode steps /
+    seconds of decode steps between the two reads), decode and prefill seconds, and the policy
+    table as of ``after`` with each bucket's ``steps`` (by γ) counted within the cell only."""
+    if not before or not after or "decode_s" not in after:
+        return {"engine_decode_tokens_per_s": None, "engine_decode_s": None, "engine_prefill_s": None,
+                "policy": None}
+    secs = after["decode_s"] - before.get("decode_s", 0.0)
+    tokens = after["decode_tokens"] - before.get("decode_tokens", 0)
+    policy = {}
+    for bucket, row in after.get("policy", {}).items():
+        old = before.get("policy", {}).get(bucket, {}).get("steps", {})
+        steps = {g: n - old.get(g, 0) for g, n in row["steps"].items() if n - old.get(g, 0)}
+        if steps or row["drafter_prefills_skipped"] != before.get("policy", {}).get(bucket, {}).get(
+                "drafter_prefills_skipped", 0):
+            policy[bucket] = {**row, "steps": steps}
+    return {"engine_decode_tokens_per_s": tokens / secs if secs > 0 else None, "engine_decode_s": secs,
+            "engine_prefill_s": after["prefill_s"] - before.get("prefill_s", 0.0), "policy": policy}
+
+
 def _decode_rate(ok: list[dict]) -> float | None:
     """Tokens after each request's first over the time any request was decoding (the union of
     their [first token, end] intervals): decode throughput, prefill-only stretches excluded."""
@@ -117,9 +151,11 @@ async def run_cell(url: str, concurrency: int, speculative: bool, prompts: list[
                         "temperature": 0, "stream": True, "speculative": speculative, "ignore_eos": True}
                 results.append(await one_request(client, url, body))
 
+        before = await engine_stats(client, url)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+        engine = engine_cell(before, await engine_stats(client, url))
     ok = [r for r in results if r["status"] == 200 and r.get("tokens")]
     ttft = [r["ttft"] for r in ok if r.get("ttft") is not None]
     tpot = [r["tpot"] for r in ok if r.get("tpot") is not None]
@@ -140,6 +176,7 @@ async def run_cell(url: str, concurrency: int, speculative: bool, prompts: list[
         "alpha_mean": statistics.fmean(s["alpha"] for s in drafted) if drafted else None,
         "tau_mean": statistics.fmean(s["tau"] for s in drafted) if drafted else None,
         "modes": modes, "kv_budgets": budgets, "mode_reasons": sorted({s.get("mode_reason") or "" for s in specs} - {""})[:3],
+        **engine,
     }
 
 
@@ -365,27 +402,38 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(report: dict) -> None:
     """The concurrency x spec on/off x variant table, with the ratios the issue's targets use."""
     ms = lambda x: f"{1000 * x:.0f}" if x is not None else "-"  # noqa: E731
-    print(f"{'variant':>9} {'C':>2} {'spec':>4} {'ok':>3} {'tok/s':>7} {'dec tok/s':>9} {'TTFT p50/p99 ms':>17} "
-          f"{'TPOT p50/p99 ms':>17} {'tau':>4}  modes")
+    r1 = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}" if a is not None and b else "-"
+
+    print(f"{'variant':>9} {'C':>2} {'spec':>4} {'ok':>3} {'tok/s':>7} {'dec tok/s':>9} {'eng dec':>7} "
+          f"{'TTFT p50/p99 ms':>17} {'TPOT p50/p99 ms':>17} {'tau':>4}  modes")
     for variant, entry in report["variants"].items():
         for x in entry["cells"]:
-            dec = x["decode_tokens_per_s"]
             print(f"{variant:>9} {x['concurrency']:>2} {'on' if x['speculative'] else 'off':>4} {x['ok']:>3} "
-                  f"{x['output_tokens_per_s']:>7.1f} {dec if dec is None else round(dec, 1)!s:>9} "
+                  f"{x['output_tokens_per_s']:>7.1f} {r1(x['decode_tokens_per_s']):>9} "
+                  f"{r1(x.get('engine_decode_tokens_per_s')):>7} "
                   f"{ms(x['ttft_p50_s']) + '/' + ms(x['ttft_p99_s']):>17} "
                   f"{ms(x['tpot_p50_s']) + '/' + ms(x['tpot_p99_s']):>17} "
                   f"{x['tau_mean'] if x['tau_mean'] is None else round(x['tau_mean'], 2)!s:>4}  {x['modes']}")
+            for bucket, row in (x.get("policy") or {}).items():
+                print(f"{'':>13} policy {bucket:>5} rows: steps by γ {row['steps']}, T0 {row['t0_ms']} ms, "
+                      f"c {row['c_ms']} ms ({row['c_source']}), {row['judgement']}, "
+                      f"{row['drafter_prefills_skipped']} drafter prefills skipped; {row['last_reason']}")
         cells = {(x["concurrency"], x["speculative"]): x for x in entry["cells"]}
         cs = sorted({c for c, _ in cells})
         for c in cs:
             on, off = cells[(c, True)], cells[(c, False)]
-            if off["output_tokens_per_s"]:
-                print(f"{variant} C={c}: spec on/off tok/s = {on['output_tokens_per_s'] / off['output_tokens_per_s']:.2f}")
-        if len(cs) > 1 and cells[(cs[0], False)]["output_tokens_per_s"]:
+            print(f"{variant} C={c}: spec on/off tok/s = {ratio(on['output_tokens_per_s'], off['output_tokens_per_s'])} "
+                  f"end to end, engine decode "
+                  f"{ratio(on.get('engine_decode_tokens_per_s'), off.get('engine_decode_tokens_per_s'))}")
+        if len(cs) > 1:
             lo, hi = cells[(cs[0], False)], cells[(cs[-1], False)]
             print(f"{variant}: AR tok/s C={cs[-1]} / C={cs[0]} = "
-                  f"{hi['output_tokens_per_s'] / lo['output_tokens_per_s']:.2f} end to end, decode "
-                  f"{(hi['decode_tokens_per_s'] or 0) / (lo['decode_tokens_per_s'] or 1):.2f}")
+                  f"{ratio(hi['output_tokens_per_s'], lo['output_tokens_per_s'])} end to end, engine decode "
+                  f"{ratio(hi.get('engine_decode_tokens_per_s'), lo.get('engine_decode_tokens_per_s'))} "
+                  f"(client-side decode {ratio(hi['decode_tokens_per_s'], lo['decode_tokens_per_s'])})")
         if "late_joiner" in entry:
             print(f"{variant} late joiner: {entry['late_joiner']}")
     for name, x in report.get("elastic", {}).items():

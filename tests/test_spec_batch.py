@@ -367,6 +367,9 @@ def test_batch_policy_probes_keep_c_measured_and_skip_catch_up_steps():
     # catch-up steps (0.5 s) left c alone; the clean probe steps pulled it towards 5 ms
     c = policy.costs(8)[1]
     assert 0.005 < c < 0.020 and c == pytest.approx(0.020 * 0.7 ** 2 + 0.005 * (1 - 0.7 ** 2))
+    # a preempted step (10 s) moves T0 by a clipped sample only
+    policy.observe([0] * 8, 10.0, 8)
+    assert policy.costs(8)[0] == pytest.approx(0.7 * 0.030 + 0.3 * policy.SPIKE * 0.030)
 
 
 def test_batch_policy_prior_scales_with_the_batch_and_never_admits_plainly():

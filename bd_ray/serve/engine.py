@@ -176,13 +176,16 @@ class SpecEngine:
         Returns ``{"replica_id", "pid", "rss_bytes", "live_requests", "live": [{request_id,
         speculative, gamma, kv_budget ("full" or tokens), prompt_tokens, tokens, age_s}], "totals":
         {started, finished, failed, cancelled}, "engine": {live_rows, waiting, cache_bytes,
-        peak_cache_bytes, elastic_lowered, steps, rows_per_step, tokens_per_step, max_rows, gamma_chosen,
-        last_reason}, "device",
-        "max_model_len", "drafter", "drafter_attn"}``; ``rss_bytes`` is the replica process's
+        peak_cache_bytes, elastic_lowered, cost_prior, steps, rows_per_step, tokens_per_step, max_rows,
+        gamma_chosen, last_reason, decode_tokens, decode_s, decode_tokens_per_s, prefill_s, policy},
+        "device", "max_model_len", "drafter", "drafter_attn"}``; ``rss_bytes`` is the replica process's
         resident memory (bytes); ``engine`` is :meth:`BatchEngine.stats` as of its latest step
         (``live_rows``: rows holding cache slots, ``cache_bytes``: bytes both caches hold,
         ``peak_cache_bytes``: the most they and in-flight prefills held, bounded by
-        ``kv_cache_bytes``). With
+        ``kv_cache_bytes``; ``decode_tokens_per_s``: tokens emitted by decode steps per second of
+        decode steps, all rows summed, prefill excluded; ``policy``: per batch-size bucket, the
+        batch speculation policy's steps by γ, plain-step and per-γ costs in ms, judgement, last
+        reason and drafter prefills skipped, :class:`bd_ray.speculative.batch_policy.BatchStats`). With
         ``deep`` (slow: a full garbage collection and heap scan, ~0.1 s) also ``"kv_caches"``: KV
         caches holding entries in the process, counted independently of the live-request table, so
         a cache leaked by any code path shows up here.

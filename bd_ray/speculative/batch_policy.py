@@ -174,6 +174,9 @@ class BatchSpecPolicy:
         weight: EMA weight of a new step time.
     """
 
+    #: the most a new step-time sample may exceed the current estimate, as a factor
+    SPIKE = 3.0
+
     def __init__(self, max_gamma: int = 8, min_gain: float = 1.05, disable_above: int | None = None,
                  probe_every: int = 16, probe_steps: int = 2, stale_after: int = 256,
                  prior_draft_ratio: float = CONSTANT_PRIOR.draft_ratio,
@@ -322,10 +325,14 @@ class BatchSpecPolicy:
         self.stats.record(b, tokens, g_max, seconds)
         bk = self.bucket(b)
         bk.steps[str(g_max)] = bk.steps.get(str(g_max), 0) + 1
+        # One-sided timer noise (a preempted or GC-paused step) is clipped: a sample moves an
+        # estimate by at most SPIKE x its value (c: at least up to SPIKE plain steps per unit γ).
+        t0 = bk.t0.value
         if g_max == 0:
-            bk.t0.add(seconds)
-        elif not catch_up and bk.t0.value is not None:
-            bk.c.add((seconds - bk.t0.value) / (sum(gammas) / b))
+            bk.t0.add(seconds if t0 is None else min(seconds, self.SPIKE * t0))
+        elif not catch_up and t0 is not None:
+            c = (seconds - t0) / (sum(gammas) / b)
+            bk.c.add(min(c, self.SPIKE * max(bk.c.value or 0.0, t0)))
 
     def observe_prefill(self, seconds: float) -> None:
         """One engine step's prefill phase took ``seconds``."""
