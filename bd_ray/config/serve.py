@@ -159,7 +159,8 @@ class ServeEngineConfig(StrictModel):
     kv_cache_bytes: MemoryBytes = Field(None, description="KV-cache memory per replica (both models' caches "
                                         "and in-flight prefills): bytes, or with a unit (2GiB); null = no limit")
     disable_spec_above: int | None = Field(None, ge=1, description="adaptive requests decode plainly with more "
-                                           "decoding rows than this; null = the batch policy decides")
+                                           "decoding rows than this (one joining more rows skips its drafter "
+                                           "prefill); null = the batch policy decides")
     elastic_budget: ElasticBudgetConfig = Field(default_factory=ElasticBudgetConfig)
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)

@@ -28,12 +28,14 @@ extra verified token costing what it costs alone: on CPU extra tokens are comput
 smallest measured bucket's ``T0``). While off, the policy probes: every ``probe_every`` plain
 steps it runs ``probe_steps`` steps at γ = 1 (the first one's drafter forward catches up on the
 tokens decoded plainly, so it gives no ``c`` sample; the next does), so ``c(b)`` stays measured.
+A step-time sample above :attr:`BatchSpecPolicy.SPIKE` times the current estimate counts as that
+(one-sided timer noise: a preempted or paused step must not turn speculation off for long).
 
 **Rows admitted plainly.** An adaptive row starting its prefill asks :meth:`BatchSpecPolicy.admit_plainly`
 with the batch it joins (decoding + prefilling rows). When the policy's current judgement at that
 size is "off" from measured costs (``T0`` and ``c`` both measured, judged within the last
 ``stale_after`` decode steps) or ``disable_above`` rules it out, the row is admitted as a plain row:
-no drafter prefill (a drafter prefill of the whole prompt would cost it ~13 % more prefill for
+no drafter prefill (it would add the drafter's share of the prompt's prefill compute for
 nothing), no drafter cache entries, its ``spec_metrics.mode`` is ``plain`` with the batch policy's
 reason. Such a row **stays plain for its life**, even if the batch later shrinks (its drafter
 never saw the prompt). Rows admitted while the policy is on keep their drafter; if the batch
@@ -164,7 +166,8 @@ class BatchSpecPolicy:
         disable_above: never speculate (adaptive rows) with more decoding rows than this, and admit
             adaptive rows joining more rows than this plainly.
         probe_every: plain batch steps between probes.
-        probe_steps: γ = 1 steps per probe (>= 2: the first catches the drafter up).
+        probe_steps: γ = 1 steps per probe (2: the first catches the drafter up and gives no ``c``
+            sample, the second does).
         stale_after: decode steps after which a bucket's "off" judgement no longer admits rows
             plainly (rows keep arriving with a drafter now and then, so a judgement made when no
             adaptive row is left to probe cannot hold forever).
