@@ -116,11 +116,20 @@ class LossTerms:
 
 
 class BudgetSampler:
-    """Seeded per-step sampler of KV budgets from a weighted set (docs/DESIGN.md sec 2).
+    """Seeded sampler of KV budgets from a weighted set, one draw per window (docs/DESIGN.md sec 2).
 
-    The draw for step ``s`` depends only on ``(seed, s)``, never on how many draws came before, so
-    a resumed run draws exactly what an uninterrupted one would, and every data-parallel worker
-    draws the same budgets at the same step (their teacher ZeRO-3 forwards stay in lock-step).
+    The draw for micro step ``s`` on data-parallel rank ``r`` depends only on ``(seed, s, r)``
+    (``numpy`` seed sequence ``[seed, s, 0x42D, r]``), never on how many draws came before: a run
+    resumed on any rank draws exactly what an uninterrupted one would. Each rank draws its own
+    budgets, as the paper draws one per window (batch 1), so an optimizer step over ``world``
+    ranks sees ``world`` times the views of one rank instead of the same budget repeated. Rank 0's
+    stream is the one-process stream (a seed sequence pads with zeros: ``[seed, s, 0x42D]`` ==
+    ``[seed, s, 0x42D, 0]``), so single-process runs draw what they always drew.
+
+    Ranks stay in lock-step despite different budgets: the drafter's graph has the same shape for
+    every budget (a view with ``B >= P`` drops out of the loss without changing the order in which
+    parameter gradients become ready, which ZeRO-2's reduce buckets follow), and a ZeRO-3 teacher
+    computing ``L_B`` targets is given the union of every rank's draws (:meth:`sample_all_ranks`).
 
     Args:
         budgets: budget (tokens) -> weight (> 0; normalised here).
@@ -139,12 +148,17 @@ class BudgetSampler:
         self.probs = w / w.sum()
         self.seed = int(seed)
 
-    def sample(self, step: int, k: int = 1) -> list[int]:
-        """``k`` budgets (with replacement) for optimizer/micro step ``step``."""
+    def sample(self, step: int, k: int = 1, rank: int = 0) -> list[int]:
+        """``k`` budgets (with replacement) for micro step ``step`` on data-parallel rank ``rank``."""
         if self.fixed is not None:
             return [int(self.fixed)] * k
-        rng = np.random.default_rng([self.seed, int(step), 0x42D])
+        rng = np.random.default_rng([self.seed, int(step), 0x42D, int(rank)])
         return [int(b) for b in rng.choice(self.values, size=k, p=self.probs)]
+
+    def sample_all_ranks(self, step: int, k: int, world: int) -> list[int]:
+        """The distinct budgets any of ``world`` ranks draws at ``step`` (sorted): what a sharded
+        teacher computes ``L_B`` targets for, so its collective forwards match on every rank."""
+        return sorted({b for r in range(world) for b in self.sample(step, k, r)})
 
 
 # ------------------------------------------------------------------------------------------

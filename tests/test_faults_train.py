@@ -11,7 +11,10 @@
   processes) and, while the group restarts, the latest registered checkpoint is damaged;
   FailureConfig restarts the worker, it detects the damage, restores the previous checkpoint, and
   the final drafter equals an uninterrupted run's, on a corpus with an empty document,
-  undecodable bytes, a one-token document and a truncated parquet shard (all skipped, counted).
+  undecodable bytes, a one-token document and a truncated parquet shard (all skipped, counted);
+- Ray Train with 2 workers (case 16): stopped at step 10 of 20 and restarted as a new job, every
+  rank's losses, sampled budgets and ZeRO-2 optimizer partition, the lr schedule and the final
+  weights equal an uninterrupted run's exactly.
 """
 
 from __future__ import annotations
@@ -339,8 +342,10 @@ def write_hostile_corpus(root: Path) -> Path:
     return d
 
 
-def _ray_cfg(tmp_path: Path, name: str, max_steps: int) -> TrainJobConfig:
-    return TrainJobConfig.model_validate({
+def _ray_cfg(tmp_path: Path, name: str, max_steps: int, **over) -> TrainJobConfig:
+    """The Ray Train runs' config on the tiny verifier and ``tmp_path/corpus``; ``over``:
+    ``section__key=value`` replacements."""
+    tree = {
         "models": {"verifier": str(tmp_path / "verifier"), "drafter_layers": 1},
         "data": {"source": str(tmp_path / "corpus"), "prefix_len": P, "continuation_len": T, "eval_windows": 0,
                  "tokenizer_num_cpus": 0.25},
@@ -350,7 +355,11 @@ def _ray_cfg(tmp_path: Path, name: str, max_steps: int) -> TrainJobConfig:
         "deepspeed": {"zero_stage": 2, "teacher_shard": "none"},
         "run": {"name": name, "output_dir": str(tmp_path / "runs"), "num_workers": 1, "eval_every": 10_000,
                 "checkpoint_every": 3, "keep_checkpoints": 2, "max_failures": 2, "log_every": 6},
-    })
+    }
+    for k, v in over.items():
+        sec, key = k.split("__")
+        tree[sec][key] = v
+    return TrainJobConfig.model_validate(tree)
 
 
 def _registered_checkpoints(storage: Path) -> list[str]:
@@ -440,3 +449,86 @@ def test_ray_worker_killed_mid_run_resumes_to_the_same_drafter(tmp_path, ray_clu
     a, b = _final_weights(ref["out_dir"]), _final_weights(box["s"]["out_dir"])
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert box["s"]["data_stats"] == st
+
+
+# ------------------------------------------------------------------------------------------
+# Ray Train, 2 workers: stopped at step 10 of 20, restarted, every rank resumes exactly (case 16)
+# ------------------------------------------------------------------------------------------
+
+
+def _checkpoints_by_step(out_dir: str) -> dict[int, Path]:
+    """A Ray Train run's checkpoint directories in storage (``out_dir/ray``), by their step."""
+    found = {}
+    for state in Path(out_dir, "ray").glob("*/checkpoint_*/state.json"):
+        found[json.loads(state.read_text())["step"]] = state.parent
+    return found
+
+
+def _exp_avg_of_rank(ckpt: Path, rank: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s AdamW ``exp_avg`` tensors in a DeepSpeed ZeRO checkpoint (its own partition file)."""
+    files = list(ckpt.rglob(f"zero_pp_rank_{rank}_mp_rank_*optim_states.pt"))
+    assert len(files) == 1, (rank, sorted(p.name for p in ckpt.rglob("*.pt")))
+    sd = torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    state = sd["base_optimizer_state"]["state"]
+    return [state[i]["exp_avg"] for i in sorted(state)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)  # about 3 min on 2 idle cores; room for a loaded CI box
+def test_two_worker_resume_is_exact_per_rank(tmp_path, ray_cluster):
+    """Case 16: 2 Ray Train workers (DeepSpeed ZeRO-2, gloo), checkpoint every 5 of 20 steps. The
+    staged run stops after step 10 (its workers exit) and a second ``run_ray`` of the same run name
+    starts new worker processes that restore it. Per rank, steps 11-20 equal the uninterrupted run:
+    losses and sampled budgets (every rank's, gathered into rank 0's history), learning rates, each
+    rank's own ZeRO-2 optimizer partition (exp_avg), and the final weights bit for bit."""
+    from bd_ray.train.driver import run_ray
+
+    write_tiny_world(tmp_path, P + T)
+    # half a CPU per worker: the uninterrupted run and the staged one share the 4-CPU cluster (wall
+    # time) and leave CPUs to Ray Data
+    over = dict(data__source=str(tmp_path / "corpus.parquet"), run__num_workers=2, run__cpus_per_worker=0.5,
+                run__checkpoint_every=5, run__keep_checkpoints=4, run__max_failures=0, run__log_every=10)
+    box: dict = {}
+
+    def uninterrupted():
+        try:
+            box["full"] = run_ray(_ray_cfg(tmp_path, "full", 20, **over), log=lambda m: None)
+        except BaseException as exc:  # noqa: BLE001 -- reported by the main thread
+            box["full"] = exc
+
+    side = threading.Thread(target=uninterrupted, daemon=True)
+    side.start()
+    first = run_ray(_ray_cfg(tmp_path, "staged", 20, run__stop_after_steps=10, **over), log=lambda m: None)
+    m1 = json.loads((Path(first["out_dir"]) / "metrics.json").read_text())
+    assert m1["step"] == 10 and not m1["finished"] and m1["world_size"] == 2
+    staged = run_ray(_ray_cfg(tmp_path, "staged", 20, **over), log=lambda m: None)  # new worker processes
+    side.join(timeout=300)
+    full = box.get("full")
+    assert isinstance(full, dict), full
+    a = json.loads((Path(full["out_dir"]) / "metrics.json").read_text())
+    b = json.loads((Path(staged["out_dir"]) / "metrics.json").read_text())
+    assert a["finished"] and b["finished"] and a["step"] == b["step"] == 20
+    assert a["restores"] == [] and [r["step"] for r in b["restores"]] == [10]
+    ha, hb = a["history"], b["history"]
+    assert [h["step"] for h in ha] == [h["step"] for h in hb] == list(range(1, 21))
+    for key in ("rank_losses", "rank_budgets", "lr", "loss", "budgets"):
+        assert [h[key] for h in hb[10:]] == [h[key] for h in ha[10:]], key  # steps 11-20, exact (fp32)
+        assert [h[key] for h in hb[:10]] == [h[key] for h in m1["history"]], key
+    assert all(len(h["rank_losses"]) == len(h["rank_budgets"]) == 2 for h in ha)
+    assert all(h["rank_losses"][0] == h["loss"] and h["rank_budgets"][0] == h["budgets"] for h in ha)
+    # not vacuous: the ranks train on different windows and draw their own budgets; the schedule moves
+    assert all(h["rank_losses"][0] != h["rank_losses"][1] for h in ha)
+    assert any(h["rank_budgets"][0] != h["rank_budgets"][1] for h in ha[10:])
+    assert len({h["lr"] for h in ha[10:]}) == 10
+    # each rank's own ZeRO-2 optimizer partition, after the resume, equals the uninterrupted run's
+    ck_a, ck_b = _checkpoints_by_step(full["out_dir"]), _checkpoints_by_step(staged["out_dir"])
+    assert {15, 20} <= set(ck_a) & set(ck_b), (sorted(ck_a), sorted(ck_b))
+    for step in (15, 20):
+        parts = []
+        for rank in (0, 1):
+            ea, eb = _exp_avg_of_rank(ck_a[step], rank), _exp_avg_of_rank(ck_b[step], rank)
+            assert len(ea) == len(eb) and all(torch.equal(x, y) for x, y in zip(ea, eb)), (step, rank)
+            parts.append(ea)
+        assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(*parts))  # two partitions
+    wa, wb = _final_weights(full["out_dir"]), _final_weights(staged["out_dir"])
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)

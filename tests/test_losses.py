@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np
 import pytest
 import torch
 
@@ -161,3 +162,18 @@ def test_budget_sampler_seeded_and_weighted():
     assert BudgetSampler({256: 1.0}, fixed=1024).sample(3, 2) == [1024, 1024]
     with pytest.raises(ValueError):
         BudgetSampler({256: 0.0})
+
+
+def test_budget_sampler_draws_per_rank_and_rank_0_keeps_the_one_process_stream():
+    """Each data-parallel rank draws its own budgets (one draw per window, as the paper's batch 1);
+    rank 0 draws what a single process always drew (seed sequence [seed, step, 0x42D])."""
+    w = {256: 0.4, 512: 0.3, 1024: 0.2, 2048: 0.1}
+    s = BudgetSampler(w, seed=42)
+    old = [int(np.random.default_rng([42, i, 0x42D]).choice(s.values, size=2, p=s.probs)[j])
+           for i in range(200) for j in range(2)]
+    assert [b for i in range(200) for b in s.sample(i, 2)] == old
+    assert [b for i in range(200) for b in s.sample(i, 2, rank=0)] == old
+    r1 = [b for i in range(200) for b in s.sample(i, 2, rank=1)]
+    assert r1 != old and r1 == [b for i in range(200) for b in BudgetSampler(w, seed=42).sample(i, 2, rank=1)]
+    assert s.sample_all_ranks(7, 2, 3) == sorted({b for r in range(3) for b in s.sample(7, 2, r)})
+    assert BudgetSampler(w, fixed=1024).sample(3, 2, rank=5) == [1024, 1024]

@@ -21,9 +21,10 @@ Checkpoint directory layout (every ``run.checkpoint_every`` steps and at the end
 Fault tolerance (bd_ray/checkpoints.py): a checkpoint is sealed by its manifests; a restore checks
 them and falls back, with a warning, to the newest older intact checkpoint when the latest is
 damaged. In Ray Train a dead worker makes the worker group restart (``run.max_failures``) from
-the latest registered checkpoint; the windows are then replayed in the same order
-(``preserve_order``) after skipping the ones already consumed, so a 1-worker run resumed after a
-crash ends with the same weights as an uninterrupted one. Model/tokenizer mismatches are found by
+the latest registered checkpoint; the windows are then replayed in the same order and split
+(``preserve_order``) after skipping the ones already consumed, every rank restores its own ZeRO
+optimizer partition, and the budget draws depend only on (seed, step, rank): a run resumed after a
+crash or a stop, on one worker or several, ends with the same weights as an uninterrupted one. Model/tokenizer mismatches are found by
 :func:`bd_ray.train.compat.check_models_compatible` in the driver, before any Ray worker starts.
 """
 
@@ -271,9 +272,11 @@ def run_ray(cfg: TrainJobConfig, log: Callable[[str], None] = print,
 
 def _ordered_data_config():
     """Ray Train ``DataConfig`` with Ray's default ingest options plus ``preserve_order``: windows
-    reach a worker in the same order on every (re)start, so skipping the windows a checkpoint
-    already consumed resumes exactly (with one worker; several workers get a deterministic
-    stream but Ray's split of it across workers is not guaranteed to be the same)."""
+    reach each worker in the same order on every (re)start, so skipping the windows a checkpoint
+    already consumed resumes exactly. With several workers the split is the same too: with
+    ``preserve_order`` Ray's output splitter ignores locality and hands the ordered blocks, in
+    order, to the worker with the fewest rows so far (tests/test_faults_train.py checks a
+    2-worker resume)."""
     import ray.train
 
     opts = ray.train.DataConfig.default_ingest_options()

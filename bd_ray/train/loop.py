@@ -5,10 +5,11 @@ Source: the BudgetDraft recipe, docs/DESIGN.md section 2. One optimizer step, pe
     for each of grad_accum windows (prefix P + continuation T tokens):
         teacher targets   (offline row columns, or the frozen teacher: bd_ray.teacher)
         drafter prefill   (no grad: the prefix cache; no gradient through prefix KV)
-        K budgets         (BudgetSampler, seeded by (seed, micro-step): the same on every worker)
+        K budgets         (BudgetSampler, seeded by (seed, micro-step, rank): each worker its own)
         L = L_A + lambda L_C (+ L_B)           (bd_ray.losses, chunk-wise from hidden states)
         skip + count the window if L is not finite on any worker (all-reduced decision)
         engine.backward(L); engine.step()      (bd_ray.train.engines)
+    every rank's loss and budgets gathered into rank 0's history (rank_losses, rank_budgets)
 
 :func:`train_loop` is the same in a Ray Train worker and in one process; what differs (data
 source, checkpoint hand-off, rank) comes in a :class:`LoopContext` (bd_ray.train.driver).
@@ -87,6 +88,20 @@ def _all_true(flag: bool, world: int, device: torch.device | str | None = None) 
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=as_device(device))
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
+
+
+def _gather_ranks(loss: float, budgets: list[int], world: int,
+                  device: torch.device | str | None = None) -> tuple[list[float], list[list[int]]]:
+    """Every rank's step loss and sampled budgets, in rank order (one all-gather of a float64
+    tensor on ``device``: exact for fp32 losses and integer budgets; NCCL needs it on the GPU).
+    Every rank draws the same number of budgets per step, so the rows have one length."""
+    if world <= 1 or not torch.distributed.is_initialized():
+        return [loss], [list(budgets)]
+    mine = torch.tensor([loss, *budgets], dtype=torch.float64, device=as_device(device))
+    rows = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(rows, mine)
+    rows = [r.cpu().tolist() for r in rows]
+    return [r[0] for r in rows], [[int(b) for b in r[1:]] for r in rows]
 
 
 def _fmt_eta(sec: float) -> str:
@@ -180,6 +195,10 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
     L, O, R = cfg.loss, cfg.optim, cfg.run
     P, T = cfg.data.prefix_len, cfg.data.continuation_len
     sampler = BudgetSampler(L.budgets, seed=O.seed, fixed=L.fixed_budget)
+    # A ZeRO-3 teacher's forwards are collective: for L_B every rank computes the sparse targets of
+    # the union of all ranks' budgets, so each runs the same forwards (its own are among them).
+    teacher_lockstep = (L.lb_weight > 0 and ctx.world > 1 and cfg.deepspeed.enabled
+                        and cfg.deepspeed.teacher_shard != "none")
     eval_budgets = sorted(set(L.budgets) | ({L.fixed_budget} if L.fixed_budget else set()))
     qwin = queries_needed(L.policy)
     need_topk = L.top_k if (L.target != "hard" or L.lb_weight > 0) else 0
@@ -232,13 +251,15 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
         budgets_used: list[int] = []
         for micro in range(O.grad_accum):
             micro_idx = step * O.grad_accum + micro
-            budgets = [] if L.full_cache_only else sampler.sample(micro_idx, L.views_per_step)
+            budgets = [] if L.full_cache_only else sampler.sample(micro_idx, L.views_per_step, ctx.rank)
+            teacher_budgets = (sampler.sample_all_ranks(micro_idx, L.views_per_step, ctx.world)
+                               if teacher_lockstep and budgets else budgets)
             for _attempt in range(MAX_WINDOW_TRIES):
                 row = next(windows)
                 state["consumed"] += 1
                 ids = _row_ids(row, dev)
                 t0 = time.time()
-                targets = _window_targets(cfg, row, ids, teacher, need_topk, budgets, teacher_precision).to(dev)
+                targets = _window_targets(cfg, row, ids, teacher, need_topk, teacher_budgets, teacher_precision).to(dev)
                 t1 = time.time()
                 with engine.autocast():
                     with torch.no_grad():
@@ -268,7 +289,9 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
         dt = time.time() - t_step
         ema = dt if ema is None else 0.9 * ema + 0.1 * dt
         tokens = O.grad_accum * ctx.world * (P + T)
-        last = {"step": step + 1, **acc, "budgets": budgets_used, "lr": engine.get_lr(),
+        rank_losses, rank_budgets = _gather_ranks(acc["loss"], budgets_used, ctx.world, dev)
+        last = {"step": step + 1, **acc, "budgets": budgets_used, "rank_losses": rank_losses,
+                "rank_budgets": rank_budgets, "lr": engine.get_lr(),
                 "tokens_per_s": tokens / dt, "teacher_s": t_teacher, "student_s": t_student,
                 "step_s": dt, "skipped": state["skipped"], "grad_norm": engine.last_grad_norm}
         state["history"].append(last)
@@ -282,7 +305,7 @@ def train_loop(cfg: TrainJobConfig, ctx: LoopContext, teacher: torch.nn.Module |
         if (step + 1) % R.eval_every == 0 or step + 1 == O.max_steps:
             do_eval(step + 1)
         if (step + 1) % R.checkpoint_every == 0 or step + 1 == stop_at:
-            metrics = {k: v for k, v in last.items() if k != "budgets"}
+            metrics = {k: v for k, v in last.items() if k not in ("budgets", "rank_budgets")}
             if state["eval_history"]:
                 metrics.update({k: v for k, v in state["eval_history"][-1].items() if k != "step"})
             checkpoint(step + 1, metrics)
