@@ -12,7 +12,7 @@ from __future__ import annotations
 from bd_ray.config.evaluate import budget_label
 from bd_ray.evaluate.intervals import cell_intervals, prompt_statistics, report_settings
 
-__all__ = ["summary_table", "headline_summary", "lossless_line", "format_ci"]
+__all__ = ["summary_table", "headline_summary", "plain_summary", "lossless_line", "format_ci"]
 
 
 def format_ci(ci: list[float] | None, fmt: str = ".2f") -> str:
@@ -127,4 +127,48 @@ def headline_summary(results: dict, gamma: int = 2, budget: str = "256", mode: s
                    + ("; ".join(flagged) if flagged else "none"))
     ll = results["lossless"]
     out.append(f"lossless: {lossless_line(ll)}")
+    return "\n".join(out)
+
+
+def plain_summary(results: dict, budget: str = "256", gamma: int = 4, mode: str = "greedy") -> str:
+    """What a results table says, in plain words (``make demo`` prints it under the table): per
+    context, each drafter's acceptance at full cache and at ``budget`` (α at ``gamma``), the share of
+    its full-cache acceptance it keeps, the paired difference of ``report.paired`` at ``budget``,
+    the lossless check, and the best speedup of each drafter (fixed γ and adaptive modes)."""
+    cells = results["cells"]
+    adaptive = _adaptive_modes(results)
+    stats = prompt_statistics(results, gamma)
+
+    def cell(ctx, drafter, b):
+        hit = [c for c in cells if (c["context"], c["drafter"], c["budget"], c["gamma"], c["mode"])
+               == (ctx, drafter, b, gamma, mode)]
+        return hit[0] if hit else None
+
+    out = []
+    for ctx in sorted({c["context"] for c in cells}):
+        n = max(c["n_prompts"] for c in cells if c["context"] == ctx)
+        out.append(f"At {ctx:,} tokens of context ({n} held-out prompts, the verifier always keeps its full "
+                   f"KV cache, γ = {gamma}):")
+        for d in results["config"]["models"]["drafters"]:
+            full, at_b = cell(ctx, d, "full"), cell(ctx, d, budget)
+            if full is None or at_b is None:
+                continue
+            kept = f"{at_b['alpha'] / full['alpha']:.0%}" if full["alpha"] > 0 else "n/a"
+            mine = [c for c in cells if c["context"] == ctx and c["drafter"] == d and c["speedup"] is not None]
+            fixed = [c["speedup"] for c in mine if c["mode"] == mode]
+            ad = _adaptive_range(mine, adaptive)
+            out.append(f"- {d}: {full['alpha']:.0%} of its drafted tokens accepted with a full drafter cache, "
+                       f"{at_b['alpha']:.0%} when it keeps only {budget} KV entries ({kept} of its full-cache "
+                       f"acceptance); first drafted token accepted {at_b['per_position_acceptance'][0]:.0%} "
+                       f"of the time at B={budget}; speed vs plain decoding: best fixed γ "
+                       f"{max(fixed):.2f}x" + (f", adaptive γ {max(ad):.2f}x" if ad else "")
+                       + " (above 1 = speculation pays).")
+        for p in stats["paired"]:
+            if (p["context"], p["gamma"], p["mode"], p["budget"]) == (ctx, gamma, mode, budget):
+                sure = ("the interval excludes 0" if p["mean_diff_excludes_zero"]
+                        else "the interval includes 0: not a significant difference with these prompts")
+                out.append(f"- {p['drafter_a']} - {p['drafter_b']} at B={budget}: {p['mean_diff']:+.3f} "
+                           f"acceptance per prompt on average, 95 % interval "
+                           f"{format_ci(p['mean_diff_ci'], '+.3f')} ({sure}).")
+    out.append(f"Lossless: {lossless_line(results['lossless'])} (speculation must not change a greedy output).")
     return "\n".join(out)
