@@ -31,29 +31,35 @@ tokens decoded plainly, so it gives no ``c`` sample; the next does), so ``c(b)``
 A step-time sample above :attr:`BatchSpecPolicy.SPIKE` times the current estimate counts as that
 (one-sided timer noise: a preempted or paused step must not turn speculation off for long).
 
-**The drafter prefill.** An adaptive row's drafter prefill is deferred
-(:mod:`bd_ray.speculative.prefill`): the row starts decoding, plainly, once its verifier prefill
-is done, and its drafter pieces run only while :meth:`BatchSpecPolicy.defer_drafter` has no
-reason to hold them back at the engine's batch size ``b`` (decoding + prefilling rows): a row
-alone (``b == 1``, its own controller decides, after its prompt check) always gets them; at
-``b > 1`` they run only under a fresh "on" judgement at ``b``. With no judgement yet the row
-decodes plainly, as the policy would anyway until ``T0(b)`` is measured, and the next step's
-judgement (from the prior until ``c(b)`` is measured) decides. Rows whose drafter prefill is
-pending draft nothing (γ = 0); when every adaptive row of a step is pending, the judgement is made
-from their controllers' acceptance prior, so a burst into a large batch spends no drafter compute
-unless even that prior says speculation pays. A row that never gets its drafter decodes plainly
-for its life (``spec_metrics.mode: plain``, the batch policy's reason; counted in the bucket's
-``drafter_prefills_skipped``, :meth:`BatchSpecPolicy.drafter_dropped`).
+**Deferred drafter prefill.** An adaptive row's drafter prefill is deferred
+(:mod:`bd_ray.speculative.prefill`): the row starts decoding, plainly (γ = 0), once its verifier
+prefill is done, and its drafter pieces run only while :meth:`BatchSpecPolicy.defer_drafter` has
+no reason to hold them back at the engine's batch size ``b`` (decoding + prefilling rows):
+
+* ``b == 1``: always (a row alone keeps its own controller, which decides after its prompt check);
+* ``b > 1``: only under a fresh "on" judgement at ``b`` (from measured costs or, until ``c(b)`` is
+  measured, the prior); ``disable_above``, an "off" judgement, or no judgement yet hold them back.
+
+No judgement yet means decoding plainly, as the policy would anyway until ``T0(b)`` is measured;
+the next steps' judgement decides. When every adaptive row of a step is pending, the judgement is
+made for them from their controllers' acceptance prior (their drafter has not seen the prompt, so
+nothing better is known), so a burst of requests into a batch where speculation does not pay
+spends no drafter compute (the case this rule is for: every row of a burst is admitted before any
+judgement at its size exists) unless even the prior says speculation pays; with rows that have
+their drafter, their measured acceptance decides. A row that never gets its drafter decodes
+plainly for its life (``spec_metrics.mode: plain`` with the batch policy's reason; counted in the
+bucket's ``drafter_prefills_skipped`` where it was last held back,
+:meth:`BatchSpecPolicy.drafter_dropped`).
 
 **Rows admitted plainly.** An adaptive row starting its prefill asks :meth:`BatchSpecPolicy.admit_plainly`
 with the batch it joins (decoding + prefilling rows). When ``disable_above`` rules speculation
 out at that size or the policy's current judgement there is "off" from measured costs (``T0`` and
-``c`` both measured, judged within the last ``stale_after`` decode steps; the rule of
-:meth:`BatchSpecPolicy._ruled_out`, which also holds back deferred drafter prefills), the row is
-admitted as a plain row: no drafter prefill planned, no drafter cache entries, its
-``spec_metrics.mode`` is ``plain`` with the batch policy's reason. Such a row **stays plain for its
-life**, even if the batch later shrinks. Rows admitted otherwise keep a (deferred) drafter; if
-the batch later grows, the per-step decision gives them γ = 0.
+``c`` both measured, judged within the last ``stale_after`` decode steps: one rule, which also
+holds deferred drafter prefills back), the row is admitted as a plain row: no drafter prefill
+planned, no drafter cache entries, its ``spec_metrics.mode`` is ``plain`` with the batch policy's
+reason. Such a row **stays plain for its life**, even if the batch later shrinks. Rows admitted
+otherwise keep a (deferred) drafter; if the batch later grows, the per-step decision gives them
+γ = 0.
 
 Rows the policy leaves alone: ``speculative=False`` rows and rows without a usable drafter
 (γ = 0), rows with a fixed γ (an explicit choice: ``min(γ, remaining - 1)``, so a seeded sampled
