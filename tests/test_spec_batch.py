@@ -315,6 +315,7 @@ class _Row:
     def __init__(self, p: float, gamma: int = 4) -> None:
         self.checker, self.controller, self.gamma = _Checker(), _Controller(p, gamma), gamma
         self.spec, self.fallback, self.plain_reason = True, None, None
+        self.drafter_pending = False
 
 
 def test_batch_policy_whole_step_costs_off_at_8_rows_on_when_it_pays():
@@ -394,10 +395,14 @@ def test_batch_policy_prior_scales_with_the_batch_and_never_admits_plainly():
 
 def test_engine_admits_a_row_plainly_when_the_policy_is_off_measured(verifier, drafter, tok):
     # min_gain 10 > γ + 1: speculation can never pay, whatever the step times; the policy measures
-    # T0 and (by its probes) c at 3 rows, then the row joining them skips its drafter prefill
+    # T0 and (by its probes) c at 3 rows, then the row joining them skips its drafter prefill. The
+    # early rows bring both prefills (installed with the first token): deferred drafter prefills
+    # would wait for an "on" judgement that never comes, and rows without a drafter cannot probe.
     spec = SpecConfig(budget=48, gamma=4, adaptive=True, adaptive_min_gain=10.0)
     engine = BatchEngine(verifier, drafter, tok, spec, BatchOptions(max_num_seqs=8))
-    early = [engine.submit(new_row(engine, RowRequest(_prompt(40 + i, 40), greedy(60)))) for i in range(3)]
+    both = SpeculativeGenerator(verifier, drafter, tok, spec)
+    early = [engine.submit(new_row(engine, RowRequest(p, greedy(60), prefilled=both.prefill(p))))
+             for p in (_prompt(40 + i, 40) for i in range(3))]
     for _ in range(40):
         engine.step()
         bk = engine.policy.stats.buckets.get(4)
@@ -428,3 +433,90 @@ def test_engine_admits_a_row_plainly_when_the_policy_is_off_measured(verifier, d
     assert stats["decode_tokens"] == sum(len(r.checker.token_ids) - 1 for r in early + [late, fixed])
     assert sum(stats["gamma_chosen"].values()) == stats["steps"] == sum(
         sum(b["steps"].values()) for b in stats["policy"].values())
+
+
+# ---- the deferred drafter prefill of adaptive rows ------------------------------------------------
+def _step_all(engine, rows, each=None):
+    while engine.has_work:
+        engine.step()
+        if each is not None:
+            each()
+    return [r.outbox[-1].result for r in rows]
+
+
+def test_burst_into_a_batch_judged_off_spends_no_drafter_prefill(verifier, drafter, tok):
+    spec = SpecConfig(budget=48, gamma=4, adaptive=True)
+    engine = BatchEngine(verifier, drafter, tok, spec, BatchOptions(max_num_seqs=4, disable_above=2))
+    rows = [engine.submit(new_row(engine, RowRequest(_prompt(60 + i, 50 + 10 * i), greedy(10)))) for i in range(4)]
+
+    def no_drafter():
+        assert not any(engine.dcache.lens) and engine.dcache.nbytes == 0
+        assert all(r.d_tmp is None for r in rows)
+
+    results = _step_all(engine, rows, no_drafter)
+    for r, res in zip(rows, results):
+        assert res.token_ids == _solo(verifier, tok, r.prompt, greedy(10)).token_ids
+        assert res.timings.drafter_prefill_s == 0.0 and res.metrics.drafted == 0 and not res.speculative
+        assert res.mode == "plain" and res.mode_reason.startswith("batch policy") and "disable_above" in res.mode_reason
+    # rows 1-2 were deferred (held back at 4 rows until they finished), rows 3-4 admitted plainly
+    assert sum("deferred at 4 rows" in res.mode_reason for res in results) == 2
+    assert engine.stats()["policy"]["3-4"]["drafter_prefills_skipped"] == 4
+    assert engine.stats()["live_rows"] == 0 and engine.stats()["cache_bytes"] == 0
+
+
+def test_adaptive_row_alone_gets_its_drafter_after_its_first_token_then_speculates(verifier, tok):
+    # the verifier drafts for itself: its prompt check agrees everywhere, so the row speculates
+    spec = SpecConfig(budget=None, gamma=4, adaptive=True, adaptive_cost_prior="constant", prefill_chunk=64)
+    probe = BatchEngine(verifier, verifier, tok, spec)
+    prompt = _prompt(70, 150)
+    limit = probe.memory.projected_bytes([new_row(probe, RowRequest(prompt, greedy(30)))])
+    engine = BatchEngine(verifier, verifier, tok, spec, BatchOptions(kv_cache_bytes=limit))
+    row = engine.submit(new_row(engine, RowRequest(prompt, greedy(30))))
+    while not row.checker.num_tokens:
+        engine.step()
+    assert row.drafter_pending and row.d_pieces and engine.dcache.lens[row.slot] == 0   # first token first
+    plain_tokens = 0
+    while row.drafter_pending:
+        plain_tokens = row.checker.num_tokens
+        engine.step()
+        assert engine.cache_bytes() <= limit                 # the pending drafter cache is budgeted
+    assert plain_tokens >= 2 and row.d_ready and row.d_tmp is None and row.v_tail is None
+    res = _step_all(engine, [row], lambda: None)[0]
+    assert res.token_ids == _solo(verifier, tok, prompt, greedy(30)).token_ids
+    assert res.metrics.drafted > 0 and res.speculative and res.mode == "mixed"
+    assert res.adaptive["prompt_agreement"] == 1.0 and res.timings.drafter_prefill_s > 0
+    assert engine.stats()["peak_cache_bytes"] <= limit
+
+
+def test_deferred_drafter_prefill_completes_when_the_batch_shrinks(verifier, tok):
+    spec = SpecConfig(budget=None, gamma=4, adaptive=True, adaptive_cost_prior="constant")
+    engine = BatchEngine(verifier, verifier, tok, spec, BatchOptions(max_num_seqs=4, disable_above=2))
+    long, *short = [engine.submit(new_row(engine, RowRequest(_prompt(80 + i, 40 + 5 * i), greedy(n))))
+                    for i, n in enumerate((40, 6, 6))]
+    while any(r.phase != "done" for r in short):
+        engine.step()
+        assert long.drafter_pending                      # 3 rows > disable_above: held back
+    assert long.plain_reason.startswith("batch policy: drafter prefill deferred at 3 rows")
+    caught_up = long.checker.num_tokens
+    res = _step_all(engine, [long], lambda: None)[0]
+    assert long.d_ready and caught_up >= 6
+    assert res.token_ids == _solo(verifier, tok, long.prompt, greedy(40)).token_ids
+    assert res.metrics.drafted > 0 and res.mode == "mixed" and res.speculative
+    for r in short:
+        out = r.outbox[-1].result
+        assert out.token_ids == _solo(verifier, tok, r.prompt, greedy(6)).token_ids and out.mode == "plain"
+    assert engine.stats()["cache_bytes"] == 0
+
+
+def test_cancel_during_a_pending_drafter_prefill_frees_the_row(verifier, drafter, tok):
+    spec = SpecConfig(budget=48, gamma=4, adaptive=True, prefill_chunk=64)
+    engine = BatchEngine(verifier, drafter, tok, spec)
+    row = engine.submit(new_row(engine, RowRequest(_prompt(90, 300), greedy(40))))
+    while row.d_tmp is None or not row.drafter_pending:   # decoding, drafter prefill part-way
+        engine.step()
+    assert row.d_pieces and engine.cache_bytes() > engine.cache_bytes(transient=False)
+    engine.cancel(row)
+    assert not engine.rows and engine.cache_bytes() == 0 and row.d_tmp is None and not row.d_pieces
+    assert engine.stats()["live_rows"] == 0 and engine.stats()["cache_bytes"] == 0
+    again = engine.submit(new_row(engine, RowRequest(_prompt(90, 300), greedy(40))))
+    assert _step_all(engine, [again])[0].token_ids == _solo(verifier, tok, _prompt(90, 300), greedy(40)).token_ids

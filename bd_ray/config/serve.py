@@ -136,9 +136,9 @@ class ServeEngineConfig(StrictModel):
     queue (so ``max_ongoing_requests`` >= ``max_num_seqs``); up to ``max_queued_requests`` more wait
     in the ingress's handle queue; beyond that the ingress answers 503 with ``Retry-After``
     (``-1`` = unbounded, Serve's convention). ``disable_spec_above``: adaptive requests never
-    speculate with more decoding rows than this, and one joining more rows than this is admitted
-    plainly, without a drafter prefill (vLLM's ``disable_by_batch_size``; null = the batch policy
-    decides from measured costs alone). ``elastic_budget`` (off by default): under memory
+    speculate with more decoding rows than this, one joining more rows than this is admitted
+    plainly, without a drafter prefill, and deferred drafter prefills wait (vLLM's
+    ``disable_by_batch_size``; null = the batch policy decides from measured costs alone). ``elastic_budget`` (off by default): under memory
     pressure, new rows run at a lower drafter KV budget (down to ``floor``) instead of waiting
     (:class:`bd_ray.config.decoding.ElasticBudgetConfig`).
 

@@ -4,20 +4,23 @@ draft budget that lowers drafter budgets instead of queueing.
 The projection follows the caches' layout (:mod:`bd_ray.speculative.ragged_cache`): both caches
 are padded ``[slots, kv_heads, capacity, head_dim]`` tensors, so rows in ``slots`` slots cost
 ``slots x (the longest row's entries)`` per model, plus the per-request prefill caches of rows not
-yet decoding (their full prompt in both models). A row's entries are its most: the verifier holds
+yet decoding (their full prompt in both models) and of rows whose deferred drafter prefill is not
+installed yet (the drafter's). A row's drafter entries are reserved from admission on, whether or
+when its deferred drafter prefill runs. A row's entries are its most: the verifier holds
 prompt + ``max_new_tokens`` + γ + 2 (the last block's drafts and the pending token), the drafter its
 compact prefix (``min(budget, prompt)``) + the same.
 
 Elastic draft budget (:class:`bd_ray.config.decoding.ElasticBudgetConfig`): when a row would not
-fit, the rows whose drafter prefix is not compacted yet (waiting or being prefilled: lowering
-them costs nothing, their compaction at the end of prefill simply keeps fewer positions) get the
-largest common budget cap, down to ``floor`` (never below the policy's minimum for their prompt),
-that lets it fit. The cap stays while any row waits (a row arriving as another leaves would fit
-at its full budget, and the padded drafter cache would never shrink), and is lifted when the
-queue is empty. Rows already decoding keep their budget: their drafter cache holds only the
-compacted prefix (the full prefix keys and the captured queries ``chunk_topk`` / ``snapkv`` score
-with are gone), so recompacting them by the same :func:`bd_ray.sparse.select_positions` rule
-would need a new drafter prefill of the prompt.
+fit, the rows whose drafter prefix is not compacted yet (waiting, being prefilled, or decoding
+with a deferred drafter prefill: lowering them costs nothing, their compaction at the end of the
+drafter prefill simply keeps fewer positions) get the largest common budget cap, down to
+``floor`` (never below the policy's minimum for their prompt), that lets it fit. The cap stays
+while any row waits (a row arriving as another leaves would fit at its full budget, and the
+padded drafter cache would never shrink), and is lifted when the queue is empty. Rows whose
+drafter prefix is installed keep their budget: their drafter cache holds only the compacted
+prefix (the full prefix keys and the captured queries ``chunk_topk`` / ``snapkv`` score with are
+gone), so recompacting them by the same :func:`bd_ray.sparse.select_positions` rule would need a
+new drafter prefill of the prompt.
 """
 
 from __future__ import annotations
@@ -55,11 +58,15 @@ class MemoryPlan:
 
     def row_entries(self, row: Any, budget: int | None | str = "row") -> tuple[int, int, int]:
         """(verifier entries, drafter entries, transient prefill bytes) ``row`` needs at most,
-        at ``budget`` (``"row"``: the row's own)."""
+        at ``budget`` (``"row"``: the row's own). Transient bytes are the per-request prefill
+        caches it holds or will hold: the verifier's until it decodes, the drafter's until its
+        compacted prefix is installed (a deferred drafter prefill, :mod:`bd_ray.speculative.prefill`)."""
         budget = row.budget if budget == "row" else budget
         extra = row.req.sampling.max_new_tokens + row.gamma + 2
         d = self.kept(row, budget) + extra if row.spec else 0
-        transient = row.n_prompt * (self.v_bpt + (self.d_bpt if row.spec else 0))
+        v_pending = row.phase in ("waiting", "prefill")
+        d_pending = row.spec and not row.d_ready      # a deferred drafter prefill outlives the first token
+        transient = row.n_prompt * (self.v_bpt * v_pending + self.d_bpt * d_pending)
         return row.n_prompt + extra, d, transient
 
     def projected_bytes(self, rows: list[Any], slots: int | None = None,
@@ -72,7 +79,7 @@ class MemoryPlan:
         needs = [self.row_entries(r, budgets.get(r, "row")) for r in rows]
         n = len(rows) if slots is None else slots
         cache = n * (max(v for v, _, _ in needs) * self.v_bpt + max(d for _, d, _ in needs) * self.d_bpt)
-        return cache + sum(t for (_, _, t), r in zip(needs, rows) if r.phase in ("waiting", "prefill"))
+        return cache + sum(t for _, _, t in needs)
 
     def fits(self, rows: list[Any], slots: int | None = None) -> bool:
         """Whether ``rows`` fit the limit. With the elastic budget on, the rows not yet compacted
@@ -120,7 +127,7 @@ class MemoryPlan:
 
     @staticmethod
     def _lowerable(rows: Iterable[Any]) -> list[Any]:
-        return [r for r in rows if r.spec and r.phase in ("waiting", "prefill")]
+        return [r for r in rows if r.spec and not r.d_ready]
 
     def _floor(self, row: Any) -> int:
         """The lowest budget ``row`` may run at: the configured floor, or the policy's minimum."""

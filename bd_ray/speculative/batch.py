@@ -5,13 +5,11 @@ One :meth:`BatchEngine.step`:
 1. admit waiting requests while ``max_num_seqs`` and the KV-cache memory budget allow (the rest
    wait in FIFO order; nothing is allocated beyond the budget, so many long prompts never OOM;
    :mod:`bd_ray.speculative.admission`, with the optional elastic draft budget);
-2. prefill: up to ``prefill_chunk`` prompt tokens of the rows being prefilled, a chunk per step
-   (rows already decoding keep going: chunked prefill interleaved with decoding). A prompt is
-   prefilled into a per-request cache (:func:`bd_ray.kvcache.prefill`, so query capture and the
-   prompt-agreement probe are the batch-1 ones), then copied into its slot; the drafter's prefix
-   is compacted to the row's KV budget by its sparse policy (:func:`bd_ray.kvcache.compact_cache`,
-   the rule of :func:`bd_ray.sparse.select_positions`). The verifier's last logits give the
-   first token, as in plain decoding;
+2. prefill (:mod:`bd_ray.speculative.prefill`): up to ``prefill_chunk`` prompt tokens of work, a
+   chunk per step (rows already decoding keep going: chunked prefill interleaved with decoding):
+   verifier pieces first (a fixed-γ row's drafter piece with each), the verifier's last logits
+   giving the row's first token; then, with what is left, the deferred drafter prefills of
+   adaptive rows already decoding, only while the batch policy would speculate at this batch size;
 3. decode: the speculation policy (:mod:`bd_ray.speculative.batch_policy`, from whole decode-step
    times) gives each row its γ (0 allowed); ``max γ`` drafter forwards draft for all drafting
    rows at once (a row takes part in the first ``γ_r``); ONE verifier forward over every row's
@@ -21,7 +19,9 @@ One :meth:`BatchEngine.step`:
 
 An adaptive row joining a batch where the policy judges speculation off (measured, or
 ``disable_above``) is admitted plainly: no drafter prefill, no drafter cache entries, plain for its
-life (:meth:`bd_ray.speculative.batch_policy.BatchSpecPolicy.admit_plainly`).
+life (:meth:`bd_ray.speculative.batch_policy.BatchSpecPolicy.admit_plainly`). Other adaptive rows
+decode plainly from their first token until their deferred drafter prefill is done; a row
+finishing before that was plain for its life, and its pending prefill is dropped.
 
 Both caches are :class:`bd_ray.speculative.ragged_cache.RaggedKVCache` (padded
 ``[slots, kv_heads, capacity, head_dim]``, per-row lengths); a row keeps the same slot index in
@@ -42,11 +42,12 @@ import torch
 from bd_ray import kvcache
 from bd_ray.config import budget_tokens
 from bd_ray.config.decoding import ElasticBudgetConfig
-from bd_ray.sparse import min_budget, queries_needed
+from bd_ray.sparse import min_budget
 from bd_ray.speculative.admission import MemoryPlan
-from bd_ray.speculative.adaptive import CONSTANT_PRIOR, PROMPT_PROBE_TOKENS, CostPrior, GammaController, prompt_agreement
+from bd_ray.speculative.adaptive import CONSTANT_PRIOR, CostPrior, GammaController
 from bd_ray.speculative.cost_prior import measure_cost_prior
 from bd_ray.speculative.batch_policy import BatchSpecPolicy
+from bd_ray.speculative.prefill import DRAFTER_PENDING, Prefiller, prefill_bytes
 from bd_ray.speculative.ragged_cache import RaggedKVCache, kv_bytes_per_token, ragged_forward
 from bd_ray.speculative.rejection import verify_greedy_batch, verify_sampling
 from bd_ray.speculative.results import check_context, max_positions
@@ -104,23 +105,6 @@ class _Clock:
         return start.elapsed_time(end) / 1e3
 
 
-def _pieces(n: int, chunk: int, need: int) -> list[tuple[int, int]]:
-    """Prefill pieces of an ``n``-token prompt: ``chunk`` tokens each, the last at least ``need``
-    long (it must see the positions whose queries / argmax are captured)."""
-    starts = list(range(0, n, chunk))
-    last = starts[-1]
-    if n - last < need:
-        last = max(0, n - need)
-    starts = [s for s in starts if s < last] + [last]
-    return [(s, e) for s, e in zip(starts, starts[1:] + [n])]
-
-
-def _prefill_bytes(pre: Any) -> int:
-    """K/V bytes of a per-request prefill cache (a :class:`bd_ray.kvcache.PrefillResult`)."""
-    return sum(t.numel() * t.element_size() for layer in pre.cache.layers for t in (layer.keys, layer.values)
-               if t is not None)
-
-
 class BatchEngine:
     """Continuous batching of (speculative) requests on one verifier and an optional drafter.
 
@@ -144,6 +128,8 @@ class BatchEngine:
         self.memory = MemoryPlan(self.v_bpt, self.d_bpt, self.options.kv_cache_bytes, self.options.elastic_budget)
         self.policy = BatchSpecPolicy(max_gamma=spec.gamma, min_gain=spec.adaptive_min_gain,
                                       disable_above=self.options.disable_above)
+        self.prefiller = Prefiller(verifier, drafter, self.vcache, self.dcache, spec, self.policy, self.clock,
+                                   self._note_bytes)
         self.waiting: deque[Row] = deque()
         self.peak_cache_bytes = 0
         self.prior: CostPrior | None = None     # set on the first adaptive row (:meth:`cost_prior`)
@@ -199,7 +185,8 @@ class BatchEngine:
                     cache.free(row.slot)
             if self.rows:
                 self._fit_caches()
-        row.v_tmp = row.d_tmp = None
+        row.v_tmp = row.d_tmp = row.v_tail = None     # a pending (drafter) prefill is dropped
+        row.v_pieces, row.d_pieces = [], []
         if not self.rows:
             self.vcache.release()
             if self.dcache is not None:
@@ -214,7 +201,7 @@ class BatchEngine:
         being prefilled: what ``kv_cache_bytes`` bounds."""
         held = self.vcache.nbytes + (self.dcache.nbytes if self.dcache else 0)
         if transient:
-            held += sum(_prefill_bytes(t) for r in self.rows.values() for t in (r.v_tmp, r.d_tmp) if t is not None)
+            held += sum(prefill_bytes(t) for r in self.rows.values() for t in (r.v_tmp, r.d_tmp) if t is not None)
         return held
 
     def _note_bytes(self) -> None:
@@ -239,8 +226,11 @@ class BatchEngine:
         """One engine step (module docstring); chunks land in each row's ``outbox``."""
         self._admit()
         t = self.clock.mark()
-        if self._prefill():
+        ran, first_only = self.prefiller.step(list(self.rows.values()))
+        if ran:
             self.policy.observe_prefill(self.clock.seconds(t, self.clock.mark()))
+        for row in first_only:        # finished on their first token
+            self._finish(row)
         self._decode()
 
     def cost_prior(self) -> CostPrior:
@@ -260,96 +250,14 @@ class BatchEngine:
             row.spec, row.controller, row.fallback, row.plain_reason = False, None, plainly, plainly
         if row.controller is not None:
             row.controller.set_cost_prior(self.cost_prior())
-        pre = row.req.prefilled
-        tail = PROMPT_PROBE_TOKENS if row.controller is not None else 0
-        if isinstance(pre, Prefilled):
-            row.v_tmp, row.d_tmp = pre.verifier, pre.drafter if row.spec else None
-        elif pre is not None:
-            row.v_tmp = pre
-        if row.v_tmp is None:
-            row.v_pieces = _pieces(row.n_prompt, self.spec.prefill_chunk, tail)
-        if row.spec and row.d_tmp is None:
-            row.d_pieces = _pieces(row.n_prompt, self.spec.prefill_chunk, max(tail, queries_needed(row.policy)))
-        row.phase = "prefill"
-
-    def _prefill_piece(self, model: Any, row: Row, pieces: list, tmp: Any, need_q: int, tail: int) -> Any:
-        s, e = pieces.pop(0)
-        last = not pieces
-        ids = torch.tensor([row.prompt[s:e]], device=self.device)
-        out = kvcache.prefill(model, ids, cache=tmp.cache if tmp is not None else None,
-                              chunk_size=self.spec.prefill_chunk, start_position=s,
-                              capture_queries_window=need_q if last else 0, tail_argmax=tail if last else 0)
-        return out
-
-    def _prefill(self) -> bool:
-        """A prefill chunk's worth of the prefilling rows' pieces; whether any was run."""
-        left = self.spec.prefill_chunk
-        clock = self.clock
-        spans: list[tuple[Row, str, Any, Any]] = []   # read once, after this step's prefill work
-        # Shortest remaining prefill first: a short prompt arriving during a long one's prefill gets
-        # its first token within a chunk or two instead of waiting for the whole long prompt.
-        prefilling = sorted((r for r in self.rows.values() if r.phase == "prefill"),
-                            key=lambda r: len(r.v_pieces) + len(r.d_pieces))
-        for row in prefilling:
-            if left <= 0:
-                break
-            tail = PROMPT_PROBE_TOKENS if row.controller is not None else 0
-            if row.v_pieces:
-                left -= row.v_pieces[0][1] - row.v_pieces[0][0]
-                t = clock.mark()
-                row.v_tmp = self._prefill_piece(self.verifier, row, row.v_pieces, row.v_tmp, 0, tail)
-                spans.append((row, "verifier_prefill_s", t, clock.mark()))
-                self._note_bytes()
-            if row.d_pieces:
-                t = clock.mark()
-                row.d_tmp = self._prefill_piece(self.drafter, row, row.d_pieces, row.d_tmp,
-                                                queries_needed(row.policy), tail)
-                spans.append((row, "drafter_prefill_s", t, clock.mark()))
-                self._note_bytes()
-            if not row.v_pieces and not row.d_pieces:
-                spans = self._add_spans(spans, row)   # before a result can be built from the timings
-                self._start_decoding(row)
-        self._add_spans(spans, None)
-        return bool(prefilling)
-
-    def _add_spans(self, spans: list[tuple[Row, str, Any, Any]], row: Row | None) -> list:
-        """Add the prefill spans of ``row`` (``None``: all) to their rows' timings; return the rest."""
-        rest = []
-        for r, name, a, b in spans:
-            if row is None or r is row:
-                setattr(r.timings, name, getattr(r.timings, name) + self.clock.seconds(a, b))
-            else:
-                rest.append((r, name, a, b))
-        return rest
-
-    def _start_decoding(self, row: Row) -> None:
-        vpre, dpre = row.v_tmp, row.d_tmp
-        if kvcache.cache_len(vpre.cache) != row.n_prompt:
-            raise ValueError(f"prefilled verifier cache holds {kvcache.cache_len(vpre.cache)} tokens, "
-                             f"prompt has {row.n_prompt}")
-        self.vcache.install(row.slot, [(l.keys, l.values) for l in vpre.cache.layers])
-        row.v_len = row.peak_v = row.n_prompt
-        if row.spec:
-            if row.controller is not None:
-                agreement = prompt_agreement(vpre.tail_argmax, dpre.tail_argmax)
-                if agreement is not None:
-                    row.controller.observe_prompt_agreement(*agreement)
-            t = self.clock.mark()
-            compact = kvcache.compact_cache(dpre.cache, row.budget, row.policy, queries=dpre.queries)
-            self.dcache.install(row.slot, [(l.keys, l.values) for l in compact.layers])
-            row.timings.drafter_prefill_s += self.clock.seconds(t, self.clock.mark())
-            row.kept = row.peak_d = kvcache.cache_len(compact)
-            row.kept_positions = compact.kept_positions
-            row.d_len = row.n_prompt
-        self._note_bytes()
-        row.v_tmp = row.d_tmp = None
-        row.phase = "decode"
-        logits = vpre.last_logits[0]
-        row.emit([row.pick(logits)], logits.view(1, -1))
-        if row.finished:
-            self._finish(row)
+        self.prefiller.plan(row)
 
     def _finish(self, row: Row) -> None:
+        if row.drafter_pending:       # the drafter never saw the prompt: the row was plain for its life
+            reason = row.plain_reason if row.plain_reason not in (None, DRAFTER_PENDING) else None
+            row.spec, row.fallback = False, reason or "finished before its deferred drafter prefill was done"
+            if row.deferred_at is not None:
+                self.policy.drafter_dropped(row.deferred_at)
         row.finish()
         self._release(row)
 

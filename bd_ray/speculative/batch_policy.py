@@ -31,15 +31,35 @@ tokens decoded plainly, so it gives no ``c`` sample; the next does), so ``c(b)``
 A step-time sample above :attr:`BatchSpecPolicy.SPIKE` times the current estimate counts as that
 (one-sided timer noise: a preempted or paused step must not turn speculation off for long).
 
+**Deferred drafter prefill.** An adaptive row's drafter prefill is deferred
+(:mod:`bd_ray.speculative.prefill`): the row starts decoding, plainly (γ = 0), once its verifier
+prefill is done, and its drafter pieces run only while :meth:`BatchSpecPolicy.defer_drafter` has
+no reason to hold them back at the engine's batch size ``b`` (decoding + prefilling rows):
+
+* ``b == 1``: always (a row alone keeps its own controller, which decides after its prompt check);
+* ``b > 1``: only under a fresh "on" judgement at ``b`` (from measured costs or, until ``c(b)`` is
+  measured, the prior); ``disable_above``, an "off" judgement, or no judgement yet hold them back.
+
+No judgement yet means decoding plainly, as the policy would anyway until ``T0(b)`` is measured;
+the next steps' judgement decides. When every adaptive row of a step is pending, the judgement is
+made for them from their controllers' acceptance prior (their drafter has not seen the prompt, so
+nothing better is known), so a burst of requests into a batch where speculation does not pay
+spends no drafter compute (the case this rule is for: every row of a burst is admitted before any
+judgement at its size exists) unless even the prior says speculation pays; with rows that have
+their drafter, their measured acceptance decides. A row that never gets its drafter decodes
+plainly for its life (``spec_metrics.mode: plain`` with the batch policy's reason; counted in the
+bucket's ``drafter_prefills_skipped`` where it was last held back,
+:meth:`BatchSpecPolicy.drafter_dropped`).
+
 **Rows admitted plainly.** An adaptive row starting its prefill asks :meth:`BatchSpecPolicy.admit_plainly`
-with the batch it joins (decoding + prefilling rows). When the policy's current judgement at that
-size is "off" from measured costs (``T0`` and ``c`` both measured, judged within the last
-``stale_after`` decode steps) or ``disable_above`` rules it out, the row is admitted as a plain row:
-no drafter prefill (it would add the drafter's share of the prompt's prefill compute for
-nothing), no drafter cache entries, its ``spec_metrics.mode`` is ``plain`` with the batch policy's
-reason. Such a row **stays plain for its life**, even if the batch later shrinks (its drafter
-never saw the prompt). Rows admitted while the policy is on keep their drafter; if the batch
-later grows, the per-step decision gives them γ = 0.
+with the batch it joins (decoding + prefilling rows). When ``disable_above`` rules speculation
+out at that size or the policy's current judgement there is "off" from measured costs (``T0`` and
+``c`` both measured, judged within the last ``stale_after`` decode steps: one rule, which also
+holds deferred drafter prefills back), the row is admitted as a plain row: no drafter prefill
+planned, no drafter cache entries, its ``spec_metrics.mode`` is ``plain`` with the batch policy's
+reason. Such a row **stays plain for its life**, even if the batch later shrinks. Rows admitted
+otherwise keep a (deferred) drafter; if the batch later grows, the per-step decision gives them
+γ = 0.
 
 Rows the policy leaves alone: ``speculative=False`` rows and rows without a usable drafter
 (γ = 0), rows with a fixed γ (an explicit choice: ``min(γ, remaining - 1)``, so a seeded sampled
@@ -83,7 +103,8 @@ class BucketStats:
         measured: whether that judgement used a measured ``c`` (else the prior).
         judged_at: decode step index of that judgement.
         last_reason: its reason.
-        skipped: rows admitted plainly at this bucket (their drafter prefill skipped).
+        skipped: rows whose drafter prefill was skipped at this bucket: admitted plainly, or
+            finished with their deferred drafter prefill still held back here.
     """
 
     t0: Ema
@@ -158,13 +179,14 @@ class BatchStats:
 
 
 class BatchSpecPolicy:
-    """Chooses γ per row and step, and whether a new adaptive row needs its drafter (module docstring).
+    """Chooses γ per row and step, whether a new adaptive row needs its drafter, and when a
+    deferred drafter prefill may run (module docstring).
 
     Args:
         max_gamma: the largest γ the batch decision may pick (each row also caps at its own γ).
         min_gain: speculate only when expected tokens/s beats plain decoding by this factor.
-        disable_above: never speculate (adaptive rows) with more decoding rows than this, and admit
-            adaptive rows joining more rows than this plainly.
+        disable_above: never speculate (adaptive rows) with more decoding rows than this, admit
+            adaptive rows joining more rows than this plainly, and hold deferred drafter prefills back.
         probe_every: plain batch steps between probes.
         probe_steps: γ = 1 steps per probe (2: the first catches the drafter up and gives no ``c``
             sample, the second does).
@@ -231,14 +253,20 @@ class BatchSpecPolicy:
 
     # ---- decisions ----------------------------------------------------------------------------
     def choose(self, rows: list[Any]) -> dict[Any, int]:
-        """γ for each decoding row (``Row`` objects; 0 = a plain step); sets ``row.plain_reason``."""
+        """γ for each decoding row (``Row`` objects; 0 = a plain step); sets ``row.plain_reason``.
+        Rows whose drafter prefill is pending (``row.drafter_pending``) get 0; they are judged on
+        only when no adaptive row of the step has its drafter (module docstring)."""
         out: dict[Any, int] = {}
-        adaptive = []
+        adaptive, pending = [], []
         for r in rows:
             limit = r.checker.remaining() - 1
             if not r.spec:
                 out[r] = 0
                 r.plain_reason = r.fallback or "speculative=False requested"
+            elif r.drafter_pending:
+                out[r] = 0
+                r.plain_reason = r.plain_reason or "drafter prefill pending"
+                pending.append(r)
             elif limit < 1:
                 out[r] = 0
                 r.plain_reason = r.plain_reason or "one token left: nothing to draft"
@@ -251,6 +279,9 @@ class BatchSpecPolicy:
                     r.plain_reason = r.controller.stats.stopped_reason or "adaptive: measuring a plain step"
             else:
                 adaptive.append(r)
+        if not adaptive and pending and len(rows) > 1:
+            # judge the batch for the pending rows' sake (defer_drafter reads the judgement)
+            self.stats.last_reason = self._batch_gamma(pending, len(rows))[1]
         if adaptive:
             g, reason = self._batch_gamma(adaptive, len(rows))
             self.stats.last_reason = reason
@@ -302,6 +333,16 @@ class BatchSpecPolicy:
             return 1, f"batch policy: probing γ=1 at {b} rows"
         return 0, reason
 
+    def _ruled_out(self, b: int) -> str | None:
+        """Why speculation is off for adaptive rows at ``b`` rows by rule or measurement:
+        ``disable_above``, or a fresh judgement "off" from measured costs; ``None`` otherwise."""
+        if self.disable_above is not None and b > self.disable_above:
+            return f"{b} rows > disable_above={self.disable_above}"
+        bk = self.stats.buckets.get(_bucket(b))
+        if bk is not None and bk.on is False and bk.measured and self.stats.steps - bk.judged_at <= self.stale_after:
+            return bk.last_reason.removeprefix("batch policy: ")
+        return None
+
     def admit_plainly(self, b: int) -> str | None:
         """Why an adaptive row joining a batch of ``b`` rows (decoding + prefilling, itself
         included) should be admitted plainly, with no drafter prefill; ``None``: give it its
@@ -309,15 +350,33 @@ class BatchSpecPolicy:
         judgement at ``b`` is "off" from measured costs and fresh (module docstring)."""
         if b < 2:
             return None                                  # a row alone keeps its own controller
-        bk = self.stats.buckets.get(_bucket(b))
-        if self.disable_above is not None and b > self.disable_above:
-            why = f"{b} rows > disable_above={self.disable_above}"
-        elif bk is not None and bk.on is False and bk.measured and self.stats.steps - bk.judged_at <= self.stale_after:
-            why = bk.last_reason.removeprefix("batch policy: ")
-        else:
+        why = self._ruled_out(b)
+        if why is None:
             return None
         self.bucket(b).skipped += 1
         return f"batch policy: admitted plainly (no drafter prefill) joining {b} rows: {why}"
+
+    def defer_drafter(self, b: int) -> str | None:
+        """Why a decoding adaptive row's pending drafter prefill should wait at ``b`` rows
+        (decoding + prefilling); ``None``: run it now. It runs for a row alone, and at ``b > 1``
+        only under a fresh "on" judgement at ``b`` (measured or from the prior); with none yet,
+        or an "off" one, or ``disable_above``, it waits (module docstring)."""
+        if b < 2:
+            return None
+        why = self._ruled_out(b)
+        bk = self.stats.buckets.get(_bucket(b))
+        fresh = bk is not None and bk.on is not None and self.stats.steps - bk.judged_at <= self.stale_after
+        if why is None and fresh and bk.on:
+            return None
+        if why is None:
+            why = (bk.last_reason.removeprefix("batch policy: ") if fresh
+                   else f"no judgement at {b} rows yet: decoding plainly until one")
+        return f"batch policy: drafter prefill deferred at {b} rows: {why}"
+
+    def drafter_dropped(self, b: int) -> None:
+        """A row finished without its deferred drafter prefill, last held back at ``b`` rows:
+        counted with the bucket's skipped drafter prefills."""
+        self.bucket(b).skipped += 1
 
     # ---- observations -------------------------------------------------------------------------
     def observe(self, gammas: list[int], seconds: float, tokens: int, catch_up: bool = False) -> None:

@@ -1,7 +1,8 @@
 """One request inside the batched engine: what was asked (:class:`RowRequest`) and its state (:class:`Row`).
 
 A row lives through ``waiting`` (queued for a slot) -> ``prefill`` (a chunk per engine step) ->
-``decode`` -> ``done``. Its token bookkeeping is the batch-1 engine's (docs/DESIGN.md section 2):
+``decode`` -> ``done``; an adaptive row may decode plainly while its drafter prefill is still
+pending (:mod:`bd_ray.speculative.prefill`, :attr:`Row.drafter_pending`). Its token bookkeeping is the batch-1 engine's (docs/DESIGN.md section 2):
 
 * ``v_len``: tokens the verifier cache holds (entry ``i`` = position ``i``);
 * ``d_len``: true tokens the drafter has seen; its cache holds ``kept`` compact prefix entries
@@ -141,6 +142,15 @@ class Row:
         self.d_pieces: list[tuple[int, int]] = []
         self.v_tmp: kvcache.PrefillResult | None = None
         self.d_tmp: kvcache.PrefillResult | None = None
+        self.d_deferred = False               # drafter prefill after the first token (adaptive rows)
+        self.d_ready = False                  # the drafter cache holds the compacted prompt
+        self.v_tail: torch.Tensor | None = None   # verifier's prompt-tail argmax, kept until d_ready
+        self.deferred_at: int | None = None   # batch size at which the policy last held the drafter back
+
+    @property
+    def drafter_pending(self) -> bool:
+        """Decoding (plainly) while its deferred drafter prefill is not done: it drafts nothing yet."""
+        return self.phase == "decode" and self.spec and not self.d_ready
 
     # ---- tokens ---------------------------------------------------------------------------------
     @property

@@ -1,0 +1,220 @@
+"""Prefill of the batched engine's rows: the pieces plan, and the per-step prefill scheduler.
+
+A prompt is prefilled into per-request caches (:func:`bd_ray.kvcache.prefill`, so query capture
+and the prompt-agreement probe are the batch-1 ones) a piece of ``spec.prefill_chunk`` tokens at a
+time, so streams already decoding keep going (chunked prefill interleaved with decoding). A
+finished prefill is copied into the row's slot of the engine's caches: the verifier's prefix as
+is, the drafter's compacted to the row's KV budget by its sparse policy
+(:func:`bd_ray.kvcache.compact_cache`, the rule of :func:`bd_ray.sparse.select_positions`). The
+verifier's last logits give the first token, as in plain decoding.
+
+One engine step's prefill work (:meth:`Prefiller.step`), within ``prefill_chunk`` tokens:
+
+1. **first tokens first**: verifier pieces of the rows not yet decoding, shortest remaining
+   prefill first (a short prompt arriving during a long one's prefill gets its first token within
+   a chunk or two). A fixed-γ row's drafter piece runs with each of its verifier pieces and its
+   first token waits for both prefills (today's order: its text, seeded sampling included, must
+   not depend on its batch mates, so nothing about it may depend on the batch policy).
+2. **deferred drafter prefills**: an adaptive row (γ chosen by the speculation policies) starts
+   decoding as soon as its verifier prefill is done, plainly (γ = 0,
+   :attr:`bd_ray.speculative.rows.Row.drafter_pending`); its drafter pieces then run with what is
+   left of the step's budget (each costs its tokens), shortest remaining first, only while the
+   batch policy would speculate at the engine's batch size
+   (:meth:`bd_ray.speculative.batch_policy.BatchSpecPolicy.defer_drafter`). When the last piece is
+   done the prompt-agreement probe feeds the row's controller (the verifier's tail argmax is kept
+   on the row until then), and the compacted prefix is installed with ``d_len = n_prompt``; the
+   first drafter forward of the row's next speculative step catches up on the tokens decoded
+   plainly meanwhile (``committed[d_len:]``). A burst of adaptive rows into a batch where
+   speculation does not pay so spends nothing on the drafter's share of prefill, and a row alone
+   gets its first token a drafter prefill earlier. A row that never gets its drafter prefill
+   decodes plainly for its life; its partial drafter cache is dropped when it finishes or is
+   cancelled (the engine's ``_release``).
+
+Memory: a pending drafter prefill's per-request cache is transient memory until installed
+(:meth:`bd_ray.speculative.admission.MemoryPlan.row_entries`; the engine's ``cache_bytes``), and
+the row's drafter cache entries stay reserved from admission on, so admission by
+``kv_cache_bytes`` holds whether or when the deferred prefill runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from bd_ray import kvcache
+from bd_ray.sparse import queries_needed
+from bd_ray.speculative.adaptive import PROMPT_PROBE_TOKENS, prompt_agreement
+from bd_ray.speculative.batch_policy import BatchSpecPolicy
+from bd_ray.speculative.ragged_cache import RaggedKVCache
+from bd_ray.speculative.rows import Prefilled, Row
+
+__all__ = ["DRAFTER_PENDING", "Prefiller", "pieces", "prefill_bytes"]
+
+#: plain_reason of a decoding row whose deferred drafter prefill is running
+DRAFTER_PENDING = "drafter prefill pending"
+
+
+def pieces(n: int, chunk: int, need: int) -> list[tuple[int, int]]:
+    """Prefill pieces ``(start, end)`` of an ``n``-token prompt: ``chunk`` tokens each, the last at
+    least ``need`` long (it must see the positions whose queries / argmax are captured)."""
+    starts = list(range(0, n, chunk))
+    last = starts[-1]
+    if n - last < need:
+        last = max(0, n - need)
+    starts = [s for s in starts if s < last] + [last]
+    return [(s, e) for s, e in zip(starts, starts[1:] + [n])]
+
+
+def prefill_bytes(pre: Any) -> int:
+    """K/V bytes of a per-request prefill cache (a :class:`bd_ray.kvcache.PrefillResult`)."""
+    return sum(t.numel() * t.element_size() for layer in pre.cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+class Prefiller:
+    """Plans and runs the rows' prefills of one :class:`bd_ray.speculative.batch.BatchEngine`.
+
+    Args:
+        verifier, drafter: the engine's models (``drafter=None``: plain decoding only).
+        vcache, dcache: the engine's :class:`RaggedKVCache` of each model (``dcache`` may be ``None``).
+        spec: :class:`bd_ray.config.SpecConfig` (``prefill_chunk``).
+        policy: the engine's :class:`BatchSpecPolicy` (when deferred drafter prefills may run).
+        clock: the engine's phase clock (``mark()`` / ``seconds(a, b)``).
+        note_bytes: called after each piece and cache install (the engine's peak memory sample).
+    """
+
+    def __init__(self, verifier: Any, drafter: Any, vcache: RaggedKVCache, dcache: RaggedKVCache | None,
+                 spec: Any, policy: BatchSpecPolicy, clock: Any, note_bytes: Callable[[], None]) -> None:
+        self.verifier, self.drafter, self.vcache, self.dcache = verifier, drafter, vcache, dcache
+        self.spec, self.policy, self.clock, self.note_bytes = spec, policy, clock, note_bytes
+        self.device = next(verifier.parameters()).device
+
+    def plan(self, row: Row) -> None:
+        """Plan ``row``'s pieces (none for a model whose prefill the request brings) and mark it
+        prefilling; an adaptive row's drafter pieces are deferred (module docstring)."""
+        pre = row.req.prefilled
+        tail = PROMPT_PROBE_TOKENS if row.controller is not None else 0
+        if isinstance(pre, Prefilled):
+            row.v_tmp, row.d_tmp = pre.verifier, pre.drafter if row.spec else None
+        elif pre is not None:
+            row.v_tmp = pre
+        if row.v_tmp is None:
+            row.v_pieces = pieces(row.n_prompt, self.spec.prefill_chunk, tail)
+        if row.spec and row.d_tmp is None:
+            row.d_pieces = pieces(row.n_prompt, self.spec.prefill_chunk, max(tail, queries_needed(row.policy)))
+            row.d_deferred = row.controller is not None
+        row.phase = "prefill"
+
+    def step(self, rows: list[Row]) -> tuple[bool, list[Row]]:
+        """One engine step's prefill work over the live ``rows`` (module docstring).
+
+        Returns:
+            whether any prefill work was scheduled, and the rows that finished on their first
+            token (the caller finishes and releases them before decoding).
+        """
+        left = self.spec.prefill_chunk
+        spans: list[tuple[Row, str, Any, Any]] = []   # read once, after this step's prefill work
+        done: list[Row] = []
+        prefilling = sorted((r for r in rows if r.phase == "prefill"),
+                            key=lambda r: len(r.v_pieces) + (0 if r.d_deferred else len(r.d_pieces)))
+        ran = bool(prefilling)
+        for row in prefilling:
+            if left <= 0:
+                break
+            if row.v_pieces:
+                left -= row.v_pieces[0][1] - row.v_pieces[0][0]
+                self._piece(row, False, spans)
+            if row.d_pieces and not row.d_deferred:
+                self._piece(row, True, spans)
+            if not row.v_pieces and (row.d_deferred or not row.d_pieces):
+                spans = self._add_spans(spans, row)   # before a result can be built from the timings
+                self._start_decoding(row)
+                if row.finished:
+                    done.append(row)
+        pending = sorted((r for r in rows if r.drafter_pending and not r.finished), key=lambda r: len(r.d_pieces))
+        wait = self.policy.defer_drafter(len(rows)) if pending else None
+        for row in pending:
+            if wait is not None:
+                row.plain_reason, row.deferred_at = wait, len(rows)
+                continue
+            row.plain_reason = DRAFTER_PENDING
+            if left <= 0:
+                continue
+            left -= row.d_pieces[0][1] - row.d_pieces[0][0]
+            ran = True
+            self._piece(row, True, spans)
+            if not row.d_pieces:
+                spans = self._add_spans(spans, row)
+                self._install_drafter(row, row.v_tail)
+        self._add_spans(spans, None)
+        return ran, done
+
+    def _piece(self, row: Row, drafter: bool, spans: list) -> None:
+        """Run ``row``'s next piece of the drafter's (or verifier's) prefill; the last one captures
+        the queries the sparse policy scores with (drafter) and the prompt-tail argmax (adaptive rows)."""
+        model = self.drafter if drafter else self.verifier
+        todo = row.d_pieces if drafter else row.v_pieces
+        tmp = row.d_tmp if drafter else row.v_tmp
+        s, e = todo.pop(0)
+        last = not todo
+        tail = PROMPT_PROBE_TOKENS if row.controller is not None else 0
+        need_q = queries_needed(row.policy) if drafter else 0
+        t = self.clock.mark()
+        out = kvcache.prefill(model, torch.tensor([row.prompt[s:e]], device=self.device),
+                              cache=tmp.cache if tmp is not None else None,
+                              chunk_size=self.spec.prefill_chunk, start_position=s,
+                              capture_queries_window=need_q if last else 0, tail_argmax=tail if last else 0)
+        spans.append((row, "drafter_prefill_s" if drafter else "verifier_prefill_s", t, self.clock.mark()))
+        if drafter:
+            row.d_tmp = out
+        else:
+            row.v_tmp = out
+        self.note_bytes()
+
+    def _add_spans(self, spans: list[tuple[Row, str, Any, Any]], row: Row | None) -> list:
+        """Add the prefill spans of ``row`` (``None``: all) to their rows' timings; return the rest."""
+        rest = []
+        for r, name, a, b in spans:
+            if row is None or r is row:
+                setattr(r.timings, name, getattr(r.timings, name) + self.clock.seconds(a, b))
+            else:
+                rest.append((r, name, a, b))
+        return rest
+
+    def _start_decoding(self, row: Row) -> None:
+        """Install the verifier prefix, and the drafter's unless deferred; emit the first token."""
+        vpre = row.v_tmp
+        if kvcache.cache_len(vpre.cache) != row.n_prompt:
+            raise ValueError(f"prefilled verifier cache holds {kvcache.cache_len(vpre.cache)} tokens, "
+                             f"prompt has {row.n_prompt}")
+        self.vcache.install(row.slot, [(l.keys, l.values) for l in vpre.cache.layers])
+        row.v_len = row.peak_v = row.n_prompt
+        if row.spec and row.d_pieces:
+            row.v_tail = vpre.tail_argmax          # the prompt-agreement probe, once the drafter is done
+        elif row.spec:
+            self._install_drafter(row, vpre.tail_argmax)
+        self.note_bytes()
+        row.v_tmp = None
+        row.phase = "decode"
+        logits = vpre.last_logits[0]
+        row.emit([row.pick(logits)], logits.view(1, -1))
+
+    def _install_drafter(self, row: Row, v_tail: Any) -> None:
+        """Feed the prompt-agreement probe to the controller, compact the drafter prefix to the
+        row's budget and install it (``d_len = n_prompt``); the row may draft from now on."""
+        dpre = row.d_tmp
+        if row.controller is not None:
+            agreement = prompt_agreement(v_tail, dpre.tail_argmax)
+            if agreement is not None:
+                row.controller.observe_prompt_agreement(*agreement)
+        t = self.clock.mark()
+        compact = kvcache.compact_cache(dpre.cache, row.budget, row.policy, queries=dpre.queries)
+        self.dcache.install(row.slot, [(l.keys, l.values) for l in compact.layers])
+        row.timings.drafter_prefill_s += self.clock.seconds(t, self.clock.mark())
+        row.kept = row.peak_d = kvcache.cache_len(compact)
+        row.kept_positions = compact.kept_positions
+        row.d_len = row.n_prompt
+        row.d_ready = True
+        self.note_bytes()
+        row.d_tmp = row.v_tail = None
