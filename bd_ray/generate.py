@@ -2,11 +2,13 @@ r"""``python -m bd_ray.generate``: one prompt through the speculative engine, te
 
 Example::
 
-    python -m bd_ray.generate --verifier smollm2-135m --drafter-layers 4 --budget 256 --gamma 4 \
+    python -m bd_ray.generate --verifier smollm2-135m --budget 256 --gamma 4 \
         --prompt "It is a truth universally acknowledged" --max-new-tokens 64 --compare-ar
 
-A drafter checkpoint given with ``--drafter`` decodes with its own ``draft_vocab.json`` when it has
-one (``bd_ray.models.load_drafter``).
+The drafter is the shipped BudgetDraft reference drafter (``reference-budgetdraft``, drafters/)
+unless ``--drafter`` names another (checkpoint dir or shipped name) or ``--drafter-layers N`` asks
+for the untrained init (the verifier's first N layers). A drafter with a ``draft_vocab.json``
+decodes with it (``bd_ray.models.load_drafter``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import sys
 
 from bd_ray.config import Budget, SamplingConfig, SparsePolicyConfig, SpecConfig, check_budget, parse_budget
+from bd_ray.reference_drafters import DEFAULT_DRAFTER
 
 
 def _positive_int(text: str) -> int:
@@ -46,9 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--verifier", default="smollm2-135m", help="embedded name or HF checkpoint dir")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--drafter", help="drafter: an HF checkpoint dir (e.g. a trained BudgetDraft drafter) or a shipped "
-                                          "drafter name (drafters/README.md)")
-    src.add_argument("--drafter-layers", type=int, default=4,
-                     help="untrained drafter: the verifier's first N layers (default 4)")
+                                          f"drafter name (drafters/README.md; default {DEFAULT_DRAFTER})")
+    src.add_argument("--drafter-layers", type=int, default=None,
+                     help="untrained drafter instead: the verifier's first N layers")
     pr = p.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompt", help="prompt text")
     pr.add_argument("--prompt-file", help="file holding the prompt text")
@@ -96,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     from bd_ray.speculative.engine import ARGenerator, SpeculativeGenerator
 
     verifier, tok = models.load_verifier(args.verifier)
-    if args.drafter:
-        drafter, _ = models.load_drafter(args.drafter, tok)
-    else:
+    if args.drafter_layers is not None:
         drafter = models.init_drafter_from_verifier(verifier, args.drafter_layers)
+    else:
+        drafter, _ = models.load_drafter(args.drafter or DEFAULT_DRAFTER, tok)
     spec = SpecConfig(gamma=args.gamma, budget=args.budget, policy=SparsePolicyConfig(name=args.policy),
                       adaptive=not args.fixed_gamma)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
