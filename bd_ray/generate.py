@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--drafter", help="drafter: an HF checkpoint dir (e.g. a trained BudgetDraft drafter) or a shipped "
                                           f"drafter name (drafters/README.md; default {DEFAULT_DRAFTER})")
-    src.add_argument("--drafter-layers", type=int, default=None,
+    src.add_argument("--drafter-layers", type=_positive_int, default=None,
                      help="untrained drafter instead: the verifier's first N layers")
     pr = p.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompt", help="prompt text")
@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="drafter KV budget in tokens, or 'full' (at least the policy's minimum for the prompt, "
                         "bd_ray.sparse.min_budget)")
     p.add_argument("--policy", default="chunk_topk", choices=["chunk_topk", "streaming", "snapkv"])
+    p.add_argument("--recent", type=_positive_int, default=64,
+                   help="recent-window tokens the sparse policy always keeps (default 64: the policy the shipped "
+                        "drafters were trained with, as in serve_configs/default.yaml)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -102,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.drafter_layers is not None:
         drafter = models.init_drafter_from_verifier(verifier, args.drafter_layers)
     else:
-        drafter, _ = models.load_drafter(args.drafter or DEFAULT_DRAFTER, tok)
-    spec = SpecConfig(gamma=args.gamma, budget=args.budget, policy=SparsePolicyConfig(name=args.policy),
+        drafter, _ = models.load_drafter(args.drafter or DEFAULT_DRAFTER, tok, verifier=verifier)
+    policy = SparsePolicyConfig(name=args.policy, recent=args.recent)
+    spec = SpecConfig(gamma=args.gamma, budget=args.budget, policy=policy,
                       adaptive=not args.fixed_gamma)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, stop=args.stop)

@@ -48,9 +48,10 @@ FORMAT = "bd-ray-drafter/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 MAX_BYTES = 32 * 2**20
-#: the shipped drafter entry points use when none is named (`bd_ray.generate`, serve_configs/default.yaml)
-DEFAULT_DRAFTER = "reference-budgetdraft"
 """Largest shipped drafter, all files together (and so each file): 32 MiB, small enough for git."""
+DEFAULT_DRAFTER = "reference-budgetdraft"
+"""The shipped drafter entry points use when none is named (``bd_ray.generate``,
+serve_configs/default.yaml, ``make demo``)."""
 
 DTYPES = ("bf16", "int8")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

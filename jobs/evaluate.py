@@ -84,7 +84,8 @@ def report_main(argv: list[str]) -> int:
     for name, what in (("table", "the per-drafter summary table (Markdown)"), ("summary", "the headline figures")):
         p = sub.add_parser(name, description=f"Print {what} of a finished matrix from its results.json.")
         p.add_argument("--results", default="results/reference/results.json", help="results.json of a run")
-        p.add_argument("--gamma", type=int, default=2, help="γ of the α columns (default 2)")
+        p.add_argument("--gamma", type=int, default=None,
+                       help="γ of the α columns (default: the run's report.alpha_gamma, else its smallest γ)")
         p.add_argument("--budget", default="256", help="budget of the first-draft acceptance column (default 256)")
         p.add_argument("--mode", default="greedy", help="the fixed-γ mode (default greedy)")
     p = sub.add_parser("agreement", description="Collect drafter training runs' held-out agreement with the "
@@ -109,7 +110,9 @@ def report_main(argv: list[str]) -> int:
     with open(args.results) as f:
         res = json.load(f)
     fn = summary_table if args.cmd == "table" else headline_summary
-    print(fn(res, gamma=args.gamma, budget=args.budget, mode=args.mode))
+    cfg = res["config"]
+    gamma = args.gamma or (cfg.get("report") or {}).get("alpha_gamma") or min(cfg["matrix"]["gammas"])
+    print(fn(res, gamma=gamma, budget=args.budget, mode=args.mode))
     return 0
 
 

@@ -36,7 +36,7 @@ def test_budget_not_a_count_is_an_argument_error(bad, capsys):
 def test_budget_below_the_policy_minimum_names_it(models_dir, capsys):
     vdir, ddir = models_dir
     n = len(tiny_tokenizer()(PROMPT, add_special_tokens=False)["input_ids"])
-    need = min_budget(SparsePolicyConfig(), n)
+    need = min_budget(SparsePolicyConfig(recent=generate._parser().get_default("recent")), n)   # the CLI's policy
     assert 8 < need < n
     code, err = _exit_code_and_stderr(["--verifier", str(vdir), "--drafter", str(ddir), "--prompt", PROMPT,
                                        "--budget", "8", "--max-new-tokens", "2"], capsys)

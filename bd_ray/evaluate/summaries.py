@@ -134,7 +134,8 @@ def plain_summary(results: dict, budget: str = "256", gamma: int = 4, mode: str 
     """What a results table says, in plain words (``make demo`` prints it under the table): per
     context, each drafter's acceptance at full cache and at ``budget`` (α at ``gamma``), the share of
     its full-cache acceptance it keeps, the paired difference of ``report.paired`` at ``budget``,
-    the lossless check, and the best speedup of each drafter (fixed γ and adaptive modes)."""
+    the lossless check, and the best speedup of each drafter over all budgets (fixed γ and adaptive
+    modes)."""
     cells = results["cells"]
     adaptive = _adaptive_modes(results)
     stats = prompt_statistics(results, gamma)
@@ -161,7 +162,7 @@ def plain_summary(results: dict, budget: str = "256", gamma: int = 4, mode: str 
                        f"{at_b['alpha']:.0%} when it keeps only {budget} KV entries ({kept} of its full-cache "
                        f"acceptance); first drafted token accepted {at_b['per_position_acceptance'][0]:.0%} "
                        f"of the time at B={budget}; speed vs plain decoding: best fixed γ "
-                       f"{max(fixed):.2f}x" + (f", adaptive γ {max(ad):.2f}x" if ad else "")
+                       f"{max(fixed):.2f}x" + (f", adaptive γ {max(ad):.2f}x (best budget)" if ad else "")
                        + " (above 1 = speculation pays).")
         for p in stats["paired"]:
             if (p["context"], p["gamma"], p["mode"], p["budget"]) == (ctx, gamma, mode, budget):

@@ -249,7 +249,10 @@ class BatchEngine:
         if plainly is not None:
             row.spec, row.controller, row.fallback, row.plain_reason = False, None, plainly, plainly
         if row.controller is not None:
+            first, t = self.prior is None, time.perf_counter()
             row.controller.set_cost_prior(self.cost_prior())
+            if first:   # the prior is set up once per engine, inside this row's lifetime: its setup, not decode
+                row.timings.setup_s += time.perf_counter() - t
         self.prefiller.plan(row)
 
     def _finish(self, row: Row) -> None:

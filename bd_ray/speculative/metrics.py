@@ -33,12 +33,15 @@ class Timings:
     draft_s: float = 0.0
     verify_s: float = 0.0
     plain_s: float = 0.0
+    setup_s: float = 0.0
     total_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         """The fields as a JSON-ready dict, all in seconds: ``verifier_prefill_s``,
-        ``drafter_prefill_s``, ``draft_s`` (drafter decode steps), ``verify_s``, ``plain_s`` and
-        ``total_s`` (the whole request, prefills included; the parts need not add up to it)."""
+        ``drafter_prefill_s``, ``draft_s`` (drafter decode steps), ``verify_s``, ``plain_s``,
+        ``setup_s`` (one-off engine work inside this request's lifetime: the speculation cost prior,
+        measured once per engine when its first adaptive row is admitted) and ``total_s`` (the whole
+        request, prefills and setup included; the parts need not add up to it)."""
         return dict(self.__dict__)
 
 

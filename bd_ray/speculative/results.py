@@ -78,8 +78,10 @@ class GenerationResult:
 
     @property
     def tokens_per_s(self) -> float:
-        """Emitted tokens per second of decoding after prefill (the usual decode throughput)."""
-        decode_s = self.timings.total_s - self.timings.verifier_prefill_s - self.timings.drafter_prefill_s
+        """Emitted tokens per second of decoding after prefill (the usual decode throughput; the
+        engine's one-off setup, ``timings.setup_s``, excluded too)."""
+        t = self.timings
+        decode_s = t.total_s - t.verifier_prefill_s - t.drafter_prefill_s - t.setup_s
         return len(self.token_ids) / decode_s if decode_s > 0 else float("inf")
 
     def as_dict(self) -> dict:
@@ -87,7 +89,7 @@ class GenerationResult:
 
         Keys: ``token_ids`` (list of ids), ``text``, ``finish_reason``, ``prompt_tokens`` and
         ``completion_tokens`` (token counts), ``speculative``, ``fallback_reason``,
-        ``tokens_per_s`` (emitted tokens per second of decoding: prefills excluded, ``inf`` when
+        ``tokens_per_s`` (emitted tokens per second of decoding: prefills and setup excluded, ``inf`` when
         no decode time was measured), ``mode`` / ``mode_reason`` / ``budget`` / ``logprobs`` (as
         the attributes), ``peak_drafter_cache`` / ``peak_verifier_cache`` (cache
         entries per layer and KV head), ``adaptive`` (dict or ``None``), ``spec_metrics``
