@@ -36,6 +36,13 @@ def _adaptive_modes(results: dict) -> set[str]:
     return {m["name"] for m in results["config"]["matrix"]["modes"] if m.get("adaptive")}
 
 
+def _cell(cells: list[dict], ctx: int, drafter: str, budget: str, gamma: int, mode: str) -> dict | None:
+    """The cell of ``drafter`` at context ``ctx``, ``budget`` (label), ``gamma`` and ``mode``, if measured."""
+    hit = [c for c in cells if (c["context"], c["drafter"], c["budget"], c["gamma"], c["mode"])
+           == (ctx, drafter, budget, gamma, mode)]
+    return hit[0] if hit else None
+
+
 def _adaptive_range(cells: list[dict], adaptive: set[str]) -> list[float]:
     return [c["speedup"] for c in cells if c["mode"] in adaptive and c["speedup"] is not None]
 
@@ -91,18 +98,13 @@ def headline_summary(results: dict, gamma: int = 2, budget: str = "256", mode: s
             ci = cell_intervals(rs, None, rep)["alpha_ci"] if rs else None
         return f"{c['alpha']:.3f} {format_ci(ci, '.3f')}"
 
-    def cell(ctx, drafter, b):
-        hit = [c for c in cells if (c["context"], c["drafter"], c["budget"], c["gamma"], c["mode"])
-               == (ctx, drafter, b, gamma, mode)]
-        return hit[0] if hit else None
-
     out = []
     drafters = sorted({c["drafter"] for c in cells})
     for ctx in sorted({c["context"] for c in cells}):
         n = max(c["n_prompts"] for c in cells if c["context"] == ctx)
         out.append(f"context {ctx}: {n} held-out prompts per cell")
         for d in drafters:
-            at_b, full = cell(ctx, d, budget), cell(ctx, d, "full")
+            at_b, full = _cell(cells, ctx, d, budget, gamma, mode), _cell(cells, ctx, d, "full", gamma, mode)
             if not at_b or not full:
                 continue
             fixed = max((c for c in cells if c["context"] == ctx and c["drafter"] == d and c["mode"] == mode),
@@ -140,18 +142,13 @@ def plain_summary(results: dict, budget: str = "256", gamma: int = 4, mode: str 
     adaptive = _adaptive_modes(results)
     stats = prompt_statistics(results, gamma)
 
-    def cell(ctx, drafter, b):
-        hit = [c for c in cells if (c["context"], c["drafter"], c["budget"], c["gamma"], c["mode"])
-               == (ctx, drafter, b, gamma, mode)]
-        return hit[0] if hit else None
-
     out = []
     for ctx in sorted({c["context"] for c in cells}):
         n = max(c["n_prompts"] for c in cells if c["context"] == ctx)
         out.append(f"At {ctx:,} tokens of context ({n} held-out prompts, the verifier always keeps its full "
                    f"KV cache, γ = {gamma}):")
         for d in results["config"]["models"]["drafters"]:
-            full, at_b = cell(ctx, d, "full"), cell(ctx, d, budget)
+            full, at_b = _cell(cells, ctx, d, "full", gamma, mode), _cell(cells, ctx, d, budget, gamma, mode)
             if full is None or at_b is None:
                 continue
             kept = f"{at_b['alpha'] / full['alpha']:.0%}" if full["alpha"] > 0 else "n/a"

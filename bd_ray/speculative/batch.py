@@ -47,11 +47,11 @@ from bd_ray.speculative.admission import MemoryPlan
 from bd_ray.speculative.adaptive import CONSTANT_PRIOR, CostPrior, GammaController
 from bd_ray.speculative.cost_prior import measure_cost_prior
 from bd_ray.speculative.batch_policy import BatchSpecPolicy
-from bd_ray.speculative.prefill import DRAFTER_PENDING, Prefiller, prefill_bytes
+from bd_ray.speculative.prefill import Prefiller, prefill_bytes
 from bd_ray.speculative.ragged_cache import RaggedKVCache, kv_bytes_per_token, ragged_forward
 from bd_ray.speculative.rejection import verify_greedy_batch, verify_sampling
 from bd_ray.speculative.results import check_context, max_positions
-from bd_ray.speculative.rows import CycleState, Prefilled, Row
+from bd_ray.speculative.rows import DRAFTER_PENDING, CycleState, Prefilled, Row
 from bd_ray.speculative.sampling import filtered_probs
 
 __all__ = ["BatchOptions", "BatchEngine", "new_row"]

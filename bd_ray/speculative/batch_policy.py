@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bd_ray.speculative.adaptive import CONSTANT_PRIOR, Ema, expected_tokens
+from bd_ray.speculative.rows import DRAFTER_PENDING
 
 __all__ = ["BatchSpecPolicy", "BatchStats", "BucketStats"]
 
@@ -265,7 +266,7 @@ class BatchSpecPolicy:
                 r.plain_reason = r.fallback or "speculative=False requested"
             elif r.drafter_pending:
                 out[r] = 0
-                r.plain_reason = r.plain_reason or "drafter prefill pending"
+                r.plain_reason = r.plain_reason or DRAFTER_PENDING
                 pending.append(r)
             elif limit < 1:
                 out[r] = 0
@@ -333,13 +334,17 @@ class BatchSpecPolicy:
             return 1, f"batch policy: probing γ=1 at {b} rows"
         return 0, reason
 
+    def _fresh(self, bk: BucketStats | None) -> bool:
+        """Whether ``bk`` holds a judgement made within the last ``stale_after`` decode steps."""
+        return bk is not None and bk.on is not None and self.stats.steps - bk.judged_at <= self.stale_after
+
     def _ruled_out(self, b: int) -> str | None:
         """Why speculation is off for adaptive rows at ``b`` rows by rule or measurement:
         ``disable_above``, or a fresh judgement "off" from measured costs; ``None`` otherwise."""
         if self.disable_above is not None and b > self.disable_above:
             return f"{b} rows > disable_above={self.disable_above}"
         bk = self.stats.buckets.get(_bucket(b))
-        if bk is not None and bk.on is False and bk.measured and self.stats.steps - bk.judged_at <= self.stale_after:
+        if self._fresh(bk) and bk.on is False and bk.measured:
             return bk.last_reason.removeprefix("batch policy: ")
         return None
 
@@ -365,7 +370,7 @@ class BatchSpecPolicy:
             return None
         why = self._ruled_out(b)
         bk = self.stats.buckets.get(_bucket(b))
-        fresh = bk is not None and bk.on is not None and self.stats.steps - bk.judged_at <= self.stale_after
+        fresh = self._fresh(bk)
         if why is None and fresh and bk.on:
             return None
         if why is None:
@@ -402,6 +407,4 @@ class BatchSpecPolicy:
 
     def as_dict(self) -> dict:
         """:meth:`BatchStats.as_dict` with the prior ``c`` of unmeasured buckets."""
-        def prior_c(k: int) -> float | None:
-            return self.prior_c(k) if self.stats.buckets[k].t0.value is not None else None
-        return self.stats.as_dict(prior_c)
+        return self.stats.as_dict(self.prior_c)

@@ -47,12 +47,9 @@ from bd_ray.sparse import queries_needed
 from bd_ray.speculative.adaptive import PROMPT_PROBE_TOKENS, prompt_agreement
 from bd_ray.speculative.batch_policy import BatchSpecPolicy
 from bd_ray.speculative.ragged_cache import RaggedKVCache
-from bd_ray.speculative.rows import Prefilled, Row
+from bd_ray.speculative.rows import DRAFTER_PENDING, Prefilled, Row
 
-__all__ = ["DRAFTER_PENDING", "Prefiller", "pieces", "prefill_bytes"]
-
-#: plain_reason of a decoding row whose deferred drafter prefill is running
-DRAFTER_PENDING = "drafter prefill pending"
+__all__ = ["Prefiller", "pieces", "prefill_bytes"]
 
 
 def pieces(n: int, chunk: int, need: int) -> list[tuple[int, int]]:

@@ -29,7 +29,10 @@ from bd_ray.speculative.results import GenerationResult, StreamChunk, logprob_en
 from bd_ray.speculative.sampling import filtered_probs, is_greedy, sample_from
 from bd_ray.speculative.stopping import StopChecker
 
-__all__ = ["Prefilled", "CycleState", "RowRequest", "Row"]
+__all__ = ["DRAFTER_PENDING", "Prefilled", "CycleState", "RowRequest", "Row"]
+
+#: plain_reason of a decoding row whose deferred drafter prefill has not run yet
+DRAFTER_PENDING = "drafter prefill pending"
 
 
 @dataclass
