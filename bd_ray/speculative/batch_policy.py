@@ -106,6 +106,8 @@ class BucketStats:
         last_reason: its reason.
         skipped: rows whose drafter prefill was skipped at this bucket: admitted plainly, or
             finished with their deferred drafter prefill still held back here.
+        rows, tokens, seconds: decoding rows summed over this bucket's steps, tokens those steps
+            emitted, and their wall seconds (decode throughput at this batch size).
     """
 
     t0: Ema
@@ -116,15 +118,20 @@ class BucketStats:
     judged_at: int = 0
     last_reason: str | None = None
     skipped: int = 0
+    rows: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
 
     def as_dict(self, prior_c: float | None) -> dict:
-        """JSON-ready row of the policy table (milliseconds; ``c_ms`` is the prior's until measured)."""
+        """JSON-ready row of the policy table (milliseconds; ``c_ms`` is the prior's until measured;
+        ``rows`` / ``decode_tokens`` / ``decode_s`` raw sums, for deltas between two reads)."""
         c = self.c.value
         return {"steps": dict(sorted(self.steps.items())), "t0_ms": _ms(self.t0.value),
                 "c_ms": _ms(max(0.0, c) if c is not None else prior_c),
                 "c_source": "measured" if c is not None else ("prior" if prior_c is not None else None),
                 "judgement": None if self.on is None else ("on" if self.on else "off"),
-                "last_reason": self.last_reason, "drafter_prefills_skipped": self.skipped}
+                "last_reason": self.last_reason, "drafter_prefills_skipped": self.skipped,
+                "rows": self.rows, "decode_tokens": self.tokens, "decode_s": self.seconds}
 
 
 @dataclass
@@ -392,6 +399,7 @@ class BatchSpecPolicy:
         self.stats.record(b, tokens, g_max, seconds)
         bk = self.bucket(b)
         bk.steps[str(g_max)] = bk.steps.get(str(g_max), 0) + 1
+        bk.rows, bk.tokens, bk.seconds = bk.rows + b, bk.tokens + tokens, bk.seconds + seconds
         # One-sided timer noise (a preempted or GC-paused step) is clipped: a sample moves an
         # estimate by at most SPIKE x its value (c: at least up to SPIKE plain steps per unit γ).
         t0 = bk.t0.value
