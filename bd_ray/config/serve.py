@@ -138,7 +138,11 @@ class ServeEngineConfig(StrictModel):
     (``-1`` = unbounded, Serve's convention). ``disable_spec_above``: adaptive requests never
     speculate with more decoding rows than this, one joining more rows than this is admitted
     plainly, without a drafter prefill, and deferred drafter prefills wait (vLLM's
-    ``disable_by_batch_size``; null = the batch policy decides from measured costs alone). ``elastic_budget`` (off by default): under memory
+    ``disable_by_batch_size``; null = the batch policy decides from measured costs alone).
+    ``max_num_batched_tokens`` (vLLM's name): tokens one step computes while rows decode, their
+    1 + γ each and the rest prompt tokens of chunked prefill, so a long prompt's prefill slows the
+    streams beside it by about that many tokens' time per step (null = a whole
+    ``spec.prefill_chunk`` every step). ``elastic_budget`` (off by default): under memory
     pressure, new rows run at a lower drafter KV budget (down to ``floor``) instead of waiting
     (:class:`bd_ray.config.decoding.ElasticBudgetConfig`).
 
@@ -161,6 +165,9 @@ class ServeEngineConfig(StrictModel):
     disable_spec_above: int | None = Field(None, ge=1, description="adaptive requests decode plainly with more "
                                            "decoding rows than this (one joining more rows skips its drafter "
                                            "prefill); null = the batch policy decides")
+    max_num_batched_tokens: int | None = Field(None, ge=1, le=1 << 20, description="tokens a step computes while "
+                                               "rows decode (their 1 + gamma each, the rest prefill); "
+                                               "null = spec.prefill_chunk of prefill every step")
     elastic_budget: ElasticBudgetConfig = Field(default_factory=ElasticBudgetConfig)
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)

@@ -153,7 +153,8 @@ class SpecEngine:
         # The engine's γ is the largest a request may ask for: each row caps at its own γ.
         spec = self.cfg.spec.model_copy(update={"gamma": self.cfg.speculation.max_gamma})
         options = BatchOptions(max_num_seqs=e.batch_rows(), kv_cache_bytes=e.kv_cache_bytes,
-                               disable_above=e.disable_spec_above, elastic_budget=e.elastic_budget)
+                               disable_above=e.disable_spec_above, elastic_budget=e.elastic_budget,
+                               max_num_batched_tokens=e.max_num_batched_tokens)
         self.engine = BatchEngine(self.verifier, self.drafter, self.tokenizer, spec, options,
                                   eos_token_ids=default_eos(self.tokenizer, self.verifier))
         self.stepper = EngineStepper(self.engine)

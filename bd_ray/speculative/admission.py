@@ -81,15 +81,16 @@ class MemoryPlan:
         cache = n * (max(v for v, _, _ in needs) * self.v_bpt + max(d for _, d, _ in needs) * self.d_bpt)
         return cache + sum(t for _, _, t in needs)
 
-    def fits(self, rows: list[Any], slots: int | None = None) -> bool:
-        """Whether ``rows`` fit the limit. With the elastic budget on, the rows not yet compacted
+    def fits(self, rows: list[Any], slots: int | None = None, held_extra: int = 0) -> bool:
+        """Whether ``rows`` fit the limit, besides ``held_extra`` bytes the caches hold beyond
+        their reserved shape until settled. With the elastic budget on, the rows not yet compacted
         run at most at the current cap (set while rows wait for memory), and when they still do
         not fit the cap is lowered as little as needed (down to the floor; module docstring)."""
         if self.elastic is not None and self.cap is not None:
             self._lower(rows, self.cap)
-        if self.limit is None or self.projected_bytes(rows, slots) <= self.limit:
+        if self.limit is None or self.projected_bytes(rows, slots) + held_extra <= self.limit:
             return True
-        if self.elastic is None:
+        if self.elastic is None or held_extra:   # wait for the storage to shrink before lowering budgets
             return False
         low = {r: self._floor(r) for r in self._lowerable(rows)}
         low = {r: f for r, f in low.items() if f < self.kept(r, r.budget)}

@@ -58,6 +58,11 @@ __all__ = ["BatchOptions", "BatchEngine", "new_row"]
 
 log = logging.getLogger(__name__)
 
+#: bytes of cache storage each cache may reallocate per step to reach its reserved shape
+#: (:meth:`RaggedKVCache.settle`): about one verifier layer at 9 rows x 4K entries in fp32, a
+#: copy that adds a few percent to a decode step instead of stalling one step for all layers
+SETTLE_BYTES = 64 << 20
+
 
 @dataclass
 class BatchOptions:
@@ -67,6 +72,11 @@ class BatchOptions:
         max_num_seqs: rows decoded together at most.
         kv_cache_bytes: bytes both caches (and in-flight prefills) may hold; ``None`` = no limit.
         disable_above: adaptive rows never speculate with more decoding rows than this.
+        max_num_batched_tokens: tokens one step computes while rows decode (vLLM's name): the
+            decoding rows' 1 + γ each, the rest (at least a quarter of it) prompt tokens of
+            prefill, so a long prefill stalls the streams decoding beside it by about this many
+            tokens' time per step; ``None`` = a whole ``prefill_chunk`` every step. A step with
+            no row decoding prefills ``prefill_chunk`` tokens.
         elastic_budget: lower the drafter KV budget of new rows instead of queueing them
             (:mod:`bd_ray.speculative.admission`; off by default).
     """
@@ -74,6 +84,7 @@ class BatchOptions:
     max_num_seqs: int = 8
     kv_cache_bytes: int | None = None
     disable_above: int | None = None
+    max_num_batched_tokens: int | None = None
     elastic_budget: ElasticBudgetConfig = field(default_factory=ElasticBudgetConfig)
 
 
@@ -129,7 +140,7 @@ class BatchEngine:
         self.policy = BatchSpecPolicy(max_gamma=spec.gamma, min_gain=spec.adaptive_min_gain,
                                       disable_above=self.options.disable_above)
         self.prefiller = Prefiller(verifier, drafter, self.vcache, self.dcache, spec, self.policy, self.clock,
-                                   self._note_bytes)
+                                   self._note_bytes, self.options.max_num_batched_tokens)
         self.waiting: deque[Row] = deque()
         self.peak_cache_bytes = 0
         self.prior: CostPrior | None = None     # set on the first adaptive row (:meth:`cost_prior`)
@@ -150,7 +161,8 @@ class BatchEngine:
         while self.waiting and len(self.rows) < self.options.max_num_seqs:
             row = self.waiting[0]
             slot = next(s for s in range(len(self.rows) + 1) if s not in self.rows)
-            if not self.memory.fits(list(self.rows.values()) + [row], slots=max(max(self.rows, default=0), slot) + 1):
+            if not self.memory.fits(list(self.rows.values()) + [row], slots=max(max(self.rows, default=0), slot) + 1,
+                                    held_extra=self._excess_bytes()):
                 break
             self.waiting.popleft()
             row.slot = slot
@@ -161,6 +173,11 @@ class BatchEngine:
             self.memory.relieve()
         if admitted:
             self._fit_caches()
+
+    def _excess_bytes(self) -> int:
+        """Cache bytes held beyond what the live rows reserve (storage not yet shrunk by
+        :meth:`RaggedKVCache.settle`): admission counts them, so the budget holds meanwhile."""
+        return sum(c.excess_bytes() for c in (self.vcache, self.dcache) if c is not None)
 
     def _fit_caches(self) -> None:
         """Size both caches for the live rows' most (the shape admission projected)."""
@@ -225,10 +242,13 @@ class BatchEngine:
     def step(self) -> None:
         """One engine step (module docstring); chunks land in each row's ``outbox``."""
         self._admit()
+        for cache in (self.vcache, self.dcache):
+            if cache is not None:
+                cache.settle(SETTLE_BYTES)
         t = self.clock.mark()
-        ran, first_only = self.prefiller.step(list(self.rows.values()))
-        if ran:
-            self.policy.observe_prefill(self.clock.seconds(t, self.clock.mark()))
+        prefilled, first_only = self.prefiller.step(list(self.rows.values()))
+        if prefilled:
+            self.policy.observe_prefill(self.clock.seconds(t, self.clock.mark()), prefilled)
         for row in first_only:        # finished on their first token
             self._finish(row)
         self._decode()

@@ -148,6 +148,8 @@ class BatchStats:
         max_rows: the largest batch decoded in one step.
         decode_s: wall seconds of all decode steps (whole steps, all rows).
         prefill_s: wall seconds of all prefill phases (every row's chunks of a step).
+        prefill_steps, prefill_tokens: steps that ran prefill work, and the prompt tokens they
+            prefilled (both models' pieces; ``prefill_s / prefill_steps`` = a chunk's time).
         buckets: the policy's :class:`BucketStats` by batch-size bucket.
     """
 
@@ -159,6 +161,8 @@ class BatchStats:
     max_rows: int = 0
     decode_s: float = 0.0
     prefill_s: float = 0.0
+    prefill_steps: int = 0
+    prefill_tokens: int = 0
     buckets: dict[int, BucketStats] = field(default_factory=dict)
 
     def record(self, rows: int, tokens: int, gamma: int, seconds: float) -> None:
@@ -182,7 +186,8 @@ class BatchStats:
                 "max_rows": self.max_rows, "gamma_chosen": dict(sorted(self.gamma_chosen.items())),
                 "last_reason": self.last_reason, "decode_tokens": self.tokens, "decode_s": self.decode_s,
                 "decode_tokens_per_s": self.tokens / self.decode_s if self.decode_s > 0 else 0.0,
-                "prefill_s": self.prefill_s,
+                "prefill_s": self.prefill_s, "prefill_steps": self.prefill_steps,
+                "prefill_tokens": self.prefill_tokens,
                 "policy": {_label(k): v.as_dict(prior_c(k)) for k, v in sorted(self.buckets.items())}}
 
 
@@ -409,9 +414,11 @@ class BatchSpecPolicy:
             c = (seconds - t0) / (sum(gammas) / b)
             bk.c.add(min(c, self.SPIKE * max(bk.c.value or 0.0, t0)))
 
-    def observe_prefill(self, seconds: float) -> None:
-        """One engine step's prefill phase took ``seconds``."""
+    def observe_prefill(self, seconds: float, tokens: int) -> None:
+        """One engine step's prefill phase took ``seconds`` over ``tokens`` prompt tokens."""
         self.stats.prefill_s += seconds
+        self.stats.prefill_steps += 1
+        self.stats.prefill_tokens += tokens
 
     def as_dict(self) -> dict:
         """:meth:`BatchStats.as_dict` with the prior ``c`` of unmeasured buckets."""

@@ -49,7 +49,7 @@ from bd_ray.speculative.batch_policy import BatchSpecPolicy
 from bd_ray.speculative.ragged_cache import RaggedKVCache
 from bd_ray.speculative.rows import DRAFTER_PENDING, Prefilled, Row
 
-__all__ = ["Prefiller", "pieces", "prefill_bytes"]
+__all__ = ["Prefiller", "pieces", "prefill_bytes", "split_head"]
 
 
 def pieces(n: int, chunk: int, need: int) -> list[tuple[int, int]]:
@@ -61,6 +61,24 @@ def pieces(n: int, chunk: int, need: int) -> list[tuple[int, int]]:
         last = max(0, n - need)
     starts = [s for s in starts if s < last] + [last]
     return [(s, e) for s, e in zip(starts, starts[1:] + [n])]
+
+
+def split_head(todo: list[tuple[int, int]], limit: int, need: int) -> None:
+    """Split the first of the pieces ``todo`` so it is at most ``limit`` tokens, in place; the
+    final piece keeps at least ``need`` tokens (cut earlier, or run whole when it cannot)."""
+    s, e = todo[0]
+    if e - s <= limit:
+        return
+    cut = s + max(1, limit)
+    if len(todo) == 1 and e - cut < need:
+        cut = e - need
+        if cut <= s:
+            return
+    todo[0:1] = [(s, cut), (cut, e)]
+
+
+def _tokens(todo: list[tuple[int, int]]) -> int:
+    return sum(e - s for s, e in todo)
 
 
 def prefill_bytes(pre: Any) -> int:
@@ -79,12 +97,16 @@ class Prefiller:
         policy: the engine's :class:`BatchSpecPolicy` (when deferred drafter prefills may run).
         clock: the engine's phase clock (``mark()`` / ``seconds(a, b)``).
         note_bytes: called after each piece and cache install (the engine's peak memory sample).
+        max_num_batched_tokens: the engine's per-step token budget (:meth:`budget`; ``None`` =
+            ``prefill_chunk`` tokens of prefill every step).
     """
 
     def __init__(self, verifier: Any, drafter: Any, vcache: RaggedKVCache, dcache: RaggedKVCache | None,
-                 spec: Any, policy: BatchSpecPolicy, clock: Any, note_bytes: Callable[[], None]) -> None:
+                 spec: Any, policy: BatchSpecPolicy, clock: Any, note_bytes: Callable[[], None],
+                 max_num_batched_tokens: int | None = None) -> None:
         self.verifier, self.drafter, self.vcache, self.dcache = verifier, drafter, vcache, dcache
         self.spec, self.policy, self.clock, self.note_bytes = spec, policy, clock, note_bytes
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.device = next(verifier.parameters()).device
 
     def plan(self, row: Row) -> None:
@@ -103,33 +125,47 @@ class Prefiller:
             row.d_deferred = row.controller is not None
         row.phase = "prefill"
 
-    def step(self, rows: list[Row]) -> tuple[bool, list[Row]]:
-        """One engine step's prefill work over the live ``rows`` (module docstring).
+    def budget(self, rows: list[Row]) -> int:
+        """Prompt tokens this step may prefill: ``prefill_chunk`` when no row decodes; else what
+        ``max_num_batched_tokens`` leaves after the decoding rows' tokens (1, + γ for a row that
+        may draft: vLLM counts speculative tokens the same way), at least a quarter of it so a
+        full batch never starves the queue, at most ``prefill_chunk``."""
+        chunk, total = self.spec.prefill_chunk, self.max_num_batched_tokens
+        decoding = [r for r in rows if r.phase == "decode"]
+        if total is None or not decoding:
+            return chunk
+        tokens = sum(1 + (r.gamma if r.spec and r.d_ready else 0) for r in decoding)
+        return min(chunk, max(total - tokens, total // 4, 1))
+
+    def step(self, rows: list[Row]) -> tuple[int, list[Row]]:
+        """One engine step's prefill work over the live ``rows`` (module docstring), within
+        :meth:`budget` tokens: a piece longer than what is left is split (its last part keeping
+        the tokens whose queries / argmax are captured).
 
         Returns:
-            whether any prefill work was scheduled, and the rows that finished on their first
-            token (the caller finishes and releases them before decoding).
+            the prompt tokens prefilled (both models; 0 = no prefill work ran), and the rows that
+            finished on their first token (the caller finishes and releases them before decoding).
         """
-        left = self.spec.prefill_chunk
+        left = self.budget(rows)
         spans: list[tuple[Row, str, Any, Any]] = []   # read once, after this step's prefill work
         done: list[Row] = []
         prefilling = sorted((r for r in rows if r.phase == "prefill"),
-                            key=lambda r: len(r.v_pieces) + (0 if r.d_deferred else len(r.d_pieces)))
-        ran = bool(prefilling)
+                            key=lambda r: _tokens(r.v_pieces) + (0 if r.d_deferred else _tokens(r.d_pieces)))
+        tokens = 0
         for row in prefilling:
             if left <= 0:
                 break
-            if row.v_pieces:
-                left -= row.v_pieces[0][1] - row.v_pieces[0][0]
-                self._piece(row, False, spans)
-            if row.d_pieces and not row.d_deferred:
-                self._piece(row, True, spans)
+            v = self._piece(row, False, spans, left) if row.v_pieces else 0
+            # a fixed-γ row's drafter keeps pace with its verifier (its tokens are not charged: the
+            # drafter is the cheap model)
+            d = self._piece(row, True, spans, v or left) if row.d_pieces and not row.d_deferred else 0
+            left, tokens = left - (v or d), tokens + v + d
             if not row.v_pieces and (row.d_deferred or not row.d_pieces):
                 spans = self._add_spans(spans, row)   # before a result can be built from the timings
                 self._start_decoding(row)
                 if row.finished:
                     done.append(row)
-        pending = sorted((r for r in rows if r.drafter_pending and not r.finished), key=lambda r: len(r.d_pieces))
+        pending = sorted((r for r in rows if r.drafter_pending and not r.finished), key=lambda r: _tokens(r.d_pieces))
         wait = self.policy.defer_drafter(len(rows)) if pending else None
         for row in pending:
             if wait is not None:
@@ -138,25 +174,26 @@ class Prefiller:
             row.plain_reason = DRAFTER_PENDING
             if left <= 0:
                 continue
-            left -= row.d_pieces[0][1] - row.d_pieces[0][0]
-            ran = True
-            self._piece(row, True, spans)
+            n = self._piece(row, True, spans, left)
+            left, tokens = left - n, tokens + n
             if not row.d_pieces:
                 spans = self._add_spans(spans, row)
                 self._install_drafter(row, row.v_tail)
         self._add_spans(spans, None)
-        return ran, done
+        return tokens, done
 
-    def _piece(self, row: Row, drafter: bool, spans: list) -> None:
-        """Run ``row``'s next piece of the drafter's (or verifier's) prefill; the last one captures
-        the queries the sparse policy scores with (drafter) and the prompt-tail argmax (adaptive rows)."""
+    def _piece(self, row: Row, drafter: bool, spans: list, limit: int) -> int:
+        """Run ``row``'s next piece of the drafter's (or verifier's) prefill, at most ``limit``
+        tokens (:func:`split_head`); the last one captures the queries the sparse policy scores
+        with (drafter) and the prompt-tail argmax (adaptive rows). Returns its tokens."""
         model = self.drafter if drafter else self.verifier
         todo = row.d_pieces if drafter else row.v_pieces
         tmp = row.d_tmp if drafter else row.v_tmp
-        s, e = todo.pop(0)
-        last = not todo
         tail = PROMPT_PROBE_TOKENS if row.controller is not None else 0
         need_q = queries_needed(row.policy) if drafter else 0
+        split_head(todo, limit, max(tail, need_q))
+        s, e = todo.pop(0)
+        last = not todo
         t = self.clock.mark()
         out = kvcache.prefill(model, torch.tensor([row.prompt[s:e]], device=self.device),
                               cache=tmp.cache if tmp is not None else None,
@@ -168,6 +205,7 @@ class Prefiller:
         else:
             row.v_tmp = out
         self.note_bytes()
+        return e - s
 
     def _add_spans(self, spans: list[tuple[Row, str, Any, Any]], row: Row | None) -> list:
         """Add the prefill spans of ``row`` (``None``: all) to their rows' timings; return the rest."""

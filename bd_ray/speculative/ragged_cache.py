@@ -77,36 +77,74 @@ class RaggedKVCache(Cache):
         while len(self.lens) < self._slots:
             self.lens.append(0)
 
-    def _storage(self, li: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``li``'s K/V storage, allocated (zeros: masked entries must be finite, since
-        softmax weight 0 times NaN is NaN) or grown to the reserved shape, old rows copied."""
+    def _storage(self, li: int, like: torch.Tensor, slots: int = 0, capacity: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``li``'s K/V storage, holding at least ``slots`` rows of ``capacity`` entries (what
+        the write at hand needs): a layer too small is reshaped to the reserved shape now (the
+        rest wait for :meth:`settle`)."""
+        k = self.k[li]
+        if k is None or k.shape[0] < slots or k.shape[2] < capacity:
+            self._reshape(li, like, max(slots, self._slots), max(capacity, self._capacity))
+        return self.k[li], self.v[li]
+
+    def _reshape(self, li: int, like: torch.Tensor, slots: int, capacity: int) -> int:
+        """Reallocate layer ``li`` as ``[slots, kv_heads, capacity, head_dim]`` zeros (masked
+        entries must be finite: softmax weight 0 times NaN is NaN), live entries copied; return
+        the bytes allocated."""
         k, v = self.k[li], self.v[li]
-        if k is None or k.shape[0] < self._slots or k.shape[2] < self._capacity:
-            _, kvh, _, d = like.shape
-            nk = like.new_zeros(self._slots, kvh, self._capacity, d)
-            nv = like.new_zeros(self._slots, kvh, self._capacity, d)
-            if k is not None:
-                nk[: k.shape[0], :, : k.shape[2]].copy_(k)
-                nv[: v.shape[0], :, : v.shape[2]].copy_(v)
-            self.k[li], self.v[li] = k, v = nk, nv
-        return k, v
+        _, kvh, _, d = like.shape
+        nk = like.new_zeros(slots, kvh, capacity, d)
+        nv = like.new_zeros(slots, kvh, capacity, d)
+        if k is not None:
+            s, c = min(slots, k.shape[0]), min(capacity, k.shape[2])
+            nk[:s, :, :c].copy_(k[:s, :, :c])
+            nv[:s, :, :c].copy_(v[:s, :, :c])
+        self.k[li], self.v[li] = nk, nv
+        return 2 * nk.numel() * nk.element_size()
+
+    def _unsettled(self) -> list[int]:
+        return [li for li, k in enumerate(self.k)
+                if k is not None and (k.shape[0] != self._slots or k.shape[2] != self._capacity)]
+
+    def settle(self, max_bytes: int) -> int:
+        """Move layers whose storage differs from the reserved shape to it, one layer after
+        another until ``max_bytes`` are allocated (at least one layer); return how many moved.
+
+        Why: reshaping the padded storage copies every live row; done for all layers inside one
+        forward (a long prompt's admission grows the capacity of every row, its end shrinks it)
+        it stalls every decoding stream for that step (~1.7 GB at 9 rows x 4.2K entries in fp32).
+        The engine calls this once per step, so a long prompt's chunked prefill spreads its
+        growth over its steps; a write that needs a layer before then reshapes it itself."""
+        done, spent = 0, 0
+        for li in self._unsettled():
+            if done and spent >= max_bytes:
+                break
+            spent += self._reshape(li, self.k[li], self._slots, self._capacity)
+            done += 1
+        return done
+
+    def excess_bytes(self) -> int:
+        """Bytes held beyond the reserved shape (layers :meth:`settle` has not shrunk yet)."""
+        extra = 0
+        for li in self._unsettled():
+            k = self.k[li]
+            per_entry = 2 * k.shape[1] * k.shape[3] * k.element_size()
+            extra += max(0, k.shape[0] * k.shape[2] - self._slots * self._capacity) * per_entry
+        return extra
 
     def fit(self, slots: int, capacity: int) -> None:
-        """Size the storage for ``slots`` rows of exactly ``capacity`` entries: larger storage is
-        cut down now (live entries copied; every slot at or above ``slots`` must be free and no
-        row longer than ``capacity``), smaller storage grows on the next write. The batched
-        engine calls it on every admission and release with what its live rows need at most, so
-        the memory held is what admission projected (:mod:`bd_ray.speculative.admission`)."""
+        """Reserve exactly ``slots`` rows of ``capacity`` entries (every slot at or above ``slots``
+        must be free and no row longer than ``capacity``): the storage moves to that shape layer
+        by layer (:meth:`settle`, or the first write that needs it). The batched engine calls it on
+        every admission and release with what its live rows need at most, so the memory held is
+        what admission projected (:mod:`bd_ray.speculative.admission`) plus :meth:`excess_bytes`
+        until settled."""
         if any(self.lens[slots:]) or any(n > capacity for n in self.lens[:slots]):
             raise ValueError(f"fit({slots}, {capacity}) would cut live entries (lengths {self.lens})")
         self._slots, self._capacity = slots, capacity
         del self.lens[slots:]
         while len(self.lens) < slots:
             self.lens.append(0)
-        for li, (k, v) in enumerate(zip(self.k, self.v)):
-            if k is not None and (k.shape[0] > slots or k.shape[2] > capacity):
-                self.k[li] = k[:slots, :, :capacity].clone()
-                self.v[li] = v[:slots, :, :capacity].clone()
 
     def release(self) -> None:
         """Drop all storage (every slot must be free): an idle engine holds no cache memory."""
@@ -132,7 +170,7 @@ class RaggedKVCache(Cache):
         n = kv[0][0].shape[-2]
         self.reserve(slot + 1, n)
         for li, (k, v) in enumerate(kv):
-            sk, sv = self._storage(li, k)
+            sk, sv = self._storage(li, k, slot + 1, n)
             sk[slot, :, :n].copy_(k[0])
             sv[slot, :, :n].copy_(v[0])
         self.lens[slot] = n
@@ -155,7 +193,7 @@ class RaggedKVCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write ``T`` new entries per row at each row's offset; return ``[rows, kvh, L, d]`` views."""
         lo, hi, offs, T, L = self._fwd
-        sk, sv = self._storage(layer_idx, key_states)
+        sk, sv = self._storage(layer_idx, key_states, hi, L)
         k, v = sk[lo:hi], sv[lo:hi]
         if isinstance(offs, int):
             k[:, :, offs: offs + T].copy_(key_states)
