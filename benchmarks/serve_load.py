@@ -586,7 +586,8 @@ def _print_ar_scaling(variant: str, cells: list[dict]) -> None:
             return _fmt(_rate(*means), ".2f")
 
         print(f"{variant}: AR tok/s C={cs[-1]} / C={cs[0]} (means over repeats) = {r('output_tokens_per_s')} end "
-              f"to end, engine decode {r('engine_decode_tokens_per_s')} (client-side decode {r('decode_tokens_per_s')})")
+              f"to end, engine decode {r('engine_decode_tokens_per_s')} "
+              f"(client-side decode {r('decode_tokens_per_s')})")
     buckets = bucket_throughput(off)
     big = [b for b, v in buckets.items() if b != "1" and v["steps"] >= MIN_BUCKET_STEPS]
     if "1" in buckets and big:
