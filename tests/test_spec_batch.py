@@ -356,7 +356,7 @@ def test_batch_policy_probes_keep_c_measured_and_skip_catch_up_steps():
     policy.observe([0] * 8, 0.030, 8)
     policy.observe([1] * 8, 0.050, 12)                     # c = 20 ms
     chosen = []
-    for _ in range(8):
+    for _ in range(11):
         g = policy.choose(rows)[rows[0]]
         chosen.append(g)
         if g == 0:
@@ -364,13 +364,17 @@ def test_batch_policy_probes_keep_c_measured_and_skip_catch_up_steps():
         else:
             catch_up = chosen[-2:] != [1, 1]               # the probe's first step catches the drafter up
             policy.observe([1] * 8, 0.5 if catch_up else 0.035, 9, catch_up=catch_up)
-    assert chosen == [0, 0, 1, 1, 0, 0, 1, 1]
+    # every probe that leaves the bucket off doubles its interval (3, then 6 plain decisions)
+    assert chosen == [0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1]
+    assert policy.bucket(8).probe_every == 12
     # catch-up steps (0.5 s) left c alone; the clean probe steps pulled it towards 5 ms
     c = policy.costs(8)[1]
     assert 0.005 < c < 0.020 and c == pytest.approx(0.020 * 0.7 ** 2 + 0.005 * (1 - 0.7 ** 2))
     # a preempted step (10 s) moves T0 by a clipped sample only
     policy.observe([0] * 8, 10.0, 8)
     assert policy.costs(8)[0] == pytest.approx(0.7 * 0.030 + 0.3 * policy.SPIKE * 0.030)
+    # with c down to ~12 ms speculation pays (1.1x expected): "on", and the probe interval resets
+    assert policy.choose(rows)[rows[0]] > 0 and policy.bucket(8).probe_every == 0
 
 
 def test_batch_policy_prior_scales_with_the_batch_and_never_admits_plainly():

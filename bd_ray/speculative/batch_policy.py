@@ -28,6 +28,9 @@ extra verified token costing what it costs alone: on CPU extra tokens are comput
 smallest measured bucket's ``T0``). While off, the policy probes: every ``probe_every`` plain
 steps it runs ``probe_steps`` steps at γ = 1 (the first one's drafter forward catches up on the
 tokens decoded plainly, so it gives no ``c`` sample; the next does), so ``c(b)`` stays measured.
+Each probe that leaves a bucket off doubles that bucket's interval, up to ``probe_max`` (a probe
+step where speculation does not pay costs ~``c/T0`` extra: at 16 steps apart that was ~10 % of
+decode time on a 2-core CPU; at 256 it is < 1 %); an "on" judgement resets it.
 A step-time sample above :attr:`BatchSpecPolicy.SPIKE` times the current estimate counts as that
 (one-sided timer noise: a preempted or paused step must not turn speculation off for long).
 
@@ -106,6 +109,8 @@ class BucketStats:
         last_reason: its reason.
         skipped: rows whose drafter prefill was skipped at this bucket: admitted plainly, or
             finished with their deferred drafter prefill still held back here.
+        probe_every: plain steps between probes here now (0 = the policy's ``probe_every``;
+            doubled by each probe that leaves the bucket off).
         rows, tokens, seconds: decoding rows summed over this bucket's steps, tokens those steps
             emitted, and their wall seconds (decode throughput at this batch size).
     """
@@ -118,6 +123,7 @@ class BucketStats:
     judged_at: int = 0
     last_reason: str | None = None
     skipped: int = 0
+    probe_every: int = 0
     rows: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -203,6 +209,7 @@ class BatchSpecPolicy:
         probe_every: plain batch steps between probes.
         probe_steps: γ = 1 steps per probe (2: the first catches the drafter up and gives no ``c``
             sample, the second does).
+        probe_max: the longest interval between probes a bucket backs off to (module docstring).
         stale_after: decode steps after which a bucket's "off" judgement no longer admits rows
             plainly (rows keep arriving with a drafter now and then, so a judgement made when no
             adaptive row is left to probe cannot hold forever).
@@ -216,7 +223,7 @@ class BatchSpecPolicy:
     SPIKE = 3.0
 
     def __init__(self, max_gamma: int = 8, min_gain: float = 1.05, disable_above: int | None = None,
-                 probe_every: int = 16, probe_steps: int = 2, stale_after: int = 256,
+                 probe_every: int = 16, probe_steps: int = 2, probe_max: int = 256, stale_after: int = 256,
                  prior_draft_ratio: float = CONSTANT_PRIOR.draft_ratio,
                  prior_slope_ratio: float = CONSTANT_PRIOR.slope_ratio, weight: float = 0.3) -> None:
         self.max_gamma = max_gamma
@@ -224,6 +231,7 @@ class BatchSpecPolicy:
         self.disable_above = disable_above
         self.probe_every = probe_every
         self.probe_steps = max(1, probe_steps)
+        self.probe_max = max(probe_every, probe_max)
         self.stale_after = stale_after
         self.prior = (prior_draft_ratio, prior_slope_ratio)
         self.weight = weight
@@ -332,6 +340,7 @@ class BatchSpecPolicy:
                    f"({'measured' if measured else 'prior'})")
         if gain >= self.min_gain:
             self._off_steps = 0
+            self.bucket(b).probe_every = 0
             reason = (f"batch policy: γ={g} at {b} rows expects {gain:.2f}x plain decoding "
                       f"(mean acceptance {sum(ps) / len(ps):.2f}; {costs_s})")
             self._judge(b, True, measured, reason)
@@ -340,8 +349,11 @@ class BatchSpecPolicy:
                   f"plain decoding (mean acceptance {sum(ps) / len(ps):.2f}; {costs_s})")
         self._judge(b, False, measured, reason)
         self._off_steps += 1
-        if self._off_steps >= self.probe_every:
+        bk = self.bucket(b)
+        every = bk.probe_every or self.probe_every
+        if self._off_steps >= every:
             self._off_steps = 0
+            bk.probe_every = min(2 * every, self.probe_max)
             self._probe_left = self.probe_steps - 1
             return 1, f"batch policy: probing γ=1 at {b} rows"
         return 0, reason
