@@ -86,11 +86,34 @@ def test_token_budget_paces_a_long_prefill_beside_decoding_rows(verifier, tok, b
     assert engine.stats()["prefill_tokens"] - before == 64 and first.phase == "prefill"
 
 
+def test_whole_chunks_while_prefilling_rows_are_as_many_as_decoding_ones(verifier, tok):
+    spec = SpecConfig(budget=None, prefill_chunk=64)
+    engine = BatchEngine(verifier, None, tok, spec, BatchOptions(max_num_seqs=8, max_num_batched_tokens=16))
+    first = engine.submit(new_row(engine, RowRequest(_prompt(20, 30), greedy(40))))
+    while first.phase != "decode":
+        engine.step()
+    burst = [engine.submit(new_row(engine, RowRequest(_prompt(21 + i, 150), greedy(30)))) for i in range(2)]
+    before = engine.stats()["prefill_tokens"]
+    engine.step()                      # 2 prefilling >= 1 decoding: the queue is the bottleneck
+    assert engine.stats()["prefill_tokens"] - before == 64
+    while any(r.phase in ("waiting", "prefill") for r in burst):
+        engine.step()
+    late = engine.submit(new_row(engine, RowRequest(_prompt(24, 150), greedy(4))))
+    before = engine.stats()["prefill_tokens"]
+    engine.step()                      # 1 prefilling < 3 decoding: the streams' pace is protected
+    assert engine.stats()["prefill_tokens"] - before == 16 - 3
+    while engine.has_work:
+        engine.step()
+    for r, seed in zip([first] + burst + [late], [20, 21, 22, 24]):
+        n = len(r.prompt)
+        assert r.checker.token_ids == _solo(verifier, tok, _prompt(seed, n), greedy(r.req.sampling.max_new_tokens)).token_ids
+
+
 def test_token_budget_floor_never_starves_the_queue(verifier, tok):
     spec = SpecConfig(budget=None, prefill_chunk=64)
     engine = BatchEngine(verifier, None, tok, spec, BatchOptions(max_num_seqs=16, max_num_batched_tokens=8))
     rows = [engine.submit(new_row(engine, RowRequest(_prompt(10 + i, 6), greedy(40)))) for i in range(12)]
-    while any(r.phase != "decode" for r in rows):
+    while any(r.phase in ("waiting", "prefill") for r in rows):
         engine.step()
     late = engine.submit(new_row(engine, RowRequest(_prompt(30, 20), greedy(3))))
     before = engine.stats()["prefill_tokens"]
