@@ -1,8 +1,8 @@
 r"""The batched engine without Serve: decode-step scaling with the batch, and the late joiner.
 
 ``decode``: ``--rows`` rows (default 1 4 8 16) of one held-out ``--context``-token prompt (its
-verifier prefill computed once and shared, so only decoding is timed) decode ``--tokens`` tokens
-plainly; the median step time per batch size and its tokens/s relative to one row (the issue's
+verifier prefill computed once and shared, so only decoding is timed; the rows join one step
+apart, so their lengths differ as in serving) decode ``--tokens`` tokens plainly, all together; the median step time per batch size and its tokens/s relative to one row (the issue's
 "AR decode throughput at 16 >= 4x 1", with a full batch the whole time: the Serve benchmark's
 figure also depends on how full its bursts keep the batch). Batch sizes are run round-robin
 ``--repeats`` times so load drift hits all alike.
@@ -96,11 +96,11 @@ def decode(args) -> dict:
     for _ in range(args.repeats):
         for b in args.rows:
             engine = _engine(verifier, tok, None)
-            for _ in range(b):
-                _request(engine, prompt, args.tokens, prefilled=pre)
             with torch.inference_mode():
-                times = [_timed_step(engine) for _ in range(args.tokens)]
-            steps[b] += times[2:]          # the first steps install the shared prefill
+                for _ in range(b):         # one row joins per step: ragged lengths, as in serving
+                    _request(engine, prompt, args.tokens + b + 2, prefilled=pre)
+                    engine.step()
+                steps[b] += [_timed_step(engine) for _ in range(args.tokens)]
     med = {b: statistics.median(ts) for b, ts in steps.items()}
     one = args.rows[0]
     out = {b: {"step_ms": 1e3 * med[b], "tokens_per_s": b / med[b],

@@ -395,6 +395,12 @@ def test_batch_policy_prior_scales_with_the_batch_and_never_admits_plainly():
     for _ in range(3):                                                     # no judgement at 8 rows since
         policy.observe([0, 0], 0.012, 2)
     assert policy.admit_plainly(8) is None                                 # stale: rows get their drafter
+    # an unmeasured larger bucket never assumes a c below one measured at fewer rows
+    policy.observe([0] * 16, 0.030, 16)
+    assert policy.prior_c(16) == pytest.approx(max(0.1 * 0.030 + 0.1 * 0.010 * 16, 0.020))
+    policy.observe([1] * 8, 0.090, 12)                                     # c(8) rises above that prior
+    c8 = policy.costs(8)[1]
+    assert c8 > 0.1 * 0.030 + 0.1 * 0.010 * 16 and policy.prior_c(16) == pytest.approx(c8)
 
 
 def test_engine_admits_a_row_plainly_when_the_policy_is_off_measured(verifier, drafter, tok):

@@ -139,10 +139,11 @@ class ServeEngineConfig(StrictModel):
     speculate with more decoding rows than this, one joining more rows than this is admitted
     plainly, without a drafter prefill, and deferred drafter prefills wait (vLLM's
     ``disable_by_batch_size``; null = the batch policy decides from measured costs alone).
-    ``max_num_batched_tokens`` (vLLM's name): tokens one step computes while rows decode, their
-    1 + γ each and the rest prompt tokens of chunked prefill, so a long prompt's prefill slows the
-    streams beside it by about that many tokens' time per step (null = a whole
-    ``spec.prefill_chunk`` every step). ``elastic_budget`` (off by default): under memory
+    ``max_num_batched_tokens`` (vLLM's name): tokens one step computes while decoding rows
+    outnumber prefilling ones, their 1 + γ each and the rest prompt tokens of chunked prefill, so
+    a long prompt's prefill slows the streams beside it by about that many tokens' time per step;
+    while as many rows prefill as decode (a burst: the queue is the bottleneck) and when it is
+    null, a step prefills a whole ``spec.prefill_chunk``. ``elastic_budget`` (off by default): under memory
     pressure, new rows run at a lower drafter KV budget (down to ``floor``) instead of waiting
     (:class:`bd_ray.config.decoding.ElasticBudgetConfig`).
 
@@ -166,8 +167,9 @@ class ServeEngineConfig(StrictModel):
                                            "decoding rows than this (one joining more rows skips its drafter "
                                            "prefill); null = the batch policy decides")
     max_num_batched_tokens: int | None = Field(None, ge=1, le=1 << 20, description="tokens a step computes while "
-                                               "rows decode (their 1 + gamma each, the rest prefill); "
-                                               "null = spec.prefill_chunk of prefill every step")
+                                               "decoding rows outnumber prefilling ones (their 1 + gamma "
+                                               "each, the rest prefill); null = spec.prefill_chunk of "
+                                               "prefill every step")
     elastic_budget: ElasticBudgetConfig = Field(default_factory=ElasticBudgetConfig)
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)

@@ -5,11 +5,15 @@ One :meth:`BatchEngine.step`:
 1. admit waiting requests while ``max_num_seqs`` and the KV-cache memory budget allow (the rest
    wait in FIFO order; nothing is allocated beyond the budget, so many long prompts never OOM;
    :mod:`bd_ray.speculative.admission`, with the optional elastic draft budget);
-2. prefill (:mod:`bd_ray.speculative.prefill`): up to ``prefill_chunk`` prompt tokens of work, a
-   chunk per step (rows already decoding keep going: chunked prefill interleaved with decoding):
-   verifier pieces first (a fixed-γ row's drafter piece with each), the verifier's last logits
-   giving the row's first token; then, with what is left, the deferred drafter prefills of
-   adaptive rows already decoding, only while the batch policy would speculate at this batch size;
+2. prefill (:mod:`bd_ray.speculative.prefill`): the step's prefill budget of prompt tokens
+   (``max_num_batched_tokens`` less the decoding rows' tokens while they outnumber prefilling
+   rows, else ``prefill_chunk``; rows already decoding keep going: chunked prefill interleaved with
+   decoding): verifier pieces first (a fixed-γ row's drafter piece with each), the verifier's
+   last logits giving the row's first token; then, with what is left, the deferred drafter
+   prefills of adaptive rows already decoding, only while the batch policy would speculate at this
+   batch size. Before it, the caches' pending reshapes move a layer or so
+   (:meth:`RaggedKVCache.settle`: admitting a long prompt never copies every row of every layer
+   in one step);
 3. decode: the speculation policy (:mod:`bd_ray.speculative.batch_policy`, from whole decode-step
    times) gives each row its γ (0 allowed); ``max γ`` drafter forwards draft for all drafting
    rows at once (a row takes part in the first ``γ_r``); ONE verifier forward over every row's
@@ -72,11 +76,12 @@ class BatchOptions:
         max_num_seqs: rows decoded together at most.
         kv_cache_bytes: bytes both caches (and in-flight prefills) may hold; ``None`` = no limit.
         disable_above: adaptive rows never speculate with more decoding rows than this.
-        max_num_batched_tokens: tokens one step computes while rows decode (vLLM's name): the
-            decoding rows' 1 + γ each, the rest (at least a quarter of it) prompt tokens of
-            prefill, so a long prefill stalls the streams decoding beside it by about this many
-            tokens' time per step; ``None`` = a whole ``prefill_chunk`` every step. A step with
-            no row decoding prefills ``prefill_chunk`` tokens.
+        max_num_batched_tokens: tokens one step computes while decoding rows outnumber
+            prefilling ones (vLLM's name): the decoding rows' 1 + γ each, the rest (at least a
+            quarter of it) prompt tokens of prefill, so a long prefill stalls the streams
+            decoding beside it by about this many tokens' time per step; otherwise, and when
+            ``None``, a step prefills a whole ``prefill_chunk``
+            (:meth:`bd_ray.speculative.prefill.Prefiller.budget`).
         elastic_budget: lower the drafter KV budget of new rows instead of queueing them
             (:mod:`bd_ray.speculative.admission`; off by default).
     """

@@ -25,7 +25,8 @@ Until ``c(b)`` is measured it comes from the engine's batch-1 cost prior
 slope_ratio·T0(1)·b`` (the drafter step as a share of a plain step at ``b`` rows, and each row's
 extra verified token costing what it costs alone: on CPU extra tokens are compute, 8 rows at
 γ = 4 verify 40 tokens against 8, so this is conservative at large ``b``; ``T0(1)`` is the
-smallest measured bucket's ``T0``). While off, the policy probes: every ``probe_every`` plain
+smallest measured bucket's ``T0``), and never below a ``c`` measured at a smaller bucket (the
+last run judged 9-16 rows "on" from a 83 ms prior while 5-8 rows had measured 393 ms). While off, the policy probes: every ``probe_every`` plain
 steps it runs ``probe_steps`` steps at γ = 1 (the first one's drafter forward catches up on the
 tokens decoded plainly, so it gives no ``c`` sample; the next does), so ``c(b)`` stays measured.
 Each probe that leaves a bucket off doubles that bucket's interval, up to ``probe_max`` (a probe
@@ -257,11 +258,14 @@ class BatchSpecPolicy:
         return None
 
     def prior_c(self, b: int) -> float | None:
-        """The prior ``c(b)`` in seconds (module docstring); ``None`` before ``T0(b)`` is measured."""
+        """The prior ``c(b)`` in seconds (module docstring), never below a ``c`` measured at a
+        smaller bucket (extra verified tokens of more rows cost no less); ``None`` before
+        ``T0(b)`` is measured."""
         t0 = self.bucket(b).t0.value
         if t0 is None:
             return None
-        return self.prior[0] * t0 + self.prior[1] * self.t0_one(b) * b
+        below = [bk.c.value for k, bk in self.stats.buckets.items() if k < _bucket(b) and bk.c.value is not None]
+        return max([self.prior[0] * t0 + self.prior[1] * self.t0_one(b) * b] + below)
 
     def costs(self, b: int) -> tuple[float, float, bool] | None:
         """``(T0(b), c(b), c measured)`` in seconds, or ``None`` before ``T0(b)`` is measured."""
