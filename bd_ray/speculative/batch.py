@@ -179,10 +179,15 @@ class BatchEngine:
         if admitted:
             self._fit_caches()
 
+    @property
+    def _caches(self) -> list[RaggedKVCache]:
+        """The verifier's cache and, with a drafter, the drafter's."""
+        return [c for c in (self.vcache, self.dcache) if c is not None]
+
     def _excess_bytes(self) -> int:
         """Cache bytes held beyond what the live rows reserve (storage not yet shrunk by
         :meth:`RaggedKVCache.settle`): admission counts them, so the budget holds meanwhile."""
-        return sum(c.excess_bytes() for c in (self.vcache, self.dcache) if c is not None)
+        return sum(c.excess_bytes() for c in self._caches)
 
     def _fit_caches(self) -> None:
         """Size both caches for the live rows' most (the shape admission projected)."""
@@ -202,17 +207,16 @@ class BatchEngine:
     def _release(self, row: Row) -> None:
         if row.slot is not None and self.rows.get(row.slot) is row:
             del self.rows[row.slot]
-            for cache in (self.vcache, self.dcache):
-                if cache is not None and row.slot < len(cache.lens):
+            for cache in self._caches:
+                if row.slot < len(cache.lens):
                     cache.free(row.slot)
             if self.rows:
                 self._fit_caches()
         row.v_tmp = row.d_tmp = row.v_tail = None     # a pending (drafter) prefill is dropped
         row.v_pieces, row.d_pieces = [], []
         if not self.rows:
-            self.vcache.release()
-            if self.dcache is not None:
-                self.dcache.release()
+            for cache in self._caches:
+                cache.release()
 
     @property
     def has_work(self) -> bool:
@@ -221,7 +225,7 @@ class BatchEngine:
     def cache_bytes(self, transient: bool = True) -> int:
         """Bytes both caches hold now, plus (``transient``) the per-request prefill caches of rows
         being prefilled: what ``kv_cache_bytes`` bounds."""
-        held = self.vcache.nbytes + (self.dcache.nbytes if self.dcache else 0)
+        held = sum(c.nbytes for c in self._caches)
         if transient:
             held += sum(prefill_bytes(t) for r in self.rows.values() for t in (r.v_tmp, r.d_tmp) if t is not None)
         return held
@@ -247,9 +251,8 @@ class BatchEngine:
     def step(self) -> None:
         """One engine step (module docstring); chunks land in each row's ``outbox``."""
         self._admit()
-        for cache in (self.vcache, self.dcache):
-            if cache is not None:
-                cache.settle(SETTLE_BYTES)
+        for cache in self._caches:
+            cache.settle(SETTLE_BYTES)
         t = self.clock.mark()
         prefilled, first_only = self.prefiller.step(list(self.rows.values()))
         if prefilled:
