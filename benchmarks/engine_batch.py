@@ -39,6 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from serve_load import held_out_prompts  # noqa: E402  (benchmarks/: the Serve benchmark's held-out prompts)
+
 
 def _setup(threads: int):
     import torch
@@ -50,13 +52,6 @@ def _setup(threads: int):
     verifier, tok = models.load_verifier("smollm2-135m")
     use_attention(verifier, DEFAULT_ATTENTION)
     return verifier, tok
-
-
-def _prompts(tok, tokens: int, n: int, seed: int) -> list[list[int]]:
-    from bd_ray.config.evaluate import EvalJobConfig
-    from bd_ray.evaluate.prompts import corpus_table, select_prompts
-
-    return [p.token_ids for p in select_prompts(corpus_table(EvalJobConfig()), tok, [tokens], n, seed)[tokens]]
 
 
 def _engine(verifier, tok, budget: int | None, drafter=None, spec=None):
@@ -89,7 +84,7 @@ def decode(args) -> dict:
     from bd_ray import kvcache
 
     verifier, tok = _setup(args.threads)
-    prompt = _prompts(tok, args.context, 1, 0)[0]
+    prompt = held_out_prompts("default", args.context, 1)[0]
     with torch.inference_mode():
         pre = kvcache.prefill(verifier, torch.tensor([prompt]), chunk_size=512)
     steps: dict[int, list[float]] = {b: [] for b in args.rows}
@@ -116,8 +111,8 @@ def late(args) -> dict:
     import torch
 
     verifier, tok = _setup(args.threads)
-    streams = _prompts(tok, 2048, 8, 0)
-    long, short = _prompts(tok, 4096, 1, 1)[0], _prompts(tok, 100, 1, 2)[0]
+    streams = held_out_prompts("default", 2048, 8)
+    long, short = held_out_prompts("default", 4096, 1, seed=1)[0], held_out_prompts("default", 100, 1, seed=2)[0]
     out = {}
     for name in args.budgets:
         budget = None if name == "none" else int(name)
@@ -164,13 +159,13 @@ def burst(args) -> dict:
     drafter, _ = models.load_drafter(DEFAULT_DRAFTER, tok, verifier=verifier, attn_implementation="bd_ray_sparse")
     spec = SpecConfig(gamma=4, budget=256, policy=SparsePolicyConfig(name="chunk_topk", chunk_size=8, recent=64),
                       prefill_chunk=512, adaptive=True)
-    prompts = _prompts(tok, 2048, args.clients * args.requests, 0)
+    prompts = held_out_prompts("default", 2048, args.clients * args.requests)
     engine = _engine(verifier, tok, 128, drafter, spec)       # one engine: the policy's tables persist
     cells = []
     order = [False, True, True, False] * args.repeats
     for i, on in enumerate(order[: 2 * args.repeats]):
         todo = list(prompts)
-        rows, done, t0 = [], [], time.perf_counter()
+        done, t0 = [], time.perf_counter()
         before = engine.stats()
         with torch.inference_mode():
             rows = [_request(engine, todo.pop(0), 128, speculative=on) for _ in range(args.clients)]
