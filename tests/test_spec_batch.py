@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import bd_ray.attention  # noqa: F401  (registers bd_ray_sparse)
-from bd_ray.testing.tiny import tiny_llama
+from bd_ray.testing.tiny import greedy, random_prompt, tiny_llama
 from bd_ray import kvcache
 from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
 from bd_ray.config.decoding import ElasticBudgetConfig
@@ -29,15 +29,6 @@ def drafter():
     return tiny_llama(layers=1, seed=1)
 
 
-def _prompt(seed: int, n: int, vocab: int = 320) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, vocab, (n,), generator=g).tolist()
-
-
-def greedy(n: int, **kw) -> SamplingConfig:
-    return SamplingConfig(temperature=0.0, max_new_tokens=n, eos_token_ids=[], **kw)
-
-
 def _solo(verifier, tok, prompt, sampling):
     return ARGenerator(verifier, tok).generate(prompt, sampling)
 
@@ -47,7 +38,7 @@ def _solo(verifier, tok, prompt, sampling):
 def test_ragged_forward_equals_each_row_alone(attn):
     model = tiny_llama(layers=2, seed=0)
     model.set_attn_implementation(attn)
-    prompts = [_prompt(s, n) for s, n in ((0, 30), (1, 17), (2, 45))]
+    prompts = [random_prompt(s, n) for s, n in ((0, 30), (1, 17), (2, 45))]
     cache = RaggedKVCache(2)
     with torch.inference_mode():
         for s, p in enumerate(prompts):
@@ -69,12 +60,13 @@ def test_ragged_forward_equals_each_row_alone(attn):
 def test_mixed_batch_greedy_equals_solo(verifier, drafter, tok):
     sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4, adaptive=False),
                               options=BatchOptions(max_num_seqs=4))
-    specs = [dict(prompt=_prompt(0, 150), gamma=1), dict(prompt=_prompt(1, 30), gamma=6, budget=None),
-             dict(prompt=_prompt(2, 90), gamma=3, policy=STREAMING),
-             dict(prompt=_prompt(3, 120), gamma=8, budget=64, policy=SNAPKV),
-             dict(prompt=_prompt(4, 60), speculative=False), dict(prompt=_prompt(5, 20), gamma=2, budget=None),
-             dict(prompt=_prompt(6, 200), gamma=5, budget=40, adaptive=True),
-             dict(prompt=_prompt(7, 75), gamma=4)]
+    specs = [dict(prompt=random_prompt(0, 150), gamma=1), dict(prompt=random_prompt(1, 30), gamma=6, budget=None),
+             dict(prompt=random_prompt(2, 90), gamma=3, policy=STREAMING),
+             dict(prompt=random_prompt(3, 120), gamma=8, budget=64, policy=SNAPKV),
+             dict(prompt=random_prompt(4, 60), speculative=False),
+             dict(prompt=random_prompt(5, 20), gamma=2, budget=None),
+             dict(prompt=random_prompt(6, 200), gamma=5, budget=40, adaptive=True),
+             dict(prompt=random_prompt(7, 75), gamma=4)]
     lengths = [24, 9, 31, 17, 12, 28, 20, 5]
     reqs = [RowRequest(sampling=greedy(n), **s) for s, n in zip(specs, lengths)]
     results = sd.generate_many(reqs)
@@ -110,12 +102,12 @@ def test_case12_repetitive_and_prose_batch_isolation(verifier, tok):
 def test_seeded_sampling_same_alone_and_batched_unseeded_rows_differ(verifier, drafter, tok):
     sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=64, gamma=4, adaptive=False))
     seeded = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=25, seed=7, eos_token_ids=[])
-    prompt = _prompt(9, 80)
+    prompt = random_prompt(9, 80)
     alone = sd.generate(prompt, seeded)
     free = SamplingConfig(temperature=1.0, max_new_tokens=30, eos_token_ids=[])
-    batch = sd.generate_many([RowRequest(_prompt(10, 50), greedy(20), gamma=2),
+    batch = sd.generate_many([RowRequest(random_prompt(10, 50), greedy(20), gamma=2),
                               RowRequest(prompt, seeded),
-                              RowRequest(_prompt(11, 40), free), RowRequest(_prompt(11, 40), free)])
+                              RowRequest(random_prompt(11, 40), free), RowRequest(random_prompt(11, 40), free)])
     assert batch[1].token_ids == alone.token_ids and batch[1].text == alone.text
     assert batch[2].token_ids != batch[3].token_ids        # no shared random stream
 
@@ -123,7 +115,7 @@ def test_seeded_sampling_same_alone_and_batched_unseeded_rows_differ(verifier, d
 # ---- cases 1-3 and 9 per row in a batch --------------------------------------------------------
 def test_cases_1_2_3_9_per_row_in_a_batch(verifier, tok):
     sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4, adaptive=False))
-    p_eos, p_stop, p_len = _prompt(11, 30), _prompt(5, 60), _prompt(3, 20)
+    p_eos, p_stop, p_len = random_prompt(11, 30), random_prompt(5, 60), random_prompt(3, 20)
     free = _solo(verifier, tok, p_eos, greedy(12)).token_ids
     eos_cfg = SamplingConfig(temperature=0.0, max_new_tokens=12, eos_token_ids=[5_000, free[2]])
     text = _solo(verifier, tok, p_stop, greedy(30)).text
@@ -168,10 +160,10 @@ def test_case13_token_accounting_and_case14_logprobs(verifier, tok):
 def test_admission_by_rows_and_bytes_all_complete(verifier, drafter, tok):
     spec = SpecConfig(budget=48, gamma=3, adaptive=False)
     probe = BatchEngine(verifier, drafter, tok, spec)
-    row = new_row(probe, RowRequest(_prompt(0, 100), greedy(16)))
+    row = new_row(probe, RowRequest(random_prompt(0, 100), greedy(16)))
     two_rows = probe.memory.projected_bytes([row, row])
     engine = BatchEngine(verifier, drafter, tok, spec, BatchOptions(max_num_seqs=3, kv_cache_bytes=two_rows))
-    rows = [engine.submit(new_row(engine, RowRequest(_prompt(i, 100), greedy(16)))) for i in range(6)]
+    rows = [engine.submit(new_row(engine, RowRequest(random_prompt(i, 100), greedy(16)))) for i in range(6)]
     peak_rows = peak_bytes = 0
     order = []
     while engine.has_work:
@@ -183,9 +175,10 @@ def test_admission_by_rows_and_bytes_all_complete(verifier, drafter, tok):
     assert 0 < engine.stats()["peak_cache_bytes"] <= two_rows     # prefill caches included
     assert order == rows                                           # the queue is FIFO
     for i, r in enumerate(rows):
-        assert r.phase == "done" and r.checker.token_ids == _solo(verifier, tok, _prompt(i, 100), greedy(16)).token_ids
+        assert r.phase == "done"
+        assert r.checker.token_ids == _solo(verifier, tok, random_prompt(i, 100), greedy(16)).token_ids
     with pytest.raises(ValueError, match="kv_cache_bytes"):
-        engine.submit(new_row(engine, RowRequest(_prompt(0, 3000), greedy(16))))
+        engine.submit(new_row(engine, RowRequest(random_prompt(0, 3000), greedy(16))))
 
 
 def _run_admission(engine, prompts, sampling):
@@ -201,7 +194,7 @@ def test_elastic_budget_admits_more_rows_and_stays_lossless(verifier, tok):
     # a drafter heavier than the verifier: its full-budget cache is most of a row's memory
     heavy = tiny_llama(layers=4, seed=2)
     spec = SpecConfig(budget="full", gamma=3, adaptive=False)
-    prompts = [_prompt(20 + i, 240) for i in range(6)]
+    prompts = [random_prompt(20 + i, 240) for i in range(6)]
     probe = BatchEngine(verifier, heavy, tok, spec)
     row = new_row(probe, RowRequest(prompts[0], greedy(8)))
     v, d, transient = probe.memory.row_entries(row)
@@ -228,11 +221,11 @@ def test_peak_cache_bytes_within_budget_as_rows_of_any_size_come_and_go(verifier
     # padded to its length beyond the budget; slots freed out of order likewise
     spec = SpecConfig(budget=48, gamma=3, adaptive=False, prefill_chunk=64)
     probe = BatchEngine(verifier, drafter, tok, spec)
-    long = new_row(probe, RowRequest(_prompt(0, 400), greedy(4)))
+    long = new_row(probe, RowRequest(random_prompt(0, 400), greedy(4)))
     limit = probe.memory.projected_bytes([long]) + probe.memory.projected_bytes([long]) // 3
     engine = BatchEngine(verifier, drafter, tok, spec, BatchOptions(max_num_seqs=6, kv_cache_bytes=limit))
     specs = [(400, 4), (60, 30), (80, 6), (50, 24), (300, 3), (40, 12), (70, 20), (90, 5)]
-    prompts = [_prompt(30 + i, n) for i, (n, _) in enumerate(specs)]
+    prompts = [random_prompt(30 + i, n) for i, (n, _) in enumerate(specs)]
     rows = [engine.submit(new_row(engine, RowRequest(p, greedy(m)))) for p, (_, m) in zip(prompts, specs)]
     while engine.has_work:
         engine.step()
@@ -244,8 +237,8 @@ def test_peak_cache_bytes_within_budget_as_rows_of_any_size_come_and_go(verifier
 
 def test_cancel_then_same_prompt_equals_fresh_case15(verifier, drafter, tok):
     sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4, adaptive=False))
-    prompt = _prompt(12, 300)
-    other = sd.stream(_prompt(13, 50), greedy(40))
+    prompt = random_prompt(12, 300)
+    other = sd.stream(random_prompt(13, 50), greedy(40))
     next(other)                                       # a batch mate that stays
     stream = sd.stream(prompt, greedy(30))
     for _ in range(3):
@@ -256,17 +249,17 @@ def test_cancel_then_same_prompt_equals_fresh_case15(verifier, drafter, tok):
     fresh = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4, adaptive=False)).generate(prompt, greedy(30))
     assert again.token_ids == fresh.token_ids
     rest = list(other)
-    assert rest[-1].result.token_ids == _solo(verifier, tok, _prompt(13, 50), greedy(40)).token_ids
+    assert rest[-1].result.token_ids == _solo(verifier, tok, random_prompt(13, 50), greedy(40)).token_ids
     assert sd.engine.stats()["live_rows"] == 0 and sd.engine.stats()["cache_bytes"] == 0
 
 
 def test_chunked_prefill_interleaves_with_decoding(verifier, drafter, tok):
     spec = SpecConfig(budget=48, gamma=3, prefill_chunk=64, adaptive=False)
     engine = BatchEngine(verifier, drafter, tok, spec)
-    short = engine.submit(new_row(engine, RowRequest(_prompt(0, 40), greedy(60))))
+    short = engine.submit(new_row(engine, RowRequest(random_prompt(0, 40), greedy(60))))
     engine.step()
     engine.step()
-    long = engine.submit(new_row(engine, RowRequest(_prompt(1, 700), greedy(8))))
+    long = engine.submit(new_row(engine, RowRequest(random_prompt(1, 700), greedy(8))))
     emitted_during_prefill = 0
     while long.phase in ("waiting", "prefill"):
         before = short.checker.num_tokens
@@ -275,15 +268,15 @@ def test_chunked_prefill_interleaves_with_decoding(verifier, drafter, tok):
     assert emitted_during_prefill >= 8                 # 700 tokens / 64 per step: the stream kept going
     while engine.has_work:
         engine.step()
-    assert long.checker.token_ids == _solo(verifier, tok, _prompt(1, 700), greedy(8)).token_ids
-    assert short.checker.token_ids == _solo(verifier, tok, _prompt(0, 40), greedy(60)).token_ids
+    assert long.checker.token_ids == _solo(verifier, tok, random_prompt(1, 700), greedy(8)).token_ids
+    assert short.checker.token_ids == _solo(verifier, tok, random_prompt(0, 40), greedy(60)).token_ids
 
 
 # ---- the batch speculation policy ----------------------------------------------------------------
 def test_batch_policy_turns_speculation_off_and_says_why(verifier, drafter, tok):
     sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4, adaptive=True),
                               options=BatchOptions(max_num_seqs=4, disable_above=2))
-    reqs = [RowRequest(_prompt(i, 60), greedy(12)) for i in range(4)]
+    reqs = [RowRequest(random_prompt(i, 60), greedy(12)) for i in range(4)]
     results = sd.generate_many(reqs)
     for req, res in zip(reqs, results):
         assert res.token_ids == _solo(verifier, tok, req.prompt, req.sampling).token_ids
@@ -412,15 +405,15 @@ def test_engine_admits_a_row_plainly_when_the_policy_is_off_measured(verifier, d
     engine = BatchEngine(verifier, drafter, tok, spec, BatchOptions(max_num_seqs=8))
     both = SpeculativeGenerator(verifier, drafter, tok, spec)
     early = [engine.submit(new_row(engine, RowRequest(p, greedy(60), prefilled=both.prefill(p))))
-             for p in (_prompt(40 + i, 40) for i in range(3))]
+             for p in (random_prompt(40 + i, 40) for i in range(3))]
     for _ in range(40):
         engine.step()
         bk = engine.policy.stats.buckets.get(4)
         if bk is not None and bk.on is False and bk.measured:
             break
     assert bk.on is False and bk.measured and all(r.phase == "decode" for r in early)
-    late = engine.submit(new_row(engine, RowRequest(_prompt(50, 50), greedy(12))))
-    fixed = engine.submit(new_row(engine, RowRequest(_prompt(51, 30), greedy(12), gamma=3, adaptive=False)))
+    late = engine.submit(new_row(engine, RowRequest(random_prompt(50, 50), greedy(12))))
+    fixed = engine.submit(new_row(engine, RowRequest(random_prompt(51, 30), greedy(12), gamma=3, adaptive=False)))
     engine.step()
     assert not late.spec and late.controller is None and not late.d_pieces
     assert fixed.spec and fixed.controller is None                         # an explicit γ keeps its drafter
@@ -457,7 +450,8 @@ def _step_all(engine, rows, each=None):
 def test_burst_into_a_batch_judged_off_spends_no_drafter_prefill(verifier, drafter, tok):
     spec = SpecConfig(budget=48, gamma=4, adaptive=True)
     engine = BatchEngine(verifier, drafter, tok, spec, BatchOptions(max_num_seqs=4, disable_above=2))
-    rows = [engine.submit(new_row(engine, RowRequest(_prompt(60 + i, 50 + 10 * i), greedy(10)))) for i in range(4)]
+    rows = [engine.submit(new_row(engine, RowRequest(random_prompt(60 + i, 50 + 10 * i), greedy(10))))
+            for i in range(4)]
 
     def no_drafter():
         assert not any(engine.dcache.lens) and engine.dcache.nbytes == 0
@@ -478,7 +472,7 @@ def test_adaptive_row_alone_gets_its_drafter_after_its_first_token_then_speculat
     # the verifier drafts for itself: its prompt check agrees everywhere, so the row speculates
     spec = SpecConfig(budget=None, gamma=4, adaptive=True, adaptive_cost_prior="constant", prefill_chunk=64)
     probe = BatchEngine(verifier, verifier, tok, spec)
-    prompt = _prompt(70, 150)
+    prompt = random_prompt(70, 150)
     limit = probe.memory.projected_bytes([new_row(probe, RowRequest(prompt, greedy(30)))])
     engine = BatchEngine(verifier, verifier, tok, spec, BatchOptions(kv_cache_bytes=limit))
     row = engine.submit(new_row(engine, RowRequest(prompt, greedy(30))))
@@ -501,7 +495,7 @@ def test_adaptive_row_alone_gets_its_drafter_after_its_first_token_then_speculat
 def test_deferred_drafter_prefill_completes_when_the_batch_shrinks(verifier, tok):
     spec = SpecConfig(budget=None, gamma=4, adaptive=True, adaptive_cost_prior="constant")
     engine = BatchEngine(verifier, verifier, tok, spec, BatchOptions(max_num_seqs=4, disable_above=2))
-    long, *short = [engine.submit(new_row(engine, RowRequest(_prompt(80 + i, 40 + 5 * i), greedy(n))))
+    long, *short = [engine.submit(new_row(engine, RowRequest(random_prompt(80 + i, 40 + 5 * i), greedy(n))))
                     for i, n in enumerate((40, 6, 6))]
     while any(r.phase != "done" for r in short):
         engine.step()
@@ -521,12 +515,12 @@ def test_deferred_drafter_prefill_completes_when_the_batch_shrinks(verifier, tok
 def test_cancel_during_a_pending_drafter_prefill_frees_the_row(verifier, drafter, tok):
     spec = SpecConfig(budget=48, gamma=4, adaptive=True, prefill_chunk=64)
     engine = BatchEngine(verifier, drafter, tok, spec)
-    row = engine.submit(new_row(engine, RowRequest(_prompt(90, 300), greedy(40))))
+    row = engine.submit(new_row(engine, RowRequest(random_prompt(90, 300), greedy(40))))
     while row.d_tmp is None or not row.drafter_pending:   # decoding, drafter prefill part-way
         engine.step()
     assert row.d_pieces and engine.cache_bytes() > engine.cache_bytes(transient=False)
     engine.cancel(row)
     assert not engine.rows and engine.cache_bytes() == 0 and row.d_tmp is None and not row.d_pieces
     assert engine.stats()["live_rows"] == 0 and engine.stats()["cache_bytes"] == 0
-    again = engine.submit(new_row(engine, RowRequest(_prompt(90, 300), greedy(40))))
-    assert _step_all(engine, [again])[0].token_ids == _solo(verifier, tok, _prompt(90, 300), greedy(40)).token_ids
+    again = engine.submit(new_row(engine, RowRequest(random_prompt(90, 300), greedy(40))))
+    assert _step_all(engine, [again])[0].token_ids == _solo(verifier, tok, random_prompt(90, 300), greedy(40)).token_ids

@@ -11,21 +11,12 @@ import torch
 
 import bd_ray.attention  # noqa: F401  (registers bd_ray_sparse)
 from bd_ray import kvcache
-from bd_ray.config import SamplingConfig, SpecConfig
+from bd_ray.config import SpecConfig
 from bd_ray.speculative.batch import BatchEngine, BatchOptions, new_row
 from bd_ray.speculative.engine import ARGenerator, RowRequest
 from bd_ray.speculative.prefill import split_head
 from bd_ray.speculative.ragged_cache import RaggedKVCache, ragged_forward
-from bd_ray.testing.tiny import tiny_llama
-
-
-def _prompt(seed: int, n: int, vocab: int = 320) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, vocab, (n,), generator=g).tolist()
-
-
-def greedy(n: int) -> SamplingConfig:
-    return SamplingConfig(temperature=0.0, max_new_tokens=n, eos_token_ids=[])
+from bd_ray.testing.tiny import greedy, random_prompt, tiny_llama
 
 
 def _solo(verifier, tok, prompt, sampling):
@@ -55,18 +46,18 @@ def test_token_budget_paces_a_long_prefill_beside_decoding_rows(verifier, tok, b
     drafter = tiny_llama(layers=1, seed=1)
     spec = SpecConfig(budget=48, gamma=3, prefill_chunk=64, adaptive=False)
     engine = BatchEngine(verifier, drafter, tok, spec, BatchOptions(max_num_seqs=8, max_num_batched_tokens=budget))
-    spec_row = engine.submit(new_row(engine, RowRequest(_prompt(0, 40), greedy(60))))            # 1 + γ = 4 tokens
-    plain_row = engine.submit(new_row(engine, RowRequest(_prompt(1, 30), greedy(60), speculative=False)))
+    spec_row = engine.submit(new_row(engine, RowRequest(random_prompt(0, 40), greedy(60))))   # 1 + γ = 4 tokens
+    plain_row = engine.submit(new_row(engine, RowRequest(random_prompt(1, 30), greedy(60), speculative=False)))
     while spec_row.phase != "decode" or plain_row.phase != "decode":
         engine.step()
-    long = engine.submit(new_row(engine, RowRequest(_prompt(2, 300), greedy(6), speculative=False)))
+    long = engine.submit(new_row(engine, RowRequest(random_prompt(2, 300), greedy(6), speculative=False)))
     pieces, short = [], None
     while long.phase in ("waiting", "prefill"):
         before = engine.stats()["prefill_tokens"]
         engine.step()
         pieces.append(engine.stats()["prefill_tokens"] - before)
         if len(pieces) == 2:           # a short prompt arrives during the long prefill
-            short = engine.submit(new_row(engine, RowRequest(_prompt(3, 10), greedy(5), speculative=False)))
+            short = engine.submit(new_row(engine, RowRequest(random_prompt(3, 10), greedy(5), speculative=False)))
             engine.step()              # shortest remaining prefill first: its first token this step
             assert short.checker.num_tokens >= 1
     if budget is None:
@@ -76,11 +67,11 @@ def test_token_budget_paces_a_long_prefill_beside_decoding_rows(verifier, tok, b
         assert len(pieces) >= 300 // 19
     while engine.has_work:
         engine.step()
-    for row, p, n in ((spec_row, _prompt(0, 40), 60), (plain_row, _prompt(1, 30), 60), (long, _prompt(2, 300), 6),
-                      (short, _prompt(3, 10), 5)):
+    for row, p, n in ((spec_row, random_prompt(0, 40), 60), (plain_row, random_prompt(1, 30), 60),
+                      (long, random_prompt(2, 300), 6), (short, random_prompt(3, 10), 5)):
         assert row.checker.token_ids == _solo(verifier, tok, p, greedy(n)).token_ids
     # nothing decoding: the first prefill of an idle engine is a whole chunk whatever the budget
-    first = engine.submit(new_row(engine, RowRequest(_prompt(4, 200), greedy(2), speculative=False)))
+    first = engine.submit(new_row(engine, RowRequest(random_prompt(4, 200), greedy(2), speculative=False)))
     before = engine.stats()["prefill_tokens"]
     engine.step()
     assert engine.stats()["prefill_tokens"] - before == 64 and first.phase == "prefill"
@@ -89,16 +80,16 @@ def test_token_budget_paces_a_long_prefill_beside_decoding_rows(verifier, tok, b
 def test_whole_chunks_while_prefilling_rows_are_as_many_as_decoding_ones(verifier, tok):
     spec = SpecConfig(budget=None, prefill_chunk=64)
     engine = BatchEngine(verifier, None, tok, spec, BatchOptions(max_num_seqs=8, max_num_batched_tokens=16))
-    first = engine.submit(new_row(engine, RowRequest(_prompt(20, 30), greedy(40))))
+    first = engine.submit(new_row(engine, RowRequest(random_prompt(20, 30), greedy(40))))
     while first.phase != "decode":
         engine.step()
-    burst = [engine.submit(new_row(engine, RowRequest(_prompt(21 + i, 150), greedy(30)))) for i in range(2)]
+    burst = [engine.submit(new_row(engine, RowRequest(random_prompt(21 + i, 150), greedy(30)))) for i in range(2)]
     before = engine.stats()["prefill_tokens"]
     engine.step()                      # 2 prefilling >= 1 decoding: the queue is the bottleneck
     assert engine.stats()["prefill_tokens"] - before == 64
     while any(r.phase in ("waiting", "prefill") for r in burst):
         engine.step()
-    late = engine.submit(new_row(engine, RowRequest(_prompt(24, 150), greedy(4))))
+    late = engine.submit(new_row(engine, RowRequest(random_prompt(24, 150), greedy(4))))
     before = engine.stats()["prefill_tokens"]
     engine.step()                      # 1 prefilling < 3 decoding: the streams' pace is protected
     assert engine.stats()["prefill_tokens"] - before == 16 - 3
@@ -106,27 +97,28 @@ def test_whole_chunks_while_prefilling_rows_are_as_many_as_decoding_ones(verifie
         engine.step()
     for r, seed in zip([first] + burst + [late], [20, 21, 22, 24]):
         n = len(r.prompt)
-        assert r.checker.token_ids == _solo(verifier, tok, _prompt(seed, n), greedy(r.req.sampling.max_new_tokens)).token_ids
+        want = _solo(verifier, tok, random_prompt(seed, n), greedy(r.req.sampling.max_new_tokens))
+        assert r.checker.token_ids == want.token_ids
 
 
 def test_token_budget_floor_never_starves_the_queue(verifier, tok):
     spec = SpecConfig(budget=None, prefill_chunk=64)
     engine = BatchEngine(verifier, None, tok, spec, BatchOptions(max_num_seqs=16, max_num_batched_tokens=8))
-    rows = [engine.submit(new_row(engine, RowRequest(_prompt(10 + i, 6), greedy(40)))) for i in range(12)]
+    rows = [engine.submit(new_row(engine, RowRequest(random_prompt(10 + i, 6), greedy(40)))) for i in range(12)]
     while any(r.phase in ("waiting", "prefill") for r in rows):
         engine.step()
-    late = engine.submit(new_row(engine, RowRequest(_prompt(30, 20), greedy(3))))
+    late = engine.submit(new_row(engine, RowRequest(random_prompt(30, 20), greedy(3))))
     before = engine.stats()["prefill_tokens"]
     engine.step()                      # 12 decoding tokens > the budget of 8: prefill still gets 8 // 4
     assert engine.stats()["prefill_tokens"] - before == 2
     while engine.has_work:
         engine.step()
-    assert late.checker.token_ids == _solo(verifier, tok, _prompt(30, 20), greedy(3)).token_ids
+    assert late.checker.token_ids == _solo(verifier, tok, random_prompt(30, 20), greedy(3)).token_ids
 
 
 def test_cache_reshape_spreads_over_steps_and_keeps_every_row():
     model = tiny_llama(layers=2, seed=0)
-    prompts = [_prompt(s, n) for s, n in ((0, 30), (1, 17))]
+    prompts = [random_prompt(s, n) for s, n in ((0, 30), (1, 17))]
     cache = RaggedKVCache(2)
     with torch.inference_mode():
         for s, p in enumerate(prompts):

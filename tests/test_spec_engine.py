@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from bd_ray.testing.tiny import tiny_llama
+from bd_ray.testing.tiny import greedy, random_prompt, tiny_llama
 from bd_ray import kvcache
 from bd_ray.config import SamplingConfig, SparsePolicyConfig, SpecConfig
 from bd_ray.speculative.engine import ARGenerator, ContextLengthError, SpeculativeGenerator
@@ -28,22 +28,13 @@ def drafter():
     return tiny_llama(layers=1, seed=1)
 
 
-def _prompt(seed: int, n: int, vocab: int = 320) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, vocab, (n,), generator=g).tolist()   # id 0 is EOS
-
-
-def greedy(n: int, **kw) -> SamplingConfig:
-    return SamplingConfig(temperature=0.0, max_new_tokens=n, eos_token_ids=[], **kw)
-
-
 # ---- case 4: greedy is lossless -----------------------------------------------------------------
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.name)
 def test_case4_greedy_equals_ar_every_budget_and_gamma(verifier, drafter, tok, policy):
     ar = ARGenerator(verifier, tok)
     sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(policy=policy, adaptive=False))
     for seed in range(3):
-        prompt = _prompt(seed, 150)
+        prompt = random_prompt(seed, 150)
         pre = sd.prefill(prompt)
         want = ar.generate(prompt, greedy(24), prefilled=pre.verifier).token_ids
         for budget in (40, 64, None):
@@ -58,17 +49,17 @@ def test_case4_greedy_equals_ar_every_budget_and_gamma(verifier, drafter, tok, p
 
 def test_perfect_drafter_accepts_everything(verifier, tok):
     sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4, adaptive=False))
-    res = sd.generate(_prompt(7, 40), greedy(21))
+    res = sd.generate(random_prompt(7, 40), greedy(21))
     assert res.metrics.acceptance_rate == 1.0
     assert res.metrics.mean_accepted_length == pytest.approx(5.0)
-    sampled = sd.generate(_prompt(7, 40), SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=21,
+    sampled = sd.generate(random_prompt(7, 40), SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=21,
                                                          seed=3, eos_token_ids=[]))
     assert sampled.metrics.acceptance_rate == 1.0
 
 
 # ---- case 1: EOS accepted inside a block --------------------------------------------------------
 def test_case1_eos_inside_block_engine(verifier, tok):
-    prompt = _prompt(11, 30)
+    prompt = random_prompt(11, 30)
     ar_free = ARGenerator(verifier, tok).generate(prompt, greedy(12)).token_ids
     eos = ar_free[2]                                   # 3rd token: inside the first drafted block
     sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=4, adaptive=False))
@@ -84,7 +75,7 @@ def test_case1_eos_inside_block_engine(verifier, tok):
 
 # ---- cases 2/3 at the engine level: stop strings inside and across blocks ----------------------
 def test_stop_strings_engine_equals_ar(verifier, drafter, tok):
-    prompt = _prompt(5, 60)
+    prompt = random_prompt(5, 60)
     free = ARGenerator(verifier, tok).generate(prompt, greedy(30))
     text = free.text
     assert len(text) > 12
@@ -101,7 +92,7 @@ def test_stop_strings_engine_equals_ar(verifier, drafter, tok):
 def test_length_cap_inside_block(verifier, tok):
     sd = SpeculativeGenerator(verifier, verifier, tok, SpecConfig(budget=None, gamma=8, adaptive=False))
     for n in (1, 2, 5, 9, 10):
-        res = sd.generate(_prompt(3, 20), greedy(n))
+        res = sd.generate(random_prompt(3, 20), greedy(n))
         assert len(res.token_ids) == n and res.finish_reason == "length"
 
 
@@ -147,8 +138,8 @@ def test_case5_sampling_distribution_matches_verifier(tok):
 def test_sampling_is_repeatable_with_a_seed(verifier, drafter, tok):
     sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=64, gamma=4, adaptive=False))
     cfg = SamplingConfig(temperature=0.9, top_k=50, max_new_tokens=20, seed=123, eos_token_ids=[])
-    a = sd.generate(_prompt(2, 120), cfg)
-    b = sd.generate(_prompt(2, 120), cfg)
+    a = sd.generate(random_prompt(2, 120), cfg)
+    b = sd.generate(random_prompt(2, 120), cfg)
     assert a.token_ids == b.token_ids
 
 
@@ -160,7 +151,7 @@ def test_case6_short_position_drafter(verifier, tok):
     sd = SpeculativeGenerator(big_verifier, small, tok, SpecConfig(budget=64, gamma=4, adaptive=False))
     ar = ARGenerator(big_verifier, tok)
     for n in (2047, 2048, 2049, 4000):
-        prompt = _prompt(n, n)
+        prompt = random_prompt(n, n)
         max_new = 1 if n == 2047 else 4
         res = sd.generate(prompt, greedy(max_new))
         assert res.token_ids == ar.generate(prompt, greedy(max_new)).token_ids
@@ -181,7 +172,7 @@ def test_case7_vocab_size_mismatch_refused(verifier, tok):
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.name)
 def test_case10_caches_equal_fresh_rebuild_after_rejections(verifier, drafter, tok, policy):
     sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=48, gamma=4, policy=policy, adaptive=False))
-    prompt = _prompt(21, 100)
+    prompt = random_prompt(21, 100)
     checked = []
 
     def inspect(state):
@@ -212,12 +203,12 @@ def test_case10_caches_equal_fresh_rebuild_after_rejections(verifier, drafter, t
 def test_case11_context_limit_refused_before_work(verifier, drafter, tok):
     sd = SpeculativeGenerator(verifier, drafter, tok)
     with pytest.raises(ContextLengthError, match="4096"):
-        sd.generate(_prompt(0, 4090), greedy(10))
+        sd.generate(random_prompt(0, 4090), greedy(10))
     with pytest.raises(ContextLengthError, match="4096"):
-        ARGenerator(verifier, tok).generate(_prompt(0, 4096), greedy(1))
+        ARGenerator(verifier, tok).generate(random_prompt(0, 4096), greedy(1))
 
 
 def test_budget_below_minimum_names_it(verifier, drafter, tok):
     sd = SpeculativeGenerator(verifier, drafter, tok, SpecConfig(budget=10, adaptive=False))
     with pytest.raises(ValueError, match="minimum"):
-        sd.generate(_prompt(0, 200), greedy(4))
+        sd.generate(random_prompt(0, 200), greedy(4))

@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from bd_ray.config import SamplingConfig
 from bd_ray.config.train import TrainJobConfig
 from bd_ray.models import init_drafter_from_verifier
 
@@ -195,3 +196,16 @@ def serve_app_args(vdir, ddir, max_model_len: int = SERVE_MAX_MODEL_LEN) -> dict
                                    "metrics_interval_s": 0.5}},
         "ingress": {"num_cpus": 0.1, "retry_after_s": 1, "first_chunk_timeout_s": 60},
     }
+
+
+def random_prompt(seed: int, n: int, vocab: int = 320) -> list[int]:
+    """``n`` token ids drawn uniformly from ``[1, vocab)`` by a generator seeded with ``seed``
+    (id 0, the tiny tokenizer's EOS, never appears): the engine tests' prompts."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+
+def greedy(n: int, **kw) -> SamplingConfig:
+    """Greedy decoding of exactly ``n`` new tokens (no EOS ids, so only ``max_new_tokens`` stops
+    it unless ``kw`` adds stop rules); ``kw``: further :class:`SamplingConfig` fields."""
+    return SamplingConfig(temperature=0.0, max_new_tokens=n, eos_token_ids=[], **kw)
